@@ -1,0 +1,1 @@
+"""Distillation pipeline library: config, data, soft labels, models, losses, training, evaluation."""

@@ -1,0 +1,49 @@
+"""What every stage command line shares: argument parsing, logging, error reporting.
+
+Stage entry points run under `cli_main`, which prints a `UserError` as one
+sentence and exits with status 2, without a traceback; DISTILL_DEBUG=1 shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from distill.errors import UserError
+
+log = logging.getLogger("distill")
+
+EXIT_USER_ERROR = 2
+
+
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A parser that shows the stage's docstring and takes --params."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return parser
+
+
+def setup_logging() -> None:
+    """Plain, filterable progress lines on stderr."""
+    logging.basicConfig(
+        level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's `main`, turning a `UserError` into one line and exit status 2."""
+    setup_logging()
+    try:
+        main(argv)
+    except UserError as exc:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        log.error("error: %s", exc)
+        return EXIT_USER_ERROR
+    return 0

@@ -1,0 +1,174 @@
+"""Typed, frozen configuration read from params.yaml.
+
+One pydantic model per params.yaml section. Unknown keys, wrong types and
+out-of-range values are rejected with a message that names the key, the value and
+what is allowed, before any stage does work. Each stage reads only its own
+section(s); dvc.yaml lists exactly those keys so that DVC reruns what a change
+touches (tests/test_config.py keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import UserError
+
+Arch = Literal["mlp", "cnn1d"]
+Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv"]
+
+
+class Section(BaseModel):
+    """Base for every section: immutable, and a typo is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(Section):
+    """The textbook smoke-test problem: labels from a fixed random 2-layer network."""
+
+    n_features: int = Field(100, gt=0)
+    n_classes: int = Field(10, ge=2)
+    hidden: int = Field(50, gt=0)
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they are split."""
+
+    source: Source = "mnist1d"
+    seed: int = 42
+    num_samples: int | None = Field(
+        None, gt=0, description="examples to generate (mnist1d, synthetic); None = source default"
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    transfer_size: int = Field(0, ge=0, description="extra unlabeled examples for the teacher to label")
+    standardize: bool = True
+    path: str | None = None
+    label_column: str = "label"
+    feature_columns: list[str] | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _file_sources_need_a_path(self) -> DataConfig:
+        if self.source in ("parquet", "csv") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.source in ("digits", "parquet", "csv") and self.transfer_size:
+            raise ValueError(
+                f"data.transfer_size must be 0 for data.source '{self.source}': "
+                "only the generated sources (mnist1d, synthetic) can make a transfer set"
+            )
+        return self
+
+
+class ModelTrainConfig(Section):
+    """A network and the budget it is trained with; shared by teacher and student."""
+
+    arch: Arch = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="fully connected widths")
+    channels: list[int] = Field(default_factory=lambda: [32, 32, 32], description="cnn1d conv widths")
+    kernel_size: int = Field(5, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> ModelTrainConfig:
+        for name in ("hidden", "channels"):
+            if any(w <= 0 for w in getattr(self, name)):
+                raise ValueError(f"every entry of {name} must be a positive integer")
+        if self.arch == "cnn1d" and not self.channels:
+            raise ValueError("arch 'cnn1d' needs at least one entry in channels")
+        return self
+
+
+class TeacherConfig(ModelTrainConfig):
+    """The large, accurate model."""
+
+
+class StudentConfig(ModelTrainConfig):
+    """The small model; `temperature` and `alpha` are read by train_student only."""
+
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+
+
+# Keys of the student section that only the distilled student reads: the baseline
+# stage lists every other key, so a change of these never retrains the baseline.
+DISTILLATION_KEYS = ("temperature", "alpha")
+
+
+class SoftLabelsConfig(Section):
+    """How the teacher's logits are stored."""
+
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = Field(1024, gt=0)
+
+
+class EvaluateConfig(Section):
+    """Test-set metrics and latency measurement."""
+
+    ece_bins: int = Field(15, gt=0)
+    latency_batch_size: int = Field(256, gt=0)
+    latency_repeats: int = Field(50, gt=0)
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    soft_labels: SoftLabelsConfig = SoftLabelsConfig()
+    student: StudentConfig = StudentConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate params.yaml; a user error becomes one clear sentence."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; pass the path of params.yaml") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(path, raw, exc)) from None
+
+
+def describe_validation_error(path: Path, raw: dict, exc: ValidationError) -> str:
+    """The first validation failure as 'file: key = value: what is allowed'."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}'; remove it or check its spelling"
+    value = _lookup(raw, err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = f" = {value!r}" if value is not _MISSING else ""
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{path}: {key}{shown} is not allowed: {msg}{more}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: object, loc: tuple) -> object:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return _MISSING
+    return raw

@@ -1,0 +1,308 @@
+"""Data sources and the prepared-data format.
+
+`load_source` turns a `DataConfig` into raw arrays (MNIST-1D, scikit-learn digits,
+the synthetic textbook problem, or the user's Parquet/CSV file). `prepare` splits,
+standardizes and writes them as data/prepared/{train,val,test[,transfer]}.parquet
+plus meta.json (features, class names, standardization). Every later stage reads
+the prepared directory through `read_meta` and `read_split`.
+
+A prepared split is a Parquet table with columns
+  id     int64, unique across all splits
+  x      fixed_size_list<float32>[num_features]
+  label  int32 class id (null on transfer rows)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill.config import DataConfig
+from distill.errors import UserError
+from distill.io import atomic_path, tree_sha256
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test", "transfer")
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Examples as the source provides them, before splitting."""
+
+    x: np.ndarray  # (N, D) labeled pool for train/val (and test, unless x_test is given)
+    y: np.ndarray  # (N,) labels, any dtype
+    feature_names: list[str]
+    x_test: np.ndarray | None = None  # a source's own test split (MNIST-1D)
+    y_test: np.ndarray | None = None
+    x_transfer: np.ndarray | None = None  # (M, D) unlabeled
+
+
+@dataclass(frozen=True)
+class Split:
+    """One prepared split in memory."""
+
+    ids: np.ndarray  # (N,) int64
+    x: np.ndarray  # (N, D) float32
+    y: np.ndarray  # (N,) int64, -1 where unlabeled
+
+
+@dataclass(frozen=True)
+class PreparedMeta:
+    """What every consumer needs to know about the prepared data."""
+
+    num_features: int
+    class_names: list[str]
+    splits: dict[str, int]
+    fingerprint: str  # sha256 over the prepared directory
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict:
+        return {"splits": self.splits, "num_classes": self.num_classes, "num_features": self.num_features}
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_source(cfg: DataConfig) -> RawData:
+    """Load the examples of `cfg.source`."""
+    loaders = {
+        "mnist1d": _load_mnist1d,
+        "digits": _load_digits,
+        "synthetic": _load_synthetic,
+        "parquet": _load_table,
+        "csv": _load_table,
+    }
+    return loaders[cfg.source](cfg)
+
+
+def _load_mnist1d(cfg: DataConfig) -> RawData:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    def generate(num_samples: int, seed: int, train_split: float) -> dict:
+        args = get_dataset_args()
+        args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+        return make_dataset(args)
+
+    data = generate(cfg.num_samples or 5000, cfg.seed, 1 - cfg.test_fraction)
+    x_transfer = None
+    if cfg.transfer_size:
+        # Fresh draws from the same generator under another seed: unlabeled extra data.
+        log.info("generating %d MNIST-1D transfer examples", cfg.transfer_size)
+        x_transfer = generate(cfg.transfer_size, cfg.seed + 1_000_003, 1.0)["x"]
+    names = [f"x{i}" for i in range(data["x"].shape[1])]
+    return RawData(data["x"], data["y"], names, data["x_test"], data["y_test"], x_transfer)
+
+
+def _load_digits(cfg: DataConfig) -> RawData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return RawData(digits.data, digits.target, list(digits.feature_names))
+
+
+def _load_synthetic(cfg: DataConfig) -> RawData:
+    """Gaussian features labelled by a fixed random tanh network (learnable by an MLP)."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.seed)
+    w1 = rng.normal(size=(s.n_features, s.hidden)) / np.sqrt(s.n_features)
+    w2 = rng.normal(size=(s.hidden, s.n_classes)) / np.sqrt(s.hidden)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, s.n_features))
+        return x, np.tanh(x @ w1) @ w2
+
+    # Centre the logits so that classes come out roughly balanced.
+    _, ref = sample(10_000)
+    bias = ref.mean(axis=0)
+    x, logits = sample(cfg.num_samples or 5000)
+    x_transfer = sample(cfg.transfer_size)[0] if cfg.transfer_size else None
+    names = [f"x{i}" for i in range(s.n_features)]
+    return RawData(x, np.argmax(logits - bias, axis=1), names, x_transfer=x_transfer)
+
+
+def _load_table(cfg: DataConfig) -> RawData:
+    import pandas as pd
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
+    try:
+        df = pd.read_parquet(path) if cfg.source == "parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
+        raise UserError(
+            f"{path}: cannot be read as {cfg.source} ({type(exc).__name__}); check the file and data.source"
+        ) from None
+    if cfg.label_column not in df.columns:
+        raise UserError(
+            f"{path}: no label column '{cfg.label_column}'; set data.label_column to one of {list(df.columns)}"
+        )
+    features = cfg.feature_columns or [
+        c for c in df.columns if c != cfg.label_column and pd.api.types.is_numeric_dtype(df[c])
+    ]
+    _check_feature_columns(path, df, features, cfg.label_column)
+    x = df[features].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
+        raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean or drop them")
+    y = df[cfg.label_column]
+    if y.isna().any():
+        raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill or drop those rows")
+    return RawData(x, y.to_numpy(), features)
+
+
+def _check_feature_columns(path: Path, df, features: list[str], label: str) -> None:
+    import pandas as pd
+
+    if not features:
+        raise UserError(f"{path}: no numeric feature columns besides '{label}'; set data.feature_columns")
+    for c in features:
+        if c not in df.columns:
+            raise UserError(f"{path}: feature column '{c}' not found; fix data.feature_columns")
+        if c == label:
+            raise UserError(f"{path}: '{c}' is the label column; remove it from data.feature_columns")
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise UserError(f"{path}: feature column '{c}' is not numeric; encode it or drop it")
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def encode_labels(y: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Map labels (strings or numbers) to class ids 0..K-1 in sorted order."""
+    classes, ids = np.unique(y, return_inverse=True)
+    return ids.astype(np.int64), [str(c) for c in classes]
+
+
+def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held_out) with about `fraction` of each class held out."""
+    held = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        held.append(idx[: int(round(len(idx) * fraction))])
+    held_idx = np.sort(np.concatenate(held))
+    mask = np.ones(len(y), dtype=bool)
+    mask[held_idx] = False
+    return np.flatnonzero(mask), held_idx
+
+
+def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Split into {split: (x, y)} with encoded labels, and return the class names."""
+    rng = np.random.default_rng(cfg.seed)
+    labels = raw.y if raw.y_test is None else np.concatenate([raw.y, raw.y_test])
+    ids, class_names = encode_labels(labels)
+    if len(class_names) < 2:
+        raise UserError(f"data: only one class ({class_names[0]}) found; a classifier needs at least two")
+    y, y_test = ids[: len(raw.y)], ids[len(raw.y) :]
+    x, x_test = raw.x, raw.x_test
+    if x_test is None:
+        _check_class_sizes(y, class_names)
+        rest, test_idx = stratified_split(y, cfg.test_fraction, rng)
+        x, y, x_test, y_test = x[rest], y[rest], x[test_idx], y[test_idx]
+    train_idx, val_idx = stratified_split(y, cfg.val_fraction, rng)
+    missing = sorted(set(y_test) - set(y[train_idx]))
+    if missing:
+        raise UserError(f"data: class '{class_names[missing[0]]}' is in the test split but not in train; add rows")
+    splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (x_test, y_test)}
+    if raw.x_transfer is not None:
+        splits["transfer"] = (raw.x_transfer, np.full(len(raw.x_transfer), -1))
+    return splits, class_names
+
+
+def _check_class_sizes(y: np.ndarray, class_names: list[str]) -> None:
+    counts = np.bincount(y, minlength=len(class_names))
+    if counts.min() < 3:
+        c = int(np.argmin(counts))
+        raise UserError(
+            f"data: class '{class_names[c]}' has {counts[c]} rows; each class needs at least 3 "
+            "(train, val and test)"
+        )
+
+
+# ---------------------------------------------------------------- prepared I/O
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path) -> PreparedMeta:
+    """Load, split, standardize and write the prepared splits atomically."""
+    raw = load_source(cfg)
+    splits, class_names = split_raw(raw, cfg)
+    mean, std = splits["train"][0].mean(axis=0), splits["train"][0].std(axis=0)
+    if not cfg.standardize:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    std = np.where(std > 0, std, 1.0)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "source": cfg.source,
+        "feature_names": raw.feature_names,
+        "class_names": class_names,
+        "splits": {name: len(y) for name, (_, y) in splits.items()},
+        "standardize": {"mean": mean.tolist(), "std": std.tolist()},
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        next_id = 0
+        for name, (x, y) in splits.items():
+            write_split(tmp / f"{name}.parquet", np.arange(next_id, next_id + len(y)), (x - mean) / std, y)
+            next_id += len(y)
+            log.info("wrote %s: %d rows", name, len(y))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return read_meta(out_dir)
+
+
+def write_split(path: Path, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """Write one split (see the module docstring for the columns)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+            "label": pa.array(np.asarray(y, dtype=np.int32), pa.int32(), mask=np.asarray(y) < 0),
+        }
+    )
+    pq.write_table(table, path, compression="zstd")
+
+
+def read_meta(prepared_dir: str | Path) -> PreparedMeta:
+    """Read meta.json and fingerprint the prepared directory."""
+    prepared_dir = Path(prepared_dir)
+    path = prepared_dir / META_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    meta = json.loads(path.read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; rerun prepare")
+    return PreparedMeta(
+        num_features=len(meta["feature_names"]),
+        class_names=meta["class_names"],
+        splits=meta["splits"],
+        fingerprint=tree_sha256(prepared_dir),
+    )
+
+
+def read_split(prepared_dir: str | Path, name: str) -> Split:
+    """Read one prepared split into numpy arrays."""
+    path = Path(prepared_dir) / f"{name}.parquet"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    try:
+        table = pq.read_table(path, columns=["id", "x", "label"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: unreadable or truncated Parquet ({exc}); rerun prepare") from None
+    x = table.column("x").combine_chunks()
+    width = x.type.list_size
+    return Split(
+        ids=table.column("id").to_numpy(),
+        x=x.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(-1, width),
+        y=table.column("label").fill_null(-1).to_numpy().astype(np.int64),
+    )

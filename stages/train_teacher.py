@@ -1,0 +1,24 @@
+"""DVC stage `train_teacher`: train the teacher from `teacher.*` and `seed`, select on val.
+
+    python -m stages.train_teacher --params params.yaml --prepared data/prepared \
+        --model models/teacher.pt --history reports/train/teacher.csv
+"""
+
+from distill import training
+from distill.cli import cli_main, stage_parser
+from distill.config import load_params
+
+
+def main(argv=None) -> dict:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--prepared", required=True, help="prepared-data directory")
+    parser.add_argument("--model", required=True, help="checkpoint to write")
+    parser.add_argument("--history", required=True, help="per-epoch CSV to write")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    return training.train_on_labels(params.teacher, params.seed, args.prepared, args.model, args.history,
+                                    name="teacher")
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))
