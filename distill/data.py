@@ -299,10 +299,20 @@ def read_split(prepared_dir: str | Path, name: str) -> Split:
         table = pq.read_table(path, columns=["id", "x", "label"])
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: unreadable or truncated Parquet ({exc}); rerun prepare") from None
-    x = table.column("x").combine_chunks()
-    width = x.type.list_size
     return Split(
         ids=table.column("id").to_numpy(),
-        x=x.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(-1, width),
-        y=table.column("label").fill_null(-1).to_numpy().astype(np.int64),
+        x=features(table),
+        y=labels(table),
     )
+
+
+def features(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The `x` column as a writable (N, D) float32 array."""
+    x = table.column("x")
+    x = x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
+    return x.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(-1, x.type.list_size)
+
+
+def labels(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The `label` column as int64, -1 where unlabelled."""
+    return table.column("label").fill_null(-1).to_numpy().astype(np.int64)

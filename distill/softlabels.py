@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.config import SoftLabelsConfig
-from distill.data import PreparedMeta, read_meta
+from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.models import load_checkpoint
@@ -97,10 +97,9 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
                 if not path.exists():
                     continue
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-                    x = batch.column("x").flatten().to_numpy().reshape(len(batch), -1)
-                    logits = model(torch.from_numpy(x)).numpy()
-                    labels = batch.column("label").fill_null(-1).to_numpy()
-                    writer.write_batch(to_record_batch(schema, batch.column("id").to_numpy(), split, labels, logits))
+                    logits = model(torch.from_numpy(features(batch))).numpy()
+                    ids = batch.column("id").to_numpy()
+                    writer.write_batch(to_record_batch(schema, ids, split, labels(batch), logits))
                     rows += len(batch)
                 log.info("soft labels: %d rows written (%s done)", rows, split)
     return {"rows": rows, **provenance}
@@ -135,5 +134,5 @@ def read_soft_labels(soft_dir: str | Path, prepared: PreparedMeta) -> SoftLabels
     except (pa.ArrowInvalid, OSError):
         raise UserError(f"{path}: unreadable or truncated Parquet; rerun the soft_labels stage") from None
     logits = table.column("logits").combine_chunks()
-    values = logits.flatten().to_numpy().astype(np.float32, copy=False)
+    values = logits.flatten().to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False)
     return SoftLabels(table.column("id").to_numpy(), values.reshape(-1, prov["num_classes"]), prov)

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny params, a throw-away copy of the repo, and stage runners."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough that the whole pipeline runs in seconds, big enough to learn something.
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {
+        "source": "synthetic", "seed": 7, "num_samples": 800, "test_fraction": 0.25, "val_fraction": 0.2,
+        "transfer_size": 400, "standardize": True, "path": None, "label_column": "label",
+        "feature_columns": None, "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
+    },
+    "teacher": {
+        "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
+        "epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
+    },
+    "soft_labels": {"dtype": "float32", "batch_size": 256},
+    "student": {
+        "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
+        "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
+    },
+    "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
+}
+
+
+def tiny_params(**overrides: object) -> dict:
+    """TINY_PARAMS with dotted-key overrides, e.g. tiny_params(**{"student.alpha": 0.5})."""
+    params = copy.deepcopy(TINY_PARAMS)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage_in_process(workdir: Path, name: str) -> object:
+    """Run one dvc.yaml stage's command through its module's main(), in this process."""
+    spec = yaml.safe_load((workdir / "dvc.yaml").read_text())
+    argv = shlex.split(spec["stages"][name]["cmd"])
+    assert argv[:2] == ["python", "-m"], argv
+    cwd = Path.cwd()
+    os.chdir(workdir)
+    try:
+        return importlib.import_module(argv[2]).main(argv[3:])
+    finally:
+        os.chdir(cwd)
+
+
+def run_pipeline_in_process(workdir: Path) -> dict:
+    """Every dvc.yaml stage, in file order (a topological order), in this process."""
+    spec = yaml.safe_load((workdir / "dvc.yaml").read_text())
+    return {name: run_stage_in_process(workdir, name) for name in spec["stages"]}
+
+
+def project_files() -> list[str]:
+    """Files of the project: tracked plus untracked-but-not-ignored (so a dev tree works too)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout
+    return [f for f in out.splitlines() if (REPO / f).is_file()]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project's code in a fresh git repo with DVC initialised, tiny params."""
+    dest = tmp_path / "project"
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for lock in ("dvc.lock", "reports/metrics.json"):
+        (dest / lock).unlink(missing_ok=True)
+    write_params(dest / "params.yaml", TINY_PARAMS)
+    env = subprocess_env()
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest
+
+
+def subprocess_env() -> dict:
+    """The environment for dvc and stage subprocesses: this venv first on PATH."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("DISTILL_DEBUG", None)
+    return env
