@@ -5,8 +5,13 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PYTHON ?= python3
+# Prefect keeps its database and settings inside the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+PREFECT_PORT ?= 4200
+CRON ?= 0 3 * * *
 
-.PHONY: run test test-all install validate clean
+.PHONY: run test test-all install server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +20,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-## run: the whole pipeline on the default data set (MNIST-1D), then the comparison table
+## run: the whole pipeline (a Prefect flow over the DVC stages) on MNIST-1D, then the comparison
 run: install
-	dvc repro
+	python -m pipelines.flow
 	@echo; cat reports/compare.md
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)
@@ -27,3 +32,27 @@ test: install
 ## test-all: every test, the slow end-to-end ones included
 test-all: install
 	pytest
+
+# ---- scheduling (README, "Scheduling"): each in its own terminal ---------------
+server worker deploy serve trigger: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+## server: a local Prefect server on 127.0.0.1 (foreground; Ctrl-C stops it)
+server: install
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+## deploy: the process work pool and the nightly deployment of prefect.yaml
+deploy: install
+	prefect work-pool create distill-process --type process --overwrite
+	DISTILL_PROJECT_DIR=$(CURDIR) prefect --no-prompt deploy --all
+
+## worker: a process worker that runs the scheduled flow runs (foreground)
+worker: install
+	prefect worker start --pool distill-process
+
+## trigger: run the deployment now, without waiting for its schedule
+trigger: install
+	prefect deployment run distill-pipeline/nightly
+
+## serve: schedule the flow from this process, no work pool (foreground); CRON="..." to change
+serve: install
+	python -m pipelines.serve --cron "$(CRON)"

@@ -6,16 +6,15 @@ import copy
 import importlib
 import os
 import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from distill.scratch import BIN, GIT_IDENTITY, PROJECT_DIR as REPO, env as subprocess_env, git_commit
+from distill.scratch import make_scratch_project
+
+__all__ = ["BIN", "GIT_IDENTITY", "REPO", "git_commit", "subprocess_env"]
 
 # Small enough that the whole pipeline runs in seconds, big enough to learn something.
 TINY_PARAMS = {
@@ -74,35 +73,7 @@ def run_pipeline_in_process(workdir: Path) -> dict:
     return {name: run_stage_in_process(workdir, name) for name in spec["stages"]}
 
 
-def project_files() -> list[str]:
-    """Files of the project: tracked plus untracked-but-not-ignored (so a dev tree works too)."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout
-    return [f for f in out.splitlines() if (REPO / f).is_file()]
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the project's code in a fresh git repo with DVC initialised, tiny params."""
-    dest = tmp_path / "project"
-    for rel in project_files():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
-    for lock in ("dvc.lock", "reports/metrics.json"):
-        (dest / lock).unlink(missing_ok=True)
-    write_params(dest / "params.yaml", TINY_PARAMS)
-    env = subprocess_env()
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
-    return dest
-
-
-def subprocess_env() -> dict:
-    """The environment for dvc and stage subprocesses: this venv first on PATH."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("DISTILL_DEBUG", None)
-    return env
+    return make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, subprocess_env, tiny_params, write_params
+from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
 
 ALL_STAGES = {"prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"}
 
@@ -43,9 +43,7 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_exactly_what_a_change_touches(p
     assert "up to date" in dvc(project, "status")
 
     # as an experiment: dvc exp run -S edits params.yaml and reruns the student side only
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "run"],
-                   cwd=project, check=True)
+    git_commit(project, "first run")
     out = dvc(project, "exp", "run", "-S", "student.temperature=2")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == {"train_student", "evaluate"}
     assert yaml.safe_load((project / "params.yaml").read_text())["student"]["temperature"] == 2

@@ -1,0 +1,167 @@
+"""The pipeline flow: the DVC DAG run stage by stage as Prefect tasks.
+
+DVC decides what must run; this flow only orders and observes it. Each DVC stage
+is one task, in dependency order. A stage that DVC reports up to date is not run
+and finishes in a `Reused` state; a stage that runs is `dvc repro --single-item`,
+its output streamed into the task's log, so dvc.lock ends exactly as `dvc repro`
+would leave it.
+
+    python -m pipelines.flow                                   # like dvc repro
+    python -m pipelines.flow --set student.temperature=2       # like dvc exp run -S
+    python -m pipelines.flow --force                           # like dvc repro -f
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pipelines  # noqa: F401  (project-local Prefect settings, before Prefect is imported)
+from prefect import flow, get_run_logger, task
+from prefect.states import Completed
+
+from distill.config import load_params
+from distill.errors import UserError
+
+BIN = Path(sys.executable).parent
+STAGE_EXIT_USER_ERROR = 2
+
+
+class StageFailed(RuntimeError):
+    """A stage command failed for a reason that may pass on retry (killed, lock held)."""
+
+
+def dvc_stage_order(repo_dir: Path) -> list[str]:
+    """The pipeline's stage names in dependency order (ties kept in dvc.yaml order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        position = {stage: i for i, stage in enumerate(repo.index.stages)}
+        # DVC's edges point from a stage to the stages it depends on: reverse them.
+        order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
+        return [stage.name for stage in order]
+
+
+def dvc_changed_stages(repo_dir: Path) -> set[str]:
+    """Names of the stages `dvc status` reports as changed (one in-process call)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        return {name.rsplit(":", 1)[-1] for name in repo.status()}
+
+
+def apply_overrides(repo_dir: Path, overrides: dict[str, Any]) -> None:
+    """Edit params.yaml the way `dvc exp run -S key=value` does (Hydra override syntax).
+
+    The result is validated; an invalid override leaves params.yaml as it was.
+    """
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    path = repo_dir / "params.yaml"
+    original = path.read_text()
+    try:
+        dvc_apply_overrides(path, [f"{k}={v}" for k, v in overrides.items()])
+        load_params(path)
+    except UserError:
+        path.write_text(original)
+        raise
+    except Exception as exc:  # dvc wraps Hydra's parse and composition errors (an unknown key, say)
+        path.write_text(original)
+        raise UserError(f"{path}: cannot apply overrides {overrides}: {exc}") from None
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def run_stage(stage: str, repo_dir: str, force: bool):
+    """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log."""
+    logger = get_run_logger()
+    cmd = [str(BIN / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen(cmd, cwd=repo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        logger.info(line.rstrip())
+    if proc.wait() != 0:
+        output = "\n".join(lines)
+        if re.search(rf"exited with {STAGE_EXIT_USER_ERROR}\b", output):
+            reason = next((ln.split("error: ", 1)[1] for ln in lines if "error: " in ln), output[-300:])
+            raise UserError(f"stage {stage}: {reason}")
+        raise StageFailed(f"stage {stage} failed (dvc exit {proc.returncode}): {output[-500:]}")
+    if f"Running stage '{stage}'" not in "\n".join(lines):
+        return Completed(name="Reused", message="up to date in DVC's cache", data="reused")
+    return "ran"
+
+
+@task
+def reused_stage(stage: str):
+    """A stage DVC reports up to date before the flow started: nothing to run."""
+    return Completed(name="Reused", message="up to date in DVC's cache", data="reused")
+
+
+@flow(name="distill-pipeline")
+def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_dir: str | None = None) -> dict:
+    """Run the DVC pipeline; returns {stage: "ran" | "reused"}.
+
+    Args:
+        overrides: params.yaml changes as {"student.temperature": 2}, applied like
+            `dvc exp run -S` before the run (and left in params.yaml, as DVC does).
+        force: rerun every stage even if DVC's cache has it (`dvc repro -f`).
+        repo_dir: the project directory (default: this checkout).
+    """
+    root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
+    if overrides:
+        apply_overrides(root, overrides)
+    load_params(root / "params.yaml")  # bad params fail here, once, before any stage
+    changed = dvc_changed_stages(root)
+    outcome: dict[str, str] = {}
+    upstream_ran = False
+    for stage in dvc_stage_order(root):
+        if not force and not upstream_ran and stage not in changed:
+            state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
+        else:
+            state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, return_state=True)
+        outcome[stage] = state.result()
+        upstream_ran |= outcome[stage] == "ran"
+    get_run_logger().info("stages: %s", outcome)
+    return outcome
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["student.temperature=2"] -> {"student.temperature": "2"} (values parsed by Hydra later)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected key=value, e.g. student.temperature=2")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    args = parser.parse_args(argv)
+    return pipeline(overrides=parse_overrides(args.set), force=args.force)
+
+
+if __name__ == "__main__":
+    from distill.cli import cli_main
+
+    raise SystemExit(cli_main(main))

@@ -1,0 +1,32 @@
+"""Serve the pipeline flow on a cron schedule from this process, without a work pool.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m pipelines.serve --cron "0 3 * * *"
+
+Needs a running Prefect server (`make server`): the temporary server Prefect starts
+on its own cannot schedule. Stop with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pipelines.flow import pipeline
+from distill.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 every day, UTC)")
+    parser.add_argument("--name", default="distill-pipeline-served", help="deployment name")
+    args = parser.parse_args(argv)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError("PREFECT_API_URL is not set; start a server (make server) and export "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    pipeline.serve(name=args.name, cron=args.cron)
+
+
+if __name__ == "__main__":
+    from distill.cli import cli_main
+
+    raise SystemExit(cli_main(main))

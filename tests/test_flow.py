@@ -1,0 +1,94 @@
+"""The Prefect pipeline flow over the DVC DAG, and its scheduled deployment."""
+
+import importlib
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, subprocess_env
+from distill.errors import UserError
+
+ALL_STAGES = ["prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def flow_module(tmp_path_factory):
+    """pipelines.flow against a temporary Prefect database (one server for the session)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield importlib.import_module("pipelines.flow")
+
+
+def ran(outcome: dict) -> set[str]:
+    return {stage for stage, result in outcome.items() if result == "ran"}
+
+
+def test_the_flow_runs_every_stage_then_reuses_them_then_reruns_only_what_an_override_touches(project, flow_module):
+    first = flow_module.pipeline(repo_dir=str(project))
+    assert list(first) == ALL_STAGES, "one task per DVC stage, in dependency order"
+    assert ran(first) == set(ALL_STAGES)
+
+    second = flow_module.pipeline(repo_dir=str(project))
+    assert ran(second) == set() and set(second.values()) == {"reused"}
+
+    third = flow_module.pipeline(overrides={"student.temperature": 2}, repo_dir=str(project))
+    assert ran(third) == {"train_student", "evaluate"}
+    assert yaml.safe_load((project / "params.yaml").read_text())["student"]["temperature"] == 2
+
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=subprocess_env(),
+                            capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
+
+
+def test_force_reruns_every_stage(project, flow_module):
+    flow_module.pipeline(repo_dir=str(project))
+    assert ran(flow_module.pipeline(force=True, repo_dir=str(project))) == set(ALL_STAGES)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"student.alpha": 5}, "student.alpha = 5"),
+    ({"student.temprature": 2}, "cannot apply overrides"),
+])
+def test_a_bad_override_fails_once_before_any_stage_and_leaves_params_alone(project, flow_module, overrides, message):
+    before = (project / "params.yaml").read_text()
+    with pytest.raises(UserError, match=message):
+        flow_module.pipeline(overrides=overrides, repo_dir=str(project))
+    assert (project / "params.yaml").read_text() == before
+    assert not (project / "data" / "prepared").exists()
+
+
+def test_a_user_error_inside_a_stage_is_not_retried(project, flow_module):
+    (project / "params.yaml").write_text(
+        (project / "params.yaml").read_text().replace("source: synthetic", "source: csv")
+        .replace("path: null", "path: missing.csv").replace("transfer_size: 400", "transfer_size: 0"))
+    with pytest.raises(UserError, match="missing.csv: file not found"):
+        flow_module.pipeline(repo_dir=str(project))
+
+
+def test_prefect_yaml_deploys_the_flow_on_a_valid_cron_schedule(flow_module):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    path, func = deployment["entrypoint"].split(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    assert getattr(module, func) is flow_module.pipeline
+    assert deployment["work_pool"]["name"]
+    (schedule,) = deployment["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises if invalid
+    built = flow_module.pipeline.to_deployment(name=deployment["name"], cron=schedule["cron"],
+                                               parameters=deployment["parameters"])
+    assert built.schedules[0].schedule.cron == schedule["cron"]
+    assert built.parameters == {"force": False}
+
+
+def test_serve_refuses_to_start_without_a_server(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = subprocess.run([str(BIN / "python"), "-m", "pipelines.serve", "--cron", "0 3 * * *"], cwd=REPO,
+                            env={k: v for k, v in subprocess_env().items() if k != "PREFECT_API_URL"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "PREFECT_API_URL is not set" in result.stderr
