@@ -11,7 +11,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PREFECT_PORT ?= 4200
 CRON ?= 0 3 * * *
 
-.PHONY: run test test-all install server deploy worker serve trigger
+MLFLOW_PORT ?= 5000
+
+.PHONY: run test test-all install ui server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,11 @@ test: install
 ## test-all: every test, the slow end-to-end ones included
 test-all: install
 	pytest
+
+## ui: the MLflow UI on the project's own store, at http://127.0.0.1:$(MLFLOW_PORT) (foreground)
+ui: install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # ---- scheduling (README, "Scheduling"): each in its own terminal ---------------
 server worker deploy serve trigger: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api

@@ -23,6 +23,7 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     """A parser that shows the stage's docstring and takes --params."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--receipt", help="JSON file to write the stage's MLflow run id to")
     return parser
 
 

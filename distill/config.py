@@ -118,6 +118,23 @@ class EvaluateConfig(Section):
     latency_repeats: int = Field(50, gt=0)
 
 
+class TrackingConfig(Section):
+    """Where MLflow runs go. Read by every stage but listed in no stage's DVC params:
+    it changes where results are recorded, not the results."""
+
+    enabled: bool = True
+    experiment: str = Field("distill", min_length=1)
+
+
+class RegistryConfig(Section):
+    """The quality gate a distilled student must pass to get the registry alias."""
+
+    model_name: str = Field("distill-student", min_length=1)
+    alias: str = Field("champion", min_length=1)
+    min_test_accuracy: float = Field(0.9, ge=0, le=1)
+    max_latency_ms_b1: float = Field(10.0, gt=0)
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -127,6 +144,8 @@ class Params(Section):
     soft_labels: SoftLabelsConfig = SoftLabelsConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
 
 def load_params(path: str | Path) -> Params:

@@ -139,7 +139,8 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
         for name, lg in logits.items():
             bins = reliability_bins(lg.softmax(1), y, cfg.ece_bins)
             write_csv(tmp / f"{name}.csv", bins)
-    return metrics
+    run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}
+    return metrics | {"run_ids": run_ids}
 
 
 def _check_lineage(checkpoints: dict, models: dict, meta: data.PreparedMeta) -> None:

@@ -73,8 +73,13 @@ def to_record_batch(schema: pa.Schema, ids, split: str, labels, logits: np.ndarr
     )
 
 
-def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: SoftLabelsConfig) -> dict:
-    """Stage step soft_labels: run the teacher once over train (+ transfer), write the Parquet."""
+def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: SoftLabelsConfig,
+         run_id: str | None = None) -> dict:
+    """Stage step soft_labels: run the teacher once over train (+ transfer), write the Parquet.
+
+    `run_id` (the MLflow run of this stage) is recorded in the provenance, with the
+    teacher's own run id from its checkpoint.
+    """
     model, ckpt = load_checkpoint(teacher_path)
     meta = read_meta(prepared_dir)
     if ckpt.get("prepared_fingerprint") != meta.fingerprint:
@@ -86,6 +91,8 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         "num_classes": meta.num_classes,
         "class_names": meta.class_names,
         "dtype": cfg.dtype,
+        "teacher_run_id": ckpt.get("mlflow_run_id"),
+        "run_id": run_id,
     }
     schema = soft_label_schema(meta.num_classes, cfg.dtype, provenance)
     rows = 0
@@ -102,7 +109,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
                     writer.write_batch(to_record_batch(schema, ids, split, labels(batch), logits))
                     rows += len(batch)
                 log.info("soft labels: %d rows written (%s done)", rows, split)
-    return {"rows": rows, **provenance}
+    return {"rows": rows, "bytes": (Path(out_dir) / FILE_NAME).stat().st_size, **provenance}
 
 
 def read_provenance(path: Path) -> dict:

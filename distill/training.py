@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,13 @@ def fit(
     seed: int,
     distillation: Distillation | None = None,
     name: str = "model",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `train` (x, y; y = -1 marks unlabelled rows), select on `val`.
 
     Without `distillation` the loss is cross-entropy on the labelled rows; with it,
-    the Hinton KD loss against the given teacher logits.
+    the Hinton KD loss against the given teacher logits. `on_epoch` receives each
+    epoch's row of the history (for a tracker).
     """
     gen = seed_everything(seed)
     x, y = torch.as_tensor(train[0]), torch.as_tensor(train[1])
@@ -97,6 +100,8 @@ def fit(
                 sums[k] += v.item() / steps_per_epoch
         row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
         best.history.append(row)
+        if on_epoch:
+            on_epoch(row)
         if row["val_accuracy"] > best.best_val_accuracy:
             best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), epoch, row["val_accuracy"]
         log.info(
@@ -126,19 +131,22 @@ def _epoch_row(
 
 
 def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, model_out: str | Path,
-                    history_out: str | Path, name: str) -> dict:
+                    history_out: str | Path, name: str, on_epoch: Callable | None = None,
+                    info: dict | None = None) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
     The baseline is called with the student's config: same architecture, seed and budget.
+    `info` is stored in the checkpoint (the MLflow run id, say).
     """
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
     return _train_and_save(cfg, seed, meta, (train.x, train.y), (val.x, val.y), None, model_out, history_out,
-                           name=name, extra={})
+                           name=name, on_epoch=on_epoch, info=info or {})
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_labels_dir: str | Path,
-                  model_out: str | Path, history_out: str | Path) -> dict:
+                  model_out: str | Path, history_out: str | Path, on_epoch: Callable | None = None,
+                  info: dict | None = None) -> dict:
     """Stage step train_student: distil from the stored soft labels (train + transfer rows)."""
     meta = data.read_meta(prepared_dir)
     soft = softlabels.read_soft_labels(soft_labels_dir, meta)
@@ -151,23 +159,28 @@ def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_
     val = data.read_split(prepared_dir, "val")
     kd = Distillation(torch.from_numpy(soft.logits), cfg.temperature, cfg.alpha)
     lineage = {"teacher_sha256": soft.provenance["teacher_sha256"],
+               "teacher_run_id": soft.provenance.get("teacher_run_id"),
+               "soft_labels_run_id": soft.provenance.get("run_id"),
                "soft_labels_sha256": file_sha256(Path(soft_labels_dir) / softlabels.FILE_NAME)}
-    return _train_and_save(cfg, seed, meta, (x, y), (val.x, val.y), kd, model_out, history_out,
-                           name="student", extra={"soft_labels": lineage})
+    result = _train_and_save(cfg, seed, meta, (x, y), (val.x, val.y), kd, model_out, history_out,
+                             name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage})
+    return result | {"soft_labels": lineage}
 
 
 def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: tuple, val: tuple,
                     kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
-                    extra: dict) -> dict:
+                    on_epoch: Callable | None, info: dict) -> dict:
     args = model_args(cfg, meta.num_features, meta.num_classes)
+    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = build_model(args)
     log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model), len(train[1]))
-    result = fit(model, cfg, train, val, seed, kd, name=name)
+    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch)
     save_checkpoint(
         model_out, result.model, args,
         config=cfg.model_dump(), seed=seed, epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,
-        history=result.history, class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **extra,
+        history=result.history, class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **info,
     )
     write_csv(history_out, result.history)
-    return {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
-            "parameters": count_parameters(result.model), "history": result.history}
+    return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+            "parameters": count_parameters(result.model), "history": result.history,
+            "model": result.model, "example": val[0][:5]}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pipelines  # noqa: F401  (project-local Prefect settings, before Prefect is imported)
+import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed
 
@@ -87,11 +88,12 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
-def run_stage(stage: str, repo_dir: str, force: bool):
+def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
     """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log."""
     logger = get_run_logger()
     cmd = [str(BIN / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # DISTILL_PIPELINE_RUN groups this flow run's stage runs under one MLflow parent run.
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DISTILL_PIPELINE_RUN=pipeline_run)
     proc = subprocess.Popen(cmd, cwd=repo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -129,13 +131,15 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
         apply_overrides(root, overrides)
     load_params(root / "params.yaml")  # bad params fail here, once, before any stage
     changed = dvc_changed_stages(root)
+    pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
     outcome: dict[str, str] = {}
     upstream_ran = False
     for stage in dvc_stage_order(root):
         if not force and not upstream_ran and stage not in changed:
             state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
         else:
-            state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, return_state=True)
+            state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
+                                                                return_state=True)
         outcome[stage] = state.result()
         upstream_ran |= outcome[stage] == "ran"
     get_run_logger().info("stages: %s", outcome)

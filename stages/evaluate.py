@@ -1,12 +1,16 @@
-"""DVC stage `evaluate`: test metrics of teacher, student and baseline, and their comparison.
+"""DVC stage `evaluate`: test metrics of teacher, student and baseline, their comparison,
+and the student's registration (with the alias only if it passes `registry.*`).
 
     python -m stages.evaluate --params params.yaml --prepared data/prepared \
         --teacher models/teacher.pt --student models/student.pt --baseline models/baseline.pt \
         --metrics reports/metrics.json --compare reports/compare.md \
-        --predictions reports/predictions.csv --reliability reports/reliability
+        --predictions reports/predictions.csv --reliability reports/reliability \
+        --receipt reports/runs/evaluate.json
 """
 
-from distill import evaluation
+from pathlib import Path
+
+from distill import evaluation, tracking
 from distill.cli import cli_main, stage_parser
 from distill.config import load_params
 
@@ -14,7 +18,7 @@ from distill.config import load_params
 def main(argv=None) -> dict:
     parser = stage_parser(__doc__)
     parser.add_argument("--prepared", required=True, help="prepared-data directory")
-    for name in ("teacher", "student", "baseline"):
+    for name in evaluation.MODELS:
         parser.add_argument(f"--{name}", required=True, help=f"{name} checkpoint")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--compare", required=True, help="markdown comparison to write")
@@ -22,9 +26,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--reliability", required=True, help="directory of reliability-diagram CSVs")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    checkpoints = {"teacher": args.teacher, "student": args.student, "baseline": args.baseline}
-    return evaluation.evaluate(params.evaluate, args.prepared, checkpoints, args.metrics, args.compare,
-                          args.predictions, args.reliability)
+    checkpoints = {name: getattr(args, name) for name in evaluation.MODELS}
+    logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
+    with tracking.stage_run("evaluate", params.tracking, logged, args.receipt) as run:
+        result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints, args.metrics, args.compare,
+                                     args.predictions, args.reliability)
+        artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability)]
+        result |= tracking.log_evaluation(run, result, result["run_ids"], params.registry, artifacts)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """DVC stage `soft_labels`: the teacher's raw logits over train + transfer, as Parquet.
 
     python -m stages.soft_labels --params params.yaml --teacher models/teacher.pt \
-        --prepared data/prepared --out data/soft_labels
+        --prepared data/prepared --out data/soft_labels --receipt reports/runs/soft_labels.json
 """
 
-from distill import softlabels
+from distill import softlabels, tracking
 from distill.cli import cli_main, stage_parser
 from distill.config import load_params
 
@@ -16,7 +16,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="soft-label directory to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    return softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels)
+    logged = {"soft_labels": params.soft_labels.model_dump()}
+    with tracking.stage_run("soft_labels", params.tracking, logged, args.receipt) as run:
+        result = softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels, run_id=run.run_id)
+        run.log_metrics({"rows": result["rows"], "bytes": result["bytes"],
+                         "bytes_per_row": result["bytes"] / max(result["rows"], 1)})
+        run.set_tags({"distill.teacher_run_id": result["teacher_run_id"],
+                      "distill.teacher_sha256": result["teacher_sha256"]})
+    return result
 
 
 if __name__ == "__main__":

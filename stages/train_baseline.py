@@ -4,12 +4,12 @@ Same architecture, seed and budget as the distilled student; it reads every
 `student.*` key except the distillation ones (temperature, alpha).
 
     python -m stages.train_baseline --params params.yaml --prepared data/prepared \
-        --model models/baseline.pt --history reports/train/baseline.csv
+        --model models/baseline.pt --history reports/train/baseline.csv --receipt reports/runs/train_baseline.json
 """
 
-from distill import training
+from distill import tracking, training
 from distill.cli import cli_main, stage_parser
-from distill.config import load_params
+from distill.config import DISTILLATION_KEYS, load_params
 
 
 def main(argv=None) -> dict:
@@ -19,8 +19,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--history", required=True, help="per-epoch CSV to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    return training.train_on_labels(params.student, params.seed, args.prepared, args.model, args.history,
-                                    name="baseline")
+    logged = {"seed": params.seed, "student": params.student.model_dump(exclude=set(DISTILLATION_KEYS))}
+    with tracking.stage_run("train_baseline", params.tracking, logged, args.receipt) as run:
+        result = training.train_on_labels(params.student, params.seed, args.prepared, args.model, args.history,
+                                          name="baseline", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id})
+        run.log_training(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """DVC stage `train_teacher`: train the teacher from `teacher.*` and `seed`, select on val.
 
     python -m stages.train_teacher --params params.yaml --prepared data/prepared \
-        --model models/teacher.pt --history reports/train/teacher.csv
+        --model models/teacher.pt --history reports/train/teacher.csv --receipt reports/runs/train_teacher.json
 """
 
-from distill import training
+from distill import tracking, training
 from distill.cli import cli_main, stage_parser
 from distill.config import load_params
 
@@ -16,8 +16,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--history", required=True, help="per-epoch CSV to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    return training.train_on_labels(params.teacher, params.seed, args.prepared, args.model, args.history,
-                                    name="teacher")
+    logged = {"seed": params.seed, "teacher": params.teacher.model_dump()}
+    with tracking.stage_run("train_teacher", params.tracking, logged, args.receipt) as run:
+        result = training.train_on_labels(params.teacher, params.seed, args.prepared, args.model, args.history,
+                                          name="teacher", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id})
+        run.log_training(result)
+    return result
 
 
 if __name__ == "__main__":

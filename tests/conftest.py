@@ -34,6 +34,10 @@ TINY_PARAMS = {
         "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
+    # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.
+    "tracking": {"enabled": False, "experiment": "tiny"},
+    "registry": {"model_name": "tiny-student", "alias": "champion", "min_test_accuracy": 0.0,
+                 "max_latency_ms_b1": 1000.0},
 }
 
 

@@ -89,7 +89,7 @@ def dvc_stages() -> dict:
         ("train_teacher", {"seed", "teacher"}),
         ("soft_labels", {"soft_labels"}),
         ("train_student", {"seed", "student"}),
-        ("evaluate", {"evaluate"}),
+        ("evaluate", {"evaluate", "registry"}),
     ],
 )
 def test_each_stage_lists_exactly_the_params_it_reads(stage, params):
