@@ -27,6 +27,15 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def training_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every training stage takes: its inputs, checkpoint and history."""
+    parser = stage_parser(doc)
+    parser.add_argument("--prepared", required=True, help="prepared-data directory")
+    parser.add_argument("--model", required=True, help="checkpoint to write")
+    parser.add_argument("--history", required=True, help="per-epoch CSV to write")
+    return parser
+
+
 def setup_logging() -> None:
     """Plain, filterable progress lines on stderr."""
     logging.basicConfig(

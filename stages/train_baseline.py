@@ -8,15 +8,12 @@ Same architecture, seed and budget as the distilled student; it reads every
 """
 
 from distill import tracking, training
-from distill.cli import cli_main, stage_parser
+from distill.cli import cli_main, training_parser
 from distill.config import DISTILLATION_KEYS, load_params
 
 
 def main(argv=None) -> dict:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--prepared", required=True, help="prepared-data directory")
-    parser.add_argument("--model", required=True, help="checkpoint to write")
-    parser.add_argument("--history", required=True, help="per-epoch CSV to write")
+    parser = training_parser(__doc__)
     args = parser.parse_args(argv)
     params = load_params(args.params)
     logged = {"seed": params.seed, "student": params.student.model_dump(exclude=set(DISTILLATION_KEYS))}

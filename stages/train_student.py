@@ -8,16 +8,13 @@
 from pathlib import Path
 
 from distill import softlabels, tracking, training
-from distill.cli import cli_main, stage_parser
+from distill.cli import cli_main, training_parser
 from distill.config import load_params
 
 
 def main(argv=None) -> dict:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--prepared", required=True, help="prepared-data directory")
+    parser = training_parser(__doc__)
     parser.add_argument("--soft-labels", required=True, help="soft-label directory")
-    parser.add_argument("--model", required=True, help="checkpoint to write")
-    parser.add_argument("--history", required=True, help="per-epoch CSV to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     logged = {"seed": params.seed, "student": params.student.model_dump()}
