@@ -22,13 +22,20 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import run_experiment  # noqa: E402
 
 
-def grid_table(results: list[dict], temperatures: list[float], alphas: list[float]) -> str:
-    """Markdown: rows are temperatures, columns alphas, cells student test accuracy %."""
-    acc = {(r["temperature"], r["alpha"]): r["student_test_accuracy"] for r in results}
+def grid_table(results: list[dict], temperatures: list[float], alphas: list[float], key: str, scale: float,
+               digits: int) -> str:
+    """Markdown: rows are temperatures, columns alphas, cells `key` * `scale`."""
+    value = {(r["temperature"], r["alpha"]): r[key] for r in results}
     lines = ["| T \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---" * (len(alphas) + 1) + "|"]
     for t in temperatures:
-        lines.append(f"| {t:g} | " + " | ".join(f"{100 * acc[(t, a)]:.1f}" for a in alphas) + " |")
+        lines.append(f"| {t:g} | " + " | ".join(f"{scale * value[(t, a)]:.{digits}f}" for a in alphas) + " |")
     return "\n".join(lines) + "\n"
+
+
+def tables(results: list[dict], temperatures: list[float], alphas: list[float]) -> str:
+    return ("Student test accuracy (%):\n\n"
+            + grid_table(results, temperatures, alphas, "student_test_accuracy", 100, 1)
+            + "\nStudent test NLL:\n\n" + grid_table(results, temperatures, alphas, "student_nll", 1, 3))
 
 
 def plot(results: list[dict], temperatures: list[float], alphas: list[float], baseline: float, path: Path) -> None:
@@ -76,9 +83,9 @@ def main() -> None:
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed,
               "baseline_test_accuracy": baseline, "results": results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(grid_table(results, args.temperatures, args.alphas))
+    out.with_suffix(".md").write_text(tables(results, args.temperatures, args.alphas))
     plot(results, args.temperatures, args.alphas, baseline, out.with_suffix(".png"))
-    print(grid_table(results, args.temperatures, args.alphas))
+    print(tables(results, args.temperatures, args.alphas))
 
 
 if __name__ == "__main__":

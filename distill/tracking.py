@@ -92,7 +92,7 @@ def git_commit(root: Path) -> str:
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their string form."""
+    """{"a": {"b": 1}} -> {"a.b": 1} (MLflow logs the values in their string form)."""
     out: dict[str, Any] = {}
     for key, value in params.items():
         if isinstance(value, dict):
@@ -126,12 +126,6 @@ class StageRun:
             import mlflow
 
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.run_id:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(self, model, example) -> str | None:
         """Log a torch model (signature, input example, explicit requirements); return its URI."""
@@ -170,8 +164,7 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path | None,
-              run_name: str | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path | None) -> Iterator[StageRun]:
     """Open the MLflow run of an executed stage, nested under its pipeline's parent run.
 
     Logs `params` flattened and the lineage tags; on success writes `receipt`
@@ -193,7 +186,7 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     parent_id = _parent_run(experiment_id, pipeline_id)
     tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_commit(root),
             "dvc.inputs_sha256": stage_inputs_sha256(stage, params)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage, parent_run_id=parent_id,
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                           nested=True, tags=tags) as run:
         mlflow.log_params(flatten(params))
         yield StageRun(run.info.run_id)
@@ -273,7 +266,10 @@ def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None],
     if metrics.get("gap_closed") is not None:
         run.log_metrics({"gap_closed": metrics["gap_closed"]})
     for path in artifacts:
-        mlflow.log_artifacts(str(path), path.name) if path.is_dir() else mlflow.log_artifact(str(path))
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), path.name)
+        else:
+            mlflow.log_artifact(str(path))
     return register_student(run_ids["student"], metrics["student"], registry)
 
 

@@ -37,8 +37,9 @@ class StageFailed(RuntimeError):
     """A stage command failed for a reason that may pass on retry (killed, lock held)."""
 
 
-def dvc_stage_order(repo_dir: Path) -> list[str]:
-    """The pipeline's stage names in dependency order (ties kept in dvc.yaml order)."""
+def dvc_plan(repo_dir: Path) -> tuple[list[str], set[str]]:
+    """The stage names in dependency order (ties kept in dvc.yaml order), and the names
+    of those `dvc status` reports as changed, from one in-process look at the repo."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -46,15 +47,7 @@ def dvc_stage_order(repo_dir: Path) -> list[str]:
         position = {stage: i for i, stage in enumerate(repo.index.stages)}
         # DVC's edges point from a stage to the stages it depends on: reverse them.
         order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
-        return [stage.name for stage in order]
-
-
-def dvc_changed_stages(repo_dir: Path) -> set[str]:
-    """Names of the stages `dvc status` reports as changed (one in-process call)."""
-    from dvc.repo import Repo
-
-    with Repo(str(repo_dir)) as repo:
-        return {name.rsplit(":", 1)[-1] for name in repo.status()}
+        return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
 
 
 def apply_overrides(repo_dir: Path, overrides: dict[str, Any]) -> None:
@@ -130,11 +123,11 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
     if overrides:
         apply_overrides(root, overrides)
     load_params(root / "params.yaml")  # bad params fail here, once, before any stage
-    changed = dvc_changed_stages(root)
+    order, changed = dvc_plan(root)
     pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
     outcome: dict[str, str] = {}
     upstream_ran = False
-    for stage in dvc_stage_order(root):
+    for stage in order:
         if not force and not upstream_ran and stage not in changed:
             state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
         else:

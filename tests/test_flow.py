@@ -92,3 +92,11 @@ def test_serve_refuses_to_start_without_a_server(monkeypatch):
                             env={k: v for k, v in subprocess_env().items() if k != "PREFECT_API_URL"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "PREFECT_API_URL is not set" in result.stderr
+
+
+@pytest.mark.parametrize("error, retried", [(UserError("bad params"), False), (RuntimeError("killed"), True)])
+def test_only_failures_that_are_not_user_errors_are_retried(flow_module, error, retried):
+    from prefect.states import Completed, Failed
+
+    assert flow_module._retry_unless_user_error(None, None, Failed(data=error)) is retried
+    assert flow_module._retry_unless_user_error(None, None, Completed(data="ran")) is False

@@ -50,3 +50,11 @@ def test_the_bar_checks():
 def test_the_markdown_table_has_a_row_per_model():
     table = markdown_table({"mnist1d-cnn": aggregate(RECORDS)})
     assert table.count("| mnist1d-cnn (3 seeds) |") == 3 and "98.0 ± 1.0" in table and "75.0 ± 0.0" in table
+
+
+def test_the_sweep_table_puts_temperatures_in_rows_and_alphas_in_columns():
+    from benchmarks.sweep import grid_table
+
+    results = [{"temperature": t, "alpha": a, "acc": t / 10 + a / 100} for t in (1, 2) for a in (0.5, 0.9)]
+    table = grid_table(results, [1, 2], [0.5, 0.9], "acc", 100, 1)
+    assert table.splitlines()[2] == "| 1 | 10.5 | 10.9 |" and table.splitlines()[3] == "| 2 | 20.5 | 20.9 |"
