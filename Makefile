@@ -13,7 +13,7 @@ CRON ?= 0 3 * * *
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: run test test-all install ui server deploy worker serve trigger
+.PHONY: run test test-all install validate ui server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 ## test-all: every test, the slow end-to-end ones included
 test-all: install
 	pytest
+
+## validate: check params.yaml (every key, type and range) without running anything
+validate: install
+	python -m distill.config params.yaml
 
 ## ui: the MLflow UI on the project's own store, at http://127.0.0.1:$(MLFLOW_PORT) (foreground)
 ui: install

@@ -110,3 +110,16 @@ def test_every_dependency_named_in_dvc_yaml_exists_or_is_an_output():
             assert dep in outs or (REPO / dep).is_file(), f"{name}: {dep}"
         module = stage["cmd"].split()[2]
         assert f"{module.replace('.', '/')}.py" in stage["deps"], f"{name} must depend on its own stage file"
+
+
+def test_the_validate_command_checks_a_params_file_alone(tmp_path):
+    import subprocess
+
+    from conftest import BIN
+
+    ok = subprocess.run([str(BIN / "python"), "-m", "distill.config", str(REPO / "params.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "params.yaml: valid" in ok.stderr
+    bad = write_params(tmp_path / "params.yaml", tiny_params(**{"student.alpha": 2}))
+    result = subprocess.run([str(BIN / "python"), "-m", "distill.config", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2 and "student.alpha = 2" in result.stderr and "Traceback" not in result.stderr
