@@ -86,7 +86,8 @@ def pipeline_run_id() -> str:
     return f"standalone-{os.getpid()}-{int(time.time())}"
 
 
-def git_commit(root: Path) -> str:
+def head_commit(root: Path) -> str:
+    """The git commit checked out at `root`, or "unknown" outside a repository."""
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
@@ -105,8 +106,9 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 class StageRun:
     """The MLflow run of one executed stage (or a no-op stand-in when tracking is off)."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, pipeline_id: str):
         self.run_id = run_id
+        self.pipeline_id = pipeline_id
 
     def log_epoch(self, row: dict[str, float]) -> None:
         if self.run_id:
@@ -173,7 +175,7 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     """
     pipeline_id = pipeline_run_id()
     if not cfg.enabled:
-        yield StageRun(None)
+        yield StageRun(None, pipeline_id)
         _write_receipt(receipt, stage, None, None, pipeline_id)
         return
     import mlflow
@@ -184,12 +186,12 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(cfg.experiment, root, uri)
     parent_id = _parent_run(experiment_id, pipeline_id)
-    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_commit(root),
+    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": head_commit(root),
             "dvc.inputs_sha256": stage_inputs_sha256(stage, params)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                           nested=True, tags=tags) as run:
         mlflow.log_params(flatten(params))
-        yield StageRun(run.info.run_id)
+        yield StageRun(run.info.run_id, pipeline_id)
     _write_receipt(receipt, stage, run.info.run_id, experiment_id, pipeline_id)
 
 
@@ -240,11 +242,6 @@ def _parent_run(experiment_id: str, pipeline_id: str) -> str:
     return run.info.run_id
 
 
-def read_receipt(path: str | Path) -> dict:
-    """A stage's receipt: {"stage", "run_id", "experiment_id", "pipeline_run"}."""
-    return json.loads(Path(path).read_text())
-
-
 def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None], registry: RegistryConfig,
                    artifacts: list[Path]) -> dict:
     """Evaluate's logging: one child run per model under the same metric keys, the
@@ -261,7 +258,7 @@ def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None],
         with mlflow.start_run(run_name=f"evaluate {role}", nested=True, experiment_id=experiment_id,
                               tags={TAG_STAGE: "evaluate", "distill.model_role": role,
                                     "distill.model_run_id": str(model_run),
-                                    TAG_PIPELINE_RUN: pipeline_run_id()}):
+                                    TAG_PIPELINE_RUN: run.pipeline_id}):
             mlflow.log_metrics({k: float(v) for k, v in metrics[role].items()})
     if metrics.get("gap_closed") is not None:
         run.log_metrics({"gap_closed": metrics["gap_closed"]})

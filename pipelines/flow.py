@@ -92,20 +92,23 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
     for line in proc.stdout:
         lines.append(line.rstrip())
         logger.info(line.rstrip())
+    output = "\n".join(lines)
     if proc.wait() != 0:
-        output = "\n".join(lines)
         if re.search(rf"exited with {STAGE_EXIT_USER_ERROR}\b", output):
             reason = next((ln.split("error: ", 1)[1] for ln in lines if "error: " in ln), output[-300:])
             raise UserError(f"stage {stage}: {reason}")
         raise StageFailed(f"stage {stage} failed (dvc exit {proc.returncode}): {output[-500:]}")
-    if f"Running stage '{stage}'" not in "\n".join(lines):
-        return Completed(name="Reused", message="up to date in DVC's cache", data="reused")
-    return "ran"
+    return "ran" if f"Running stage '{stage}'" in output else _reused()
 
 
 @task
 def reused_stage(stage: str):
     """A stage DVC reports up to date before the flow started: nothing to run."""
+    return _reused()
+
+
+def _reused():
+    """The distinct state of a stage DVC did not recompute (its result is "reused")."""
     return Completed(name="Reused", message="up to date in DVC's cache", data="reused")
 
 
