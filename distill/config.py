@@ -96,17 +96,23 @@ class StudentConfig(ModelTrainConfig):
 
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
+    shuffle_buffer: int = Field(
+        131072, gt=0, description="rows shuffled together when the training rows do not fit at once"
+    )
 
 
 # Keys of the student section that only the distilled student reads: the baseline
 # stage lists every other key, so a change of these never retrains the baseline.
-DISTILLATION_KEYS = ("temperature", "alpha")
+DISTILLATION_KEYS = ("temperature", "alpha", "shuffle_buffer")
 
 
 class SoftLabelsConfig(Section):
     """How the teacher's logits are stored."""
 
     dtype: Literal["float32", "float16"] = "float32"
+    top_k: int | None = Field(
+        None, gt=0, description="keep only the k largest logits per row (and one value for the rest); None = all"
+    )
     batch_size: int = Field(1024, gt=0)
 
 

@@ -10,6 +10,7 @@ A prepared split is a Parquet table with columns
   id     int64, unique across all splits
   x      fixed_size_list<float32>[num_features]
   label  int32 class id (null on transfer rows)
+written in row groups of ROW_GROUP_ROWS rows, so a reader can stream it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test", "transfer")
 META_FILE = "meta.json"
+ROW_GROUP_ROWS = 16384  # the unit a streaming reader decodes: ~2.6 MB of x at 40 features
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ def write_split(path: Path, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> No
             "label": pa.array(np.asarray(y, dtype=np.int32), pa.int32(), mask=np.asarray(y) < 0),
         }
     )
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
 
 
 def read_meta(prepared_dir: str | Path) -> PreparedMeta:

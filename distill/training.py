@@ -1,15 +1,17 @@
 """Training: the loop shared by teacher, student and baseline, and the three stage steps.
 
-Data sets here are small enough to sit in memory as tensors, so batches are
-drawn by a seeded permutation (no DataLoader workers, ordered and repeatable).
-The checkpoint kept is the one with the best validation accuracy; the test split
-is never looked at here.
+Batches come from distill.rows: rows that fit the shuffle buffer sit in memory and
+are drawn by a seeded permutation; a larger transfer set is streamed from Parquet
+block by block (no DataLoader workers, ordered and repeatable either way). The
+checkpoint kept is the one with the best validation accuracy; the test split is
+never looked at here.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +26,23 @@ from distill.errors import UserError
 from distill.io import file_sha256, write_csv
 from distill.losses import cross_entropy, kd_loss
 from distill.models import build_model, count_parameters, model_args, save_checkpoint
+from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Distillation:
-    """Teacher logits aligned with the training rows, and the loss settings."""
+    """The KD loss settings, and where the teacher's logits come from.
 
-    teacher_logits: torch.Tensor  # (N, C) float32
+    Offline (the pipeline): the training rows carry the stored soft labels.
+    Online (`teacher` given, rows without logits): the teacher runs forward on every
+    batch, as in a one-script distillation; kept to measure what offline saves.
+    """
+
     temperature: float
     alpha: float
+    teacher: nn.Module | None = None
 
 
 @dataclass
@@ -43,6 +51,7 @@ class TrainResult:
     best_epoch: int
     best_val_accuracy: float
     history: list[dict[str, float]] = field(default_factory=list)
+    timings: list[EpochTiming] = field(default_factory=list)  # not in the history: it varies run to run
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -62,46 +71,54 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
 def fit(
     model: nn.Module,
     cfg: ModelTrainConfig,
-    train: tuple[np.ndarray, np.ndarray],
+    train: Rows,
     val: tuple[np.ndarray, np.ndarray],
     seed: int,
     distillation: Distillation | None = None,
     name: str = "model",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    buffer_rows: int | None = None,
 ) -> TrainResult:
-    """Train `model` on `train` (x, y; y = -1 marks unlabelled rows), select on `val`.
+    """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y).
 
     Without `distillation` the loss is cross-entropy on the labelled rows; with it,
-    the Hinton KD loss against the given teacher logits. `on_epoch` receives each
-    epoch's row of the history (for a tracker).
+    the Hinton KD loss against the teacher's logits. `buffer_rows` bounds the rows
+    held in memory (None: all). `on_epoch` receives each epoch's history row plus
+    its timing (epoch_seconds, data_wait_fraction), for a tracker.
     """
     gen = seed_everything(seed)
-    x, y = torch.as_tensor(train[0]), torch.as_tensor(train[1])
+    batches = Batches(train, cfg.batch_size, buffer_rows)
     val_x, val_y = torch.as_tensor(val[0]), torch.as_tensor(val[1])
-    steps_per_epoch = (len(x) + cfg.batch_size - 1) // cfg.batch_size
+    steps_per_epoch = batches.steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
+    if distillation is not None and distillation.teacher is not None:
+        distillation.teacher.eval()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-            logits = model(x[idx])
+        timing, start = EpochTiming(), time.perf_counter()
+        for x, y, teacher_logits in timed(batches.epoch(gen), timing):
+            logits = model(x)
             if distillation is None:
-                parts = {"loss": cross_entropy(logits, y[idx])}
+                parts = {"loss": cross_entropy(logits, y)}
             else:
-                d = distillation
-                parts = kd_loss(logits, d.teacher_logits[idx], y[idx], d.temperature, d.alpha)
+                if teacher_logits is None:
+                    teacher_logits = _teacher_forward(distillation, x)
+                parts = kd_loss(logits, teacher_logits, y, distillation.temperature, distillation.alpha)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
             sched.step()
             for k, v in parts.items():
                 sums[k] += v.item() / steps_per_epoch
+        timing.seconds = time.perf_counter() - start
         row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
         best.history.append(row)
+        best.timings.append(timing)
         if on_epoch:
-            on_epoch(row)
+            on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
         if row["val_accuracy"] > best.best_val_accuracy:
             best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), epoch, row["val_accuracy"]
         log.info(
@@ -110,6 +127,13 @@ def fit(
         )
     best.model.eval()
     return best
+
+
+def _teacher_forward(d: Distillation, x: torch.Tensor) -> torch.Tensor:
+    if d.teacher is None:
+        raise ValueError("distillation needs stored teacher logits in the rows or a teacher to run online")
+    with torch.no_grad():  # not inference_mode: the loss keeps these logits for its backward pass
+        return d.teacher(x)
 
 
 def _epoch_row(
@@ -140,41 +164,41 @@ def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, 
     """
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
-    return _train_and_save(cfg, seed, meta, (train.x, train.y), (val.x, val.y), None, model_out, history_out,
-                           name=name, on_epoch=on_epoch, info=info or {})
+    return _train_and_save(cfg, seed, meta, InMemoryRows(train.x, train.y), (val.x, val.y), None, model_out,
+                           history_out, name=name, on_epoch=on_epoch, info=info or {})
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_labels_dir: str | Path,
                   model_out: str | Path, history_out: str | Path, on_epoch: Callable | None = None,
                   info: dict | None = None) -> dict:
-    """Stage step train_student: distil from the stored soft labels (train + transfer rows)."""
+    """Stage step train_student: distil from the stored soft labels (train + transfer rows).
+
+    The rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
+    """
     meta = data.read_meta(prepared_dir)
-    soft = softlabels.read_soft_labels(soft_labels_dir, meta)
-    parts = [data.read_split(prepared_dir, s) for s in softlabels.LABELLED_SPLITS if s in meta.splits]
-    ids = np.concatenate([p.ids for p in parts])
-    if not np.array_equal(ids, soft.ids):
-        raise UserError(f"{soft_labels_dir}: soft-label rows do not match the prepared train/transfer rows; "
-                        "rerun soft_labels")
-    x, y = np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+    rows = softlabels.StudentRows(prepared_dir, soft_labels_dir, meta)
     val = data.read_split(prepared_dir, "val")
-    kd = Distillation(torch.from_numpy(soft.logits), cfg.temperature, cfg.alpha)
-    lineage = {"teacher_sha256": soft.provenance["teacher_sha256"],
-               "teacher_run_id": soft.provenance.get("teacher_run_id"),
-               "soft_labels_run_id": soft.provenance.get("run_id"),
-               "soft_labels_sha256": file_sha256(Path(soft_labels_dir) / softlabels.FILE_NAME)}
-    result = _train_and_save(cfg, seed, meta, (x, y), (val.x, val.y), kd, model_out, history_out,
-                             name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage})
+    kd = Distillation(cfg.temperature, cfg.alpha)
+    prov = rows.provenance
+    lineage = {"teacher_sha256": prov["teacher_sha256"],
+               "teacher_run_id": prov.get("teacher_run_id"),
+               "soft_labels_run_id": prov.get("run_id"),
+               "soft_labels_sha256": file_sha256(rows.path)}
+    result = _train_and_save(cfg, seed, meta, rows, (val.x, val.y), kd, model_out, history_out,
+                             name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage},
+                             buffer_rows=cfg.shuffle_buffer)
     return result | {"soft_labels": lineage}
 
 
-def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: tuple, val: tuple,
+def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: Rows, val: tuple,
                     kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
-                    on_epoch: Callable | None, info: dict) -> dict:
+                    on_epoch: Callable | None, info: dict, buffer_rows: int | None = None) -> dict:
     args = model_args(cfg, meta.num_features, meta.num_classes)
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = build_model(args)
-    log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model), len(train[1]))
-    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch)
+    log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model),
+             sum(train.block_sizes))
+    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch, buffer_rows=buffer_rows)
     save_checkpoint(
         model_out, result.model, args,
         config=cfg.model_dump(), seed=seed, epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,
@@ -183,4 +207,4 @@ def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, t
     write_csv(history_out, result.history)
     return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
             "parameters": count_parameters(result.model), "history": result.history,
-            "model": result.model, "example": val[0][:5]}
+            "model": result.model, "example": val[0][:5], "timings": result.timings}

@@ -28,10 +28,11 @@ TINY_PARAMS = {
         "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
         "epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
     },
-    "soft_labels": {"dtype": "float32", "batch_size": 256},
+    "soft_labels": {"dtype": "float32", "top_k": None, "batch_size": 256},
     "student": {
         "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
         "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
+        "shuffle_buffer": 131072,
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.

@@ -98,3 +98,79 @@ def test_a_truncated_or_foreign_parquet_is_refused(tmp_path, prepared_and_teache
     pq.write_table(pq.read_table(prepared / "train.parquet"), path)
     with pytest.raises(UserError, match="no provenance metadata"):
         softlabels.read_soft_labels(tmp_path / "soft", meta)
+
+
+def test_top_k_keeps_the_largest_logits_and_the_mean_mass_of_the_rest():
+    logits = np.array([[0.0, 3.0, -2.0, 1.0], [5.0, 5.5, 4.0, -1.0]], dtype=np.float32)
+    index, values, rest = softlabels.top_k_logits(logits, 2)
+    np.testing.assert_array_equal(index, [[1, 3], [1, 0]])
+    np.testing.assert_array_equal(values, [[3.0, 1.0], [5.5, 5.0]])
+    np.testing.assert_allclose(rest, [np.log((1 + np.exp(-2)) / 2), np.log((np.exp(4) + np.exp(-1)) / 2)], rtol=1e-6)
+    dense = softlabels.dense_logits(index, values, rest, 4)
+    np.testing.assert_allclose(dense[0], [rest[0], 3.0, rest[0], 1.0])
+    # at temperature 1 the top-k probabilities, and so the mass of the rest, are kept exactly
+    p, q = torch.softmax(torch.from_numpy(logits), 1), torch.softmax(torch.from_numpy(dense), 1)
+    for row, top in enumerate(index):
+        np.testing.assert_allclose(q[row, top], p[row, top], rtol=1e-6)
+
+
+def test_top_k_soft_labels_are_stored_as_k_values_and_read_back_as_full_logits(tmp_path, prepared_and_teacher):
+    prepared, teacher = prepared_and_teacher
+    meta = data.read_meta(prepared)
+    softlabels.dump(teacher, prepared, tmp_path / "top3", SoftLabelsConfig(top_k=3))
+    f = pq.ParquetFile(tmp_path / "top3" / softlabels.FILE_NAME)
+    assert f.schema_arrow.names == ["id", "split", "label", "topk_index", "topk_logits", "rest_logit"]
+    assert f.schema_arrow.field("topk_logits").type.list_size == 3
+    soft = softlabels.read_soft_labels(tmp_path / "top3", meta)
+    ids, expected = teacher_logits(teacher, prepared)
+    np.testing.assert_array_equal(soft.ids, ids)
+    assert soft.logits.shape == expected.shape and soft.provenance["top_k"] == 3
+    np.testing.assert_array_equal(np.sort(soft.logits, 1)[:, -3:], np.sort(expected, 1)[:, -3:])
+    np.testing.assert_array_equal(soft.logits.argmax(1), expected.argmax(1))
+
+
+def test_top_k_must_be_smaller_than_the_number_of_classes(tmp_path, prepared_and_teacher):
+    prepared, teacher = prepared_and_teacher
+    classes = data.read_meta(prepared).num_classes
+    with pytest.raises(UserError, match=f"soft_labels.top_k = {classes} .* {classes} classes"):
+        softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig(top_k=classes))
+    assert not (tmp_path / "soft").exists()
+
+
+def test_student_rows_join_features_labels_and_logits_block_by_block(tmp_path, prepared_and_teacher):
+    prepared, teacher = prepared_and_teacher
+    meta = data.read_meta(prepared)
+    softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig(batch_size=64))
+    rows = softlabels.StudentRows(prepared, tmp_path / "soft", meta)
+    blocks = [rows.read_block(i) for i in range(len(rows.block_sizes))]
+    parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
+    np.testing.assert_array_equal(np.concatenate([b.x for b in blocks]), np.concatenate([p.x for p in parts]))
+    np.testing.assert_array_equal(np.concatenate([b.y for b in blocks]), np.concatenate([p.y for p in parts]))
+    _, expected = teacher_logits(teacher, prepared)
+    np.testing.assert_array_equal(np.concatenate([b.logits for b in blocks]), expected)
+
+
+def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(tmp_path, prepared_and_teacher):
+    from distill.config import StudentConfig
+    from distill.models import build_model, model_args
+    from distill.rows import InMemoryRows
+
+    prepared, teacher = prepared_and_teacher
+    meta = data.read_meta(prepared)
+    softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig())
+    cfg = StudentConfig(arch="mlp", hidden=[8], epochs=3, batch_size=32, lr=0.01)
+    stored = training.train_student(cfg, 0, prepared, tmp_path / "soft", tmp_path / "s.pt", tmp_path / "s.csv")
+    # the same training from arrays in memory: identical history
+    parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
+    _, logits = teacher_logits(teacher, prepared)
+    rows = InMemoryRows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), logits)
+    torch.manual_seed(0)
+    model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    val = data.read_split(prepared, "val")
+    direct = training.fit(model, cfg, rows, (val.x, val.y), 0, training.Distillation(cfg.temperature, cfg.alpha))
+    assert stored["history"] == direct.history
+    # streamed through a buffer smaller than the rows: the loss still falls
+    small = cfg.model_copy(update={"shuffle_buffer": 100})
+    streamed = training.train_student(small, 0, prepared, tmp_path / "soft", tmp_path / "t.pt", tmp_path / "t.csv")
+    losses = [row["train_loss"] for row in streamed["history"]]
+    assert losses[-1] < losses[0]

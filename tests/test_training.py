@@ -37,3 +37,28 @@ def test_training_learns_and_keeps_the_best_epoch_on_val(prepared, tmp_path):
     val_acc = [row["val_accuracy"] for row in result["history"]]
     assert result["best_val_accuracy"] == max(val_acc) > 0.5
     assert result["best_epoch"] == 1 + int(np.argmax(val_acc))
+
+
+def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp_path):
+    import torch
+
+    from distill.models import build_model, load_checkpoint, model_args
+    from distill.rows import InMemoryRows
+
+    train(prepared, tmp_path, seed=0, name="teacher")
+    teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
+    meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
+    stored = training.predict_logits(teacher, torch.from_numpy(split.x)).numpy()
+    histories = {}
+    for mode, rows, kd in [
+        ("offline", InMemoryRows(split.x, split.y, stored), training.Distillation(4.0, 0.9)),
+        ("online", InMemoryRows(split.x, split.y), training.Distillation(4.0, 0.9, teacher=teacher)),
+    ]:
+        torch.manual_seed(0)
+        student = build_model(model_args(CFG, meta.num_features, meta.num_classes))
+        result = training.fit(student, CFG, rows, (val.x, val.y), 0, kd)
+        histories[mode] = result.history
+        assert len(result.timings) == CFG.epochs and all(t.seconds > 0 for t in result.timings)
+    for off, on in zip(histories["offline"], histories["online"]):
+        assert off.keys() == on.keys()
+        assert all(off[k] == pytest.approx(on[k], abs=1e-5) for k in off)
