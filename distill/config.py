@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import UserError
 
@@ -50,6 +50,9 @@ class DataConfig(Section):
     path: str | None = None
     label_column: str = "label"
     feature_columns: list[str] | None = None
+    on_nan: Literal["error", "drop"] = Field(
+        "error", description="parquet / csv rows with a NaN or infinite feature or an empty label: stop, or drop them"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
@@ -77,11 +80,15 @@ class ModelTrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if any(w <= 0 for w in widths):
+            raise ValueError("every entry must be a positive integer")
+        return widths
+
     @model_validator(mode="after")
-    def _positive_widths(self) -> ModelTrainConfig:
-        for name in ("hidden", "channels"):
-            if any(w <= 0 for w in getattr(self, name)):
-                raise ValueError(f"every entry of {name} must be a positive integer")
+    def _cnn_needs_channels(self) -> ModelTrainConfig:
         if self.arch == "cnn1d" and not self.channels:
             raise ValueError("arch 'cnn1d' needs at least one entry in channels")
         return self
@@ -124,6 +131,16 @@ class EvaluateConfig(Section):
     latency_repeats: int = Field(50, gt=0)
 
 
+class ResumeConfig(Section):
+    """Training state saved every few epochs, so a killed training stage picks up where it
+    stopped. Read by the training stages, listed in no stage's DVC params: it never
+    changes results. The state lives outside DVC's outputs (DVC deletes a stage's
+    outputs before running it) and is removed when training ends."""
+
+    every_epochs: int = Field(5, ge=0, description="epochs between saves; 0 = never")
+    dir: str = Field(".resume", min_length=1)
+
+
 class TrackingConfig(Section):
     """Where MLflow runs go. Read by every stage but listed in no stage's DVC params:
     it changes where results are recorded, not the results."""
@@ -150,6 +167,7 @@ class Params(Section):
     soft_labels: SoftLabelsConfig = SoftLabelsConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    resume: ResumeConfig = ResumeConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -155,12 +155,21 @@ def _load_table(cfg: DataConfig) -> RawData:
     ]
     _check_feature_columns(path, df, features, cfg.label_column)
     x = df[features].to_numpy(dtype=np.float64)
-    if not np.isfinite(x).all():
-        bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
-        raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean or drop them")
     y = df[cfg.label_column]
-    if y.isna().any():
-        raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill or drop those rows")
+    bad_x, bad_y = ~np.isfinite(x).all(axis=1), y.isna().to_numpy()
+    if cfg.on_nan == "drop" and (bad_x | bad_y).any():
+        keep = ~(bad_x | bad_y)
+        log.warning("%s: dropped %d of %d rows with NaN / infinite features or no label (data.on_nan: drop)",
+                    path, int((~keep).sum()), len(keep))
+        if not keep.any():
+            raise UserError(f"{path}: every row has a NaN / infinite feature or no label; nothing left to train on")
+        x, y = x[keep], y[keep]
+    elif bad_x.any():
+        bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
+        raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean them or set data.on_nan: drop")
+    elif bad_y.any():
+        raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them or set "
+                        "data.on_nan: drop")
     return RawData(x, y.to_numpy(), features)
 
 

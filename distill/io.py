@@ -26,10 +26,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` on success.
 
     Works for files and directories. On an exception the temporary is removed and
-    the old `target` (if any) is left untouched.
+    the old `target` (if any) is left untouched; temporaries of a killed writer are
+    removed by the next one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -45,6 +47,25 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         _remove(tmp)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove temporaries beside `target` left by a writer that was killed (its pid is gone)."""
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

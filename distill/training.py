@@ -10,6 +10,8 @@ never looked at here.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,9 +23,9 @@ import torch
 from torch import nn
 
 from distill import data, softlabels
-from distill.config import ModelTrainConfig, StudentConfig
+from distill.config import ModelTrainConfig, ResumeConfig, StudentConfig
 from distill.errors import UserError
-from distill.io import file_sha256, write_csv
+from distill.io import atomic_path, file_sha256, write_csv
 from distill.losses import cross_entropy, kd_loss
 from distill.models import build_model, count_parameters, model_args, save_checkpoint
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
@@ -54,6 +56,23 @@ class TrainResult:
     timings: list[EpochTiming] = field(default_factory=list)  # not in the history: it varies run to run
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where `fit` saves its training state every `every` epochs; a saved state is
+    resumed only if its `key` (a hash of everything the training reads) matches."""
+
+    path: Path
+    key: str
+    every: int
+
+    @staticmethod
+    def make(cfg: ResumeConfig | None, name: str, inputs: dict) -> Resume | None:
+        if cfg is None or cfg.every_epochs == 0:
+            return None
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+        return Resume(Path(cfg.dir) / f"{name}-{key[:16]}.pt", key, cfg.every_epochs)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed torch and return a generator for batch order; CPU kernels deterministic."""
     torch.manual_seed(seed)
@@ -78,13 +97,17 @@ def fit(
     name: str = "model",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     buffer_rows: int | None = None,
+    resume: Resume | None = None,
 ) -> TrainResult:
     """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y).
 
     Without `distillation` the loss is cross-entropy on the labelled rows; with it,
     the Hinton KD loss against the teacher's logits. `buffer_rows` bounds the rows
     held in memory (None: all). `on_epoch` receives each epoch's history row plus
-    its timing (epoch_seconds, data_wait_fraction), for a tracker.
+    its timing (epoch_seconds, data_wait_fraction), for a tracker. With `resume`, the
+    training state (weights, optimizer, schedule, random generators, best model,
+    history) is saved every few epochs and a matching saved state is picked up, so an
+    interrupted run ends exactly as an uninterrupted one would.
     """
     gen = seed_everything(seed)
     batches = Batches(train, cfg.batch_size, buffer_rows)
@@ -95,7 +118,11 @@ def fit(
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
     if distillation is not None and distillation.teacher is not None:
         distillation.teacher.eval()
-    for epoch in range(1, cfg.epochs + 1):
+    done = _restore(resume, model, opt, sched, gen, best, name) if resume else 0
+    if on_epoch:
+        for row in best.history:  # a resumed run reports the epochs it picked up, too
+            on_epoch(row)
+    for epoch in range(done + 1, cfg.epochs + 1):
         model.train()
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         timing, start = EpochTiming(), time.perf_counter()
@@ -125,8 +152,51 @@ def fit(
             "%s epoch %d/%d loss %.4f val_accuracy %.4f",
             name, epoch, cfg.epochs, row["train_loss"], row["val_accuracy"],
         )
+        if resume and epoch % resume.every == 0 and epoch < cfg.epochs:
+            _save(resume, epoch, model, opt, sched, gen, best)
+    if resume:
+        resume.path.unlink(missing_ok=True)
     best.model.eval()
     return best
+
+
+def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, best: TrainResult) -> None:
+    state = {
+        "key": resume.key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "best_model": best.model.state_dict(), "best_epoch": best.best_epoch,
+        "best_val_accuracy": best.best_val_accuracy, "history": best.history,
+    }
+    with atomic_path(resume.path) as tmp:
+        torch.save(state, tmp)
+
+
+def _restore(resume: Resume, model, opt, sched, gen: torch.Generator, best: TrainResult, name: str) -> int:
+    """Load a matching saved state into the training objects; return the epochs it covers (0: none)."""
+    if not resume.path.is_file():
+        return 0
+    initial = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    try:
+        state = torch.load(resume.path, map_location="cpu", weights_only=True)
+        if state.get("key") != resume.key:
+            return 0
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best.model.load_state_dict(state["best_model"])
+    except Exception as exc:  # a state from other code or a damaged file: start over
+        model.load_state_dict(initial[0])
+        opt.load_state_dict(initial[1])
+        sched.load_state_dict(initial[2])
+        log.warning("%s: ignoring saved training state %s (%s); starting from epoch 1",
+                    name, resume.path, type(exc).__name__)
+        return 0
+    best.best_epoch, best.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
+    best.history = list(state["history"])
+    log.info("%s: resuming after epoch %d from %s", name, state["epoch"], resume.path)
+    return state["epoch"]
 
 
 def _teacher_forward(d: Distillation, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +226,7 @@ def _epoch_row(
 
 def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, model_out: str | Path,
                     history_out: str | Path, name: str, on_epoch: Callable | None = None,
-                    info: dict | None = None) -> dict:
+                    info: dict | None = None, resume: ResumeConfig | None = None) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
     The baseline is called with the student's config: same architecture, seed and budget.
@@ -165,12 +235,12 @@ def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, 
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
     return _train_and_save(cfg, seed, meta, InMemoryRows(train.x, train.y), (val.x, val.y), None, model_out,
-                           history_out, name=name, on_epoch=on_epoch, info=info or {})
+                           history_out, name=name, on_epoch=on_epoch, info=info or {}, resume=resume)
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_labels_dir: str | Path,
                   model_out: str | Path, history_out: str | Path, on_epoch: Callable | None = None,
-                  info: dict | None = None) -> dict:
+                  info: dict | None = None, resume: ResumeConfig | None = None) -> dict:
     """Stage step train_student: distil from the stored soft labels (train + transfer rows).
 
     The rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
@@ -186,19 +256,23 @@ def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_
                "soft_labels_sha256": file_sha256(rows.path)}
     result = _train_and_save(cfg, seed, meta, rows, (val.x, val.y), kd, model_out, history_out,
                              name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage},
-                             buffer_rows=cfg.shuffle_buffer)
+                             buffer_rows=cfg.shuffle_buffer, resume=resume, resume_inputs={"soft_labels": lineage})
     return result | {"soft_labels": lineage}
 
 
 def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: Rows, val: tuple,
                     kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
-                    on_epoch: Callable | None, info: dict, buffer_rows: int | None = None) -> dict:
+                    on_epoch: Callable | None, info: dict, buffer_rows: int | None = None,
+                    resume: ResumeConfig | None = None, resume_inputs: dict | None = None) -> dict:
     args = model_args(cfg, meta.num_features, meta.num_classes)
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = build_model(args)
     log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model),
              sum(train.block_sizes))
-    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch, buffer_rows=buffer_rows)
+    inputs = {"name": name, "config": cfg.model_dump(), "seed": seed, "prepared": meta.fingerprint,
+              "model_args": args, **(resume_inputs or {})}
+    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch, buffer_rows=buffer_rows,
+                 resume=Resume.make(resume, name, inputs))
     save_checkpoint(
         model_out, result.model, args,
         config=cfg.model_dump(), seed=seed, epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,

@@ -14,10 +14,13 @@ would leave it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,30 @@ def dvc_plan(repo_dir: Path) -> tuple[list[str], set[str]]:
         # DVC's edges point from a stage to the stages it depends on: reverse them.
         order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
         return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+
+
+@contextmanager
+def exclusive_run(repo_dir: Path) -> Iterator[None]:
+    """Hold the project's pipeline lock for one flow run: a second run started at once in
+    the same checkout is refused with one sentence instead of interleaving its stages."""
+    path = repo_dir / ".dvc" / "tmp" / "distill-pipeline.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if this process dies
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{path}: another pipeline run ({holder}) is running in this checkout; "
+                            "wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def apply_overrides(repo_dir: Path, overrides: dict[str, Any]) -> None:
@@ -123,21 +150,22 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
         repo_dir: the project directory (default: this checkout).
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
-    if overrides:
-        apply_overrides(root, overrides)
-    load_params(root / "params.yaml")  # bad params fail here, once, before any stage
-    order, changed = dvc_plan(root)
-    pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
-    outcome: dict[str, str] = {}
-    upstream_ran = False
-    for stage in order:
-        if not force and not upstream_ran and stage not in changed:
-            state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
-        else:
-            state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
-                                                                return_state=True)
-        outcome[stage] = state.result()
-        upstream_ran |= outcome[stage] == "ran"
+    with exclusive_run(root):
+        if overrides:
+            apply_overrides(root, overrides)
+        load_params(root / "params.yaml")  # bad params fail here, once, before any stage
+        order, changed = dvc_plan(root)
+        pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
+        outcome: dict[str, str] = {}
+        upstream_ran = False
+        for stage in order:
+            if not force and not upstream_ran and stage not in changed:
+                state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
+            else:
+                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
+                                                                    return_state=True)
+            outcome[stage] = state.result()
+            upstream_ran |= outcome[stage] == "ran"
     get_run_logger().info("stages: %s", outcome)
     return outcome
 

@@ -19,7 +19,8 @@ def main(argv=None) -> dict:
     logged = {"seed": params.seed, "student": params.student.model_dump(exclude=set(DISTILLATION_KEYS))}
     with tracking.stage_run("train_baseline", params.tracking, logged, args.receipt) as run:
         result = training.train_on_labels(params.student, params.seed, args.prepared, args.model, args.history,
-                                          name="baseline", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id})
+                                          name="baseline", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id},
+                                          resume=params.resume)
         run.log_training(result)
     return result
 

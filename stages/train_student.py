@@ -20,7 +20,8 @@ def main(argv=None) -> dict:
     logged = {"seed": params.seed, "student": params.student.model_dump()}
     with tracking.stage_run("train_student", params.tracking, logged, args.receipt) as run:
         result = training.train_student(params.student, params.seed, args.prepared, args.soft_labels, args.model,
-                                        args.history, on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id})
+                                        args.history, on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id},
+                                        resume=params.resume)
         lineage = result["soft_labels"]
         run.set_tags({"distill.teacher_run_id": lineage["teacher_run_id"],
                       "distill.soft_labels_run_id": lineage["soft_labels_run_id"]})

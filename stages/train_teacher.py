@@ -16,7 +16,8 @@ def main(argv=None) -> dict:
     logged = {"seed": params.seed, "teacher": params.teacher.model_dump()}
     with tracking.stage_run("train_teacher", params.tracking, logged, args.receipt) as run:
         result = training.train_on_labels(params.teacher, params.seed, args.prepared, args.model, args.history,
-                                          name="teacher", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id})
+                                          name="teacher", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id},
+                                          resume=params.resume)
         run.log_training(result)
     return result
 

@@ -22,7 +22,7 @@ TINY_PARAMS = {
     "data": {
         "source": "synthetic", "seed": 7, "num_samples": 800, "test_fraction": 0.25, "val_fraction": 0.2,
         "transfer_size": 400, "standardize": True, "path": None, "label_column": "label",
-        "feature_columns": None, "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
+        "feature_columns": None, "on_nan": "error", "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
     },
     "teacher": {
         "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
@@ -35,6 +35,7 @@ TINY_PARAMS = {
         "shuffle_buffer": 131072,
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
+    "resume": {"every_epochs": 1, "dir": ".resume"},
     # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.
     "tracking": {"enabled": False, "experiment": "tiny"},
     "registry": {"model_name": "tiny-student", "alias": "champion", "min_test_accuracy": 0.0,

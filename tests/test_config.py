@@ -30,7 +30,7 @@ def test_the_committed_params_file_is_valid():
         ("data.source", "imagenet", "data.source = 'imagenet'"),
         ("data.transfer_size", -5, "data.transfer_size = -5"),
         ("teacher.epochs", "ten", "teacher.epochs = 'ten'"),
-        ("teacher.hidden", [64, 0], "every entry of hidden must be a positive integer"),
+        ("teacher.hidden", [64, 0], "teacher.hidden = [64, 0] is not allowed: every entry must be a positive"),
         ("soft_labels.dtype", "int8", "soft_labels.dtype = 'int8'"),
         ("seed", "x", "seed = 'x'"),
     ],

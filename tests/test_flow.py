@@ -69,6 +69,14 @@ def test_a_user_error_inside_a_stage_is_not_retried(project, flow_module):
         flow_module.pipeline(repo_dir=str(project))
 
 
+def test_a_second_run_while_one_holds_the_pipeline_lock_is_refused_and_touches_nothing(project, flow_module):
+    with flow_module.exclusive_run(project):  # as a run in another process would hold it
+        with pytest.raises(UserError, match=f"another pipeline run \\(pid {os.getpid()}\\) is running"):
+            flow_module.pipeline(repo_dir=str(project))
+    assert not (project / "data" / "prepared").exists()
+    assert ran(flow_module.pipeline(repo_dir=str(project))) == set(ALL_STAGES)  # the lock is free again
+
+
 def test_prefect_yaml_deploys_the_flow_on_a_valid_cron_schedule(flow_module):
     from prefect.client.schemas.schedules import CronSchedule
 
