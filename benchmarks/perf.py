@@ -256,7 +256,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
     p = project.get()
     params = p.params
     cfg = params.student
-    kd = training.Distillation(cfg.temperature, cfg.alpha)
+    kd = training.Distillation.of(cfg)
     print("student, offline soft labels ...", flush=True)
     rows = softlabels.StudentRows(p.prepared, p.root / "data" / "soft_labels", data.read_meta(p.prepared))
     offline = train_student(cfg, params.seed, p.prepared, rows, kd)
@@ -264,7 +264,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
     print("student, online teacher ...", flush=True)
     in_memory = student_rows_in_memory(p.prepared)
     online = train_student(cfg, params.seed, p.prepared, in_memory,
-                           training.Distillation(cfg.temperature, cfg.alpha, teacher=teacher))
+                           training.Distillation.of(cfg, teacher=teacher))
     x = torch.from_numpy(in_memory.block.x)
     forward = []
     for _ in range(3):  # the teacher forward alone, over one epoch's rows in training-size batches
@@ -320,7 +320,7 @@ def storage_formats(name: str, prepared: Path, teacher_path: Path, student: Stud
         print(f"storage: {name} {fmt} ...", flush=True)
         softlabels.dump(teacher_path, prepared, out / fmt, cfg)
         result = train_student(student, seed, prepared, softlabels.StudentRows(prepared, out / fmt, meta),
-                               training.Distillation(student.temperature, student.alpha))
+                               training.Distillation.of(student))
         entries[fmt] = storage_entry(out / fmt / softlabels.FILE_NAME, rows, test_accuracy(result.model, prepared))
     return storage_summary(entries) | {"rows": rows, "num_classes": meta.num_classes}
 
@@ -352,9 +352,9 @@ def storage(project: Project, tmp: Path) -> dict:
     return {"datasets": datasets}
 
 
-def scale_params(transfer_rows: int) -> dict:
+def scale_params(project: Project, transfer_rows: int) -> dict:
     """A synthetic project for the memory measure: a quick teacher, the default student for one epoch."""
-    params = yaml.safe_load((PROJECT_DIR / "params.yaml").read_text())
+    params = yaml.safe_load((project.get().root / "params.yaml").read_text())
     params["data"] |= {"source": "synthetic", "seed": 1, "num_samples": 5000, "transfer_size": transfer_rows,
                        "synthetic": {"n_features": 40, "n_classes": 10, "hidden": 32}}
     params["teacher"] |= {"arch": "mlp", "hidden": [256, 256], "epochs": 2, "dropout": 0.0}
@@ -377,7 +377,7 @@ def scale_project(project: Project, tmp: Path, n: int) -> tuple[Path, dict]:
     return its folder and the peak RSS and wall time of soft_labels and train_student."""
     root = tmp / f"scale{n}"
     root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(scale_params(n), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(scale_params(project, n), sort_keys=False))
     # The folder holds params and outputs only; the code is the scratch copy's.
     code = env() | {"PYTHONPATH": str(project.get().root)}
     measured = {}
@@ -399,7 +399,7 @@ def memory(project: Project, tmp: Path, sizes=(100_000, 1_000_000)) -> dict:
             stages.setdefault(stage, {})[str(n)] = entry
     for d in stages.values():
         d["ratio_1m_to_100k"] = ratio(d[str(sizes[1])]["peak_rss_bytes"], d[str(sizes[0])]["peak_rss_bytes"])
-    return {"stages": stages, "params": {str(n): scale_params(n) for n in sizes}}
+    return {"stages": stages, "params": {str(n): scale_params(project, n) for n in sizes}}
 
 
 def data_loading(project: Project, tmp: Path) -> dict:
@@ -409,7 +409,7 @@ def data_loading(project: Project, tmp: Path) -> dict:
     print("data loading: default data, in memory ...", flush=True)
     cfg = params.student.model_copy(update={"epochs": 3})
     rows = softlabels.StudentRows(p.prepared, p.root / "data" / "soft_labels", data.read_meta(p.prepared))
-    kd = training.Distillation(cfg.temperature, cfg.alpha)
+    kd = training.Distillation.of(cfg)
     result["default_in_memory"] = epoch_summary(train_student(cfg, params.seed, p.prepared, rows, kd).timings)
     big = tmp / "scale1000000"
     if not (big / "data" / "soft_labels").exists():  # made by the memory measure when it ran first

@@ -9,15 +9,17 @@ touches (tests/test_config.py keeps the two in step).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import UserError
 
-Arch = Literal["mlp", "cnn1d"]
+BUILTIN_ARCHS = ("mlp", "cnn1d")
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:factory
 Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv"]
 
 
@@ -70,7 +72,10 @@ class DataConfig(Section):
 class ModelTrainConfig(Section):
     """A network and the budget it is trained with; shared by teacher and student."""
 
-    arch: Arch = "mlp"
+    arch: str = Field("mlp", description="mlp | cnn1d | package.module:factory (your own nn.Module)")
+    arch_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for an import-path factory"
+    )
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="fully connected widths")
     channels: list[int] = Field(default_factory=lambda: [32, 32, 32], description="cnn1d conv widths")
     kernel_size: int = Field(5, gt=0)
@@ -87,8 +92,17 @@ class ModelTrainConfig(Section):
             raise ValueError("every entry must be a positive integer")
         return widths
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch_or_import_path(cls, arch: str) -> str:
+        if arch not in BUILTIN_ARCHS and not re.match(IMPORT_PATH, arch):
+            raise ValueError("must be mlp, cnn1d, or an import path package.module:factory to your own model")
+        return arch
+
     @model_validator(mode="after")
     def _cnn_needs_channels(self) -> ModelTrainConfig:
+        if self.arch_kwargs and self.arch in BUILTIN_ARCHS:
+            raise ValueError(f"arch_kwargs is for an import-path arch; '{self.arch}' reads hidden, channels, ...")
         if self.arch == "cnn1d" and not self.channels:
             raise ValueError("arch 'cnn1d' needs at least one entry in channels")
         return self
@@ -99,10 +113,13 @@ class TeacherConfig(ModelTrainConfig):
 
 
 class StudentConfig(ModelTrainConfig):
-    """The small model; `temperature` and `alpha` are read by train_student only."""
+    """The small model; the distillation keys (DISTILLATION_KEYS) are read by train_student only."""
 
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
+    loss: Literal["kd", "dkd"] = Field("kd", description="kd = Hinton et al. 2015; dkd = Zhao et al. 2022")
+    dkd_target_weight: float = Field(1.0, ge=0, description="dkd: weight of the target-class term (TCKD)")
+    dkd_nontarget_weight: float = Field(8.0, ge=0, description="dkd: weight of the non-target term (NCKD)")
     shuffle_buffer: int = Field(
         131072, gt=0, description="rows shuffled together when the training rows do not fit at once"
     )
@@ -110,7 +127,7 @@ class StudentConfig(ModelTrainConfig):
 
 # Keys of the student section that only the distilled student reads: the baseline
 # stage lists every other key, so a change of these never retrains the baseline.
-DISTILLATION_KEYS = ("temperature", "alpha", "shuffle_buffer")
+DISTILLATION_KEYS = ("temperature", "alpha", "loss", "dkd_target_weight", "dkd_nontarget_weight", "shuffle_buffer")
 
 
 class SoftLabelsConfig(Section):

@@ -1,13 +1,17 @@
 """Networks and self-describing checkpoints.
 
 Models map a batch of feature vectors (N, D) to logits (N, C); losses live in
-distill.losses. A checkpoint is a plain dict (weights, the args that rebuild the
+distill.losses. Besides the built-in `mlp` and `cnn1d`, `arch` may be an import
+path `package.module:factory` to the user's own model: the factory is called as
+`factory(num_features=D, num_classes=C, **arch_kwargs)`, must return an
+`nn.Module`, and is checked on a dummy batch before training (`check_model`). A checkpoint is a plain dict (weights, the args that rebuild the
 model, the resolved config, epoch, validation metric, training history and input
 provenance), loadable with `torch.load(weights_only=True)` and `load_checkpoint`.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -75,23 +79,64 @@ class CNN1d(nn.Module):
 
 def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int) -> dict[str, Any]:
     """The keyword arguments that rebuild a model, as stored in its checkpoint."""
-    args: dict[str, Any] = {
-        "arch": cfg.arch,
-        "num_features": num_features,
-        "num_classes": num_classes,
-        "hidden": list(cfg.hidden),
-        "dropout": cfg.dropout,
-    }
+    args: dict[str, Any] = {"arch": cfg.arch, "num_features": num_features, "num_classes": num_classes}
+    if cfg.arch not in BUILTIN:
+        return args | {"kwargs": dict(cfg.arch_kwargs)}
+    args |= {"hidden": list(cfg.hidden), "dropout": cfg.dropout}
     if cfg.arch == "cnn1d":
         args |= {"channels": list(cfg.channels), "kernel_size": cfg.kernel_size}
     return args
+
+
+BUILTIN = {"mlp": MLP, "cnn1d": CNN1d}
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
     """Instantiate a model from `model_args`."""
     kwargs = dict(args)
     arch = kwargs.pop("arch")
-    return {"mlp": MLP, "cnn1d": CNN1d}[arch](**kwargs)
+    if arch in BUILTIN:
+        return BUILTIN[arch](**kwargs)
+    factory = _import_factory(arch)
+    try:
+        model = factory(num_features=kwargs["num_features"], num_classes=kwargs["num_classes"], **kwargs["kwargs"])
+    except TypeError as exc:
+        raise UserError(f"arch {arch}: the factory refused its arguments ({exc}); it is called as "
+                        "factory(num_features=..., num_classes=..., **arch_kwargs)") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"arch {arch}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_factory(path: str):
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"arch {path}: cannot import {module_name} ({exc}); the module must be importable "
+                        "from the project folder") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"arch {path}: {module_name} has no callable {attr}")
+    return factory
+
+
+def check_model(model: nn.Module, num_features: int, num_classes: int, arch: str) -> None:
+    """Run a dummy batch through `model`: (2, num_features) in, (2, num_classes) logits out."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, num_features))
+    except Exception as exc:  # the user's forward can raise anything
+        raise UserError(f"arch {arch}: a batch of shape (2, {num_features}) fails in forward "
+                        f"({type(exc).__name__}: {exc}); it must accept (batch, {num_features}) features") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"arch {arch}: returns {shape} for a batch of shape (2, {num_features}); "
+                        f"it must return (batch, {num_classes}) logits")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -145,10 +145,20 @@ class StageRun:
         )
         return info.model_uri
 
-    def log_training(self, result: dict) -> None:
-        """Final metrics of a training step's result, and its model."""
+    def log_training(self, result: dict, checkpoint: str | Path, mlflow_model: bool = False) -> None:
+        """Final metrics of a training step's result, and its checkpoint file as an artifact.
+
+        With `mlflow_model` (the student, which the registry serves) the model is also
+        logged as an MLflow model (torch.export, about 3 s); the teacher and the baseline
+        are compared by their metrics and keep only the checkpoint.
+        """
         self.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")})
-        self.set_tags({TAG_MODEL_URI: self.log_model(result["model"], result["example"])})
+        if self.run_id:
+            import mlflow
+
+            mlflow.log_artifact(str(checkpoint), "checkpoint")
+        if mlflow_model:
+            self.set_tags({TAG_MODEL_URI: self.log_model(result["model"], result["example"])})
 
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:
         """Record a file as a dataset input of this run (source path and digest, not the data)."""

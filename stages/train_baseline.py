@@ -21,7 +21,7 @@ def main(argv=None) -> dict:
         result = training.train_on_labels(params.student, params.seed, args.prepared, args.model, args.history,
                                           name="baseline", on_epoch=run.log_epoch, info={"mlflow_run_id": run.run_id},
                                           resume=params.resume)
-        run.log_training(result)
+        run.log_training(result, args.model)
     return result
 
 

@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
                       "distill.soft_labels_run_id": lineage["soft_labels_run_id"]})
         run.log_dataset(Path(args.soft_labels) / softlabels.FILE_NAME, "soft_labels",
                         lineage["soft_labels_sha256"], context="training")
-        run.log_training(result)
+        run.log_training(result, args.model, mlflow_model=True)
     return result
 
 

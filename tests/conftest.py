@@ -25,14 +25,14 @@ TINY_PARAMS = {
         "feature_columns": None, "on_nan": "error", "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
     },
     "teacher": {
-        "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
+        "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
         "epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
     },
     "soft_labels": {"dtype": "float32", "top_k": None, "batch_size": 256},
     "student": {
-        "arch": "mlp", "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
+        "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
         "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
-        "shuffle_buffer": 131072,
+        "loss": "kd", "dkd_target_weight": 1.0, "dkd_nontarget_weight": 8.0, "shuffle_buffer": 131072,
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     "resume": {"every_epochs": 1, "dir": ".resume"},
@@ -83,3 +83,13 @@ def run_pipeline_in_process(workdir: Path) -> dict:
 def project(tmp_path: Path) -> Path:
     """A copy of the project's code in a fresh git repo with DVC initialised, tiny params."""
     return make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def flow_module(tmp_path_factory):
+    """pipelines.flow against a temporary Prefect database (one server for the session)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield importlib.import_module("pipelines.flow")

@@ -1,4 +1,4 @@
-"""The Hinton KD loss against hand-computed values and its defining properties."""
+"""The Hinton KD and decoupled KD losses against hand-computed values and their defining properties."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import cross_entropy, kd_loss
+from distill.losses import cross_entropy, dkd_loss, kd_loss
 
 
 def two_class_case():
@@ -86,3 +86,60 @@ def test_kd_gradient_pulls_the_student_towards_the_teacher():
     student.requires_grad_(True)
     kd_loss(student, teacher, labels, temperature=2.0, alpha=1.0)["loss"].backward()
     assert student.grad[0, 0] < 0 < student.grad[0, 1]  # raise class 0, lower class 1
+
+
+# ---------------------------------------------------------------- decoupled KD
+
+
+def test_dkd_matches_hand_computed_values_at_t1():
+    # teacher [ln 6, ln 2, 0] -> p_t = (6, 2, 1) / 9; student indifferent -> p_s = (1, 1, 1) / 3; target 0
+    student, teacher = torch.zeros(1, 3), torch.tensor([[math.log(6.0), math.log(2.0), 0.0]])
+    out = dkd_loss(student, teacher, torch.tensor([0]), temperature=1.0, alpha=1.0, target_weight=2.0,
+                   nontarget_weight=3.0)
+    tckd = (6 / 9) * math.log((6 / 9) / (1 / 3)) + (3 / 9) * math.log((3 / 9) / (2 / 3))  # b = (2/3, 1/3) vs (1/3, 2/3)
+    nckd = (2 / 3) * math.log((2 / 3) / 0.5) + (1 / 3) * math.log((1 / 3) / 0.5)  # p^ = (2/3, 1/3) vs (1/2, 1/2)
+    assert out["tckd"].item() == pytest.approx(tckd, abs=1e-6)
+    assert out["nckd"].item() == pytest.approx(nckd, abs=1e-6)
+    assert out["kd"].item() == pytest.approx(2 * tckd + 3 * nckd, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(2 * tckd + 3 * nckd, abs=1e-6)
+
+
+def test_dkd_at_t2_has_the_t_squared_factor_and_mixes_in_cross_entropy():
+    student, teacher = torch.tensor([[0.5, 0.0, -0.5]]), torch.tensor([[2.0, 0.0, 0.0]])
+    labels = torch.tensor([1])
+    out = dkd_loss(student, teacher, labels, temperature=2.0, alpha=0.25)
+    ce = F.cross_entropy(student, labels).item()
+    assert out["loss"].item() == pytest.approx(0.25 * 4 * out["kd"].item() + 0.75 * ce, abs=1e-6)
+    # non-target classes for target 1 are {0, 2}: teacher softmax([1, 0]) vs student softmax([0.25, -0.25])
+    pt, ps = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-0.5))
+    nckd = pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps))
+    assert out["nckd"].item() == pytest.approx(nckd, abs=1e-6)
+
+
+def test_hinton_kd_is_tckd_plus_damped_nckd():
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(64, 10, generator=gen), 3 * torch.randn(64, 10, generator=gen)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    for row in range(4):
+        s, t, y = student[row : row + 1], teacher[row : row + 1], labels[row : row + 1]
+        parts = dkd_loss(s, t, y, temperature=1.0, alpha=1.0)
+        p_target = torch.softmax(t, 1)[0, y[0]].item()
+        expected = parts["tckd"].item() + (1 - p_target) * parts["nckd"].item()
+        assert kd_loss(s, t, y, temperature=1.0, alpha=1.0)["kd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dkd_uses_the_teachers_top_class_on_unlabelled_rows_and_has_finite_gradients():
+    student = torch.randn(5, 4, requires_grad=True)
+    teacher = torch.tensor([[50.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 3.0], [1.0, 2, 3, 4]])
+    unlabelled = dkd_loss(student, teacher, torch.full((5,), -1), temperature=1.0, alpha=0.9)
+    as_labels = dkd_loss(student, teacher, teacher.argmax(1), temperature=1.0, alpha=1.0)
+    assert unlabelled["kd"].item() == pytest.approx(as_labels["kd"].item(), abs=1e-6)
+    assert unlabelled["ce"].item() == 0.0
+    unlabelled["loss"].backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_dkd_is_zero_when_the_student_copies_the_teacher():
+    teacher = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    out = dkd_loss(teacher.clone(), teacher, torch.arange(8) % 6, temperature=4.0, alpha=1.0)
+    assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)

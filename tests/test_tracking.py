@@ -87,6 +87,11 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
         assert child.data.tags["mlflow.parentRunId"] == first["evaluate"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id)}
     assert {"compare.md", "metrics.json", "reliability"} <= artifacts
+    # every training run keeps its checkpoint; only the student is an MLflow model (the registry serves it)
+    for stage, name in (("train_teacher", "teacher"), ("train_baseline", "baseline"), ("train_student", "student")):
+        run_id = first[stage].info.run_id
+        assert f"checkpoint/{name}.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+        assert ("distill.model_uri" in client.get_run(run_id).data.tags) == (name == "student")
 
     # registry: the gate (min accuracy 0) passes, so version 1 has the alias; the model
     # loaded by URI predicts what the DVC checkpoint predicts

@@ -62,3 +62,25 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
     for off, on in zip(histories["offline"], histories["online"]):
         assert off.keys() == on.keys()
         assert all(off[k] == pytest.approx(on[k], abs=1e-5) for k in off)
+
+
+def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_path):
+    import torch
+
+    from distill.models import build_model, load_checkpoint, model_args
+    from distill.rows import InMemoryRows
+
+    train(prepared, tmp_path, seed=0, name="teacher")
+    teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
+    meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
+    logits = training.predict_logits(teacher, torch.from_numpy(split.x)).numpy()
+    cfg = StudentConfig(arch="mlp", hidden=[32], epochs=4, batch_size=32, lr=0.01, loss="dkd",
+                        dkd_target_weight=1.0, dkd_nontarget_weight=8.0)
+    distillation = training.Distillation.of(cfg)
+    assert distillation.loss == "dkd" and distillation.loss_options == {"target_weight": 1.0, "nontarget_weight": 8.0}
+    torch.manual_seed(0)
+    student = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    result = training.fit(student, cfg, InMemoryRows(split.x, split.y, logits), (val.x, val.y), 0, distillation)
+    assert {"train_tckd", "train_nckd", "train_kd", "train_ce"} <= set(result.history[0])
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_val_accuracy > 0.5

@@ -1,0 +1,214 @@
+"""`distill`: one command line for what users do, on the project in the current folder.
+
+It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`,
+`prefect` and `mlflow` commands keep working beside it.
+
+    distill run [--set key=value ...] [--force]
+    distill compare [--rev A --rev B | --run ID --run ID]
+    distill sweep --set student.temperature=1,2,4 [--set student.alpha=0.5,0.9]
+    distill serve [--cron "0 3 * * *"]
+    distill ui [--port 5000]
+    distill validate [params.yaml]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import typer
+
+from distill.cli import EXIT_USER_ERROR, setup_logging
+from distill.errors import UserError
+
+BIN = Path(sys.executable).parent
+
+app = typer.Typer(
+    help="Knowledge distillation as a pipeline: teacher -> soft labels -> student, "
+    "with DVC stages, a Prefect flow and MLflow tracking. Run it from the project folder.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+def user_errors(command: Callable) -> Callable:
+    """A UserError ends the command with one line and exit status 2 (DISTILL_DEBUG=1: traceback)."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            if os.environ.get("DISTILL_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+def project() -> Path:
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file() or not (root / "params.yaml").is_file():
+        raise UserError(f"{root}: no dvc.yaml and params.yaml here; run distill from the project folder")
+    return root
+
+
+@app.command(short_help="the pipeline, then the comparison")
+@user_errors
+def run(
+    set_: list[str] = typer.Option([], "--set", "-S", metavar="KEY=VALUE", help="params.yaml override (repeatable)"),
+    force: bool = typer.Option(False, help="rerun every stage, even those DVC has cached"),
+) -> None:
+    """Run the pipeline (a Prefect flow over the DVC stages) and print the comparison.
+
+    Example: distill run --set student.temperature=2
+    """
+    root = project()
+    from pipelines.flow import parse_overrides, pipeline
+
+    setup_logging()
+    outcome = pipeline(overrides=parse_overrides(set_), force=force, repo_dir=str(root))
+    typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
+    typer.echo((root / "reports" / "compare.md").read_text())
+
+
+@app.command(short_help="teacher / student / baseline side by side")
+@user_errors
+def compare(
+    rev: list[str] = typer.Option([], "--rev", help="git revision (one: against the workspace; two: between them)"),
+    run_id: list[str] = typer.Option([], "--run", help="MLflow run id (give two)"),
+) -> None:
+    """Teacher, student and baseline side by side: the latest run, two git revisions or two MLflow runs.
+
+    Examples: distill compare | distill compare --rev HEAD~1 --rev HEAD | distill compare --run ID1 --run ID2
+    """
+    root = project()
+    if rev and run_id:
+        raise UserError("give --rev or --run, not both")
+    if rev:
+        if len(rev) > 2:
+            raise UserError("--rev takes one or two git revisions")
+        from distill.experiments import dvc
+
+        typer.echo(dvc(root, "metrics", "diff", *rev, "--md").stdout)
+        return
+    if run_id:
+        typer.echo(compare_runs(run_id))
+        return
+    path = root / "reports" / "compare.md"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the pipeline first (distill run)")
+    typer.echo(path.read_text())
+
+
+def compare_runs(run_ids: list[str]) -> str:
+    """Markdown: the metrics of two MLflow runs side by side, with the difference."""
+    if len(run_ids) != 2:
+        raise UserError("--run takes exactly two MLflow run ids")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from distill.tracking import project_root, tracking_uri
+
+    client = MlflowClient(tracking_uri(project_root()))
+    runs = []
+    for run_id in run_ids:
+        try:
+            runs.append(client.get_run(run_id))
+        except MlflowException:
+            raise UserError(f"MLflow run {run_id} not found in {client.tracking_uri}") from None
+    a, b = (r.data.metrics for r in runs)
+    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
+    lines = [f"| metric | {names[0]} | {names[1]} | difference |", "|---|---|---|---|"]
+    for key in sorted(set(a) | set(b)):
+        diff = f"{b[key] - a[key]:+.4g}" if key in a and key in b else ""
+        lines.append(f"| {key} | {_number(a.get(key))} | {_number(b.get(key))} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+@app.command(short_help="a grid of DVC experiments, summarised")
+@user_errors
+def sweep(
+    set_: list[str] = typer.Option(..., "--set", "-S", metavar="KEY=V1,V2", help="an axis of the grid (repeatable)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="experiments run at once"),
+    prefix: str = typer.Option("sweep", help="experiment name prefix"),
+) -> None:
+    """A grid over params (student keys, say) as queued DVC experiments, run and summarised.
+
+    Example: distill sweep -S student.temperature=1,2,4 -S student.alpha=0.5,0.9
+    """
+    from distill import experiments
+
+    root = project()
+    points = experiments.grid(experiments.parse_axes(set_))
+    for point in points:
+        experiments.check_point(root, point)  # every point is valid before anything is queued
+    names = [experiments.point_name(prefix, point) for point in points]
+    for name, point in zip(names, points):
+        experiments.queue(root, name, point)
+        typer.echo(f"queued {name}: {point}")
+    typer.echo(f"running {len(points)} experiments, {jobs} at a time ...")
+    experiments.run_queued(root, jobs)
+    rows = [(name, point, experiments.metrics(root, name)) for name, point in zip(names, points)]
+    typer.echo(experiments.summary(rows))
+    typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
+
+
+@app.command(short_help="the pipeline on a cron schedule")
+@user_errors
+def serve(
+    cron: str = typer.Option("0 3 * * *", help="cron schedule (UTC)"),
+    name: str = typer.Option("distill-pipeline-served", help="deployment name"),
+) -> None:
+    """Run the pipeline on a cron schedule from this process (needs a Prefect server: make server).
+
+    Example: PREFECT_API_URL=http://127.0.0.1:4200/api distill serve --cron "0 3 * * *"
+    """
+    project()
+    from pipelines.serve import main as serve_main
+
+    serve_main(["--cron", cron, "--name", name])
+
+
+@app.command(short_help="the MLflow UI on 127.0.0.1")
+@user_errors
+def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
+    """The MLflow UI over this project's runs, on 127.0.0.1 (Ctrl-C stops it).
+
+    Example: distill ui --port 5000, then open http://127.0.0.1:5000
+    """
+    root = project()
+    cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--default-artifact-root", str(root / "mlruns"), "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command(short_help="check params.yaml alone")
+@user_errors
+def validate(params: Path = typer.Argument(Path("params.yaml"), help="the params file")) -> None:
+    """Check params.yaml (every key, type and range) without running anything.
+
+    Example: distill validate params.yaml
+    """
+    from distill.config import load_params
+
+    load_params(params)
+    typer.echo(f"{params}: valid")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The `distill` command line: each command driven on tiny params."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from conftest import BIN, run_pipeline_in_process, subprocess_env, tiny_params, write_params
+from distill.app import app
+
+COMMANDS = ["run", "compare", "sweep", "serve", "ui", "validate"]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_says_what_it_does_and_shows_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output
+    overview = runner.invoke(app, ["--help"]).output
+    assert command in overview
+
+
+def test_validate_accepts_good_params_and_names_the_bad_key(tmp_path):
+    good = write_params(tmp_path / "good.yaml", tiny_params())
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0 and "valid" in result.output
+    bad = write_params(tmp_path / "bad.yaml", tiny_params(**{"student.alpha": 3}))
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "student.alpha = 3" in result.output and "Traceback" not in result.output
+
+
+def test_commands_outside_a_project_folder_say_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 2 and "run distill from the project folder" in result.output
+
+
+def test_compare_prints_the_latest_comparison_and_diffs_git_revisions(project, monkeypatch):
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 2 and "run the pipeline first" in result.output
+    run_pipeline_in_process(project)
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 0 and "| student |" in result.output and "Gap closed" in result.output
+    result = runner.invoke(app, ["compare", "--rev", "HEAD"])  # the committed state had no metrics yet
+    assert result.exit_code == 0 and "student.test_accuracy" in result.output
+
+
+def test_compare_two_mlflow_runs_side_by_side(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    ids = []
+    for name, acc in (("a", 0.9), ("b", 0.95)):
+        with mlflow.start_run(run_name=name) as run:
+            mlflow.log_metrics({"test_accuracy": acc, "nll": 0.3})
+            ids.append(run.info.run_id)
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    write_params(project / "params.yaml", tiny_params())
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["compare", "--run", ids[0], "--run", ids[1]])
+    assert result.exit_code == 0, result.output
+    assert "| test_accuracy | 0.9 | 0.95 | +0.05 |" in result.output
+    missing = runner.invoke(app, ["compare", "--run", ids[0], "--run", "0" * 32])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_run_applies_overrides_runs_the_flow_and_prints_the_comparison(project, flow_module, monkeypatch):
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["run", "--set", "student.temperature=2"])
+    assert result.exit_code == 0, result.output
+    assert "train_student ran" in result.output and "| student |" in result.output
+    result = runner.invoke(app, ["run", "--set", "student.alpha=7"])
+    assert result.exit_code == 2 and "student.alpha = 7" in result.output
+
+
+def test_sweep_runs_a_grid_of_queued_dvc_experiments_and_summarises_them(project, monkeypatch):
+    monkeypatch.chdir(project)
+    refused = runner.invoke(app, ["sweep", "-S", "student.alpha=0.5,9"])
+    assert refused.exit_code == 2 and "student.alpha = 9" in refused.output
+    result = runner.invoke(app, ["sweep", "-S", "student.temperature=1,4"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| sweep-temperature")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "4"]
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--csv"], cwd=project, env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    assert "sweep-temperature1" in shown and "sweep-temperature4" in shown
+
+
+def test_serve_needs_a_prefect_server(project, monkeypatch):
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
+
+
+def test_ui_serves_the_projects_mlflow_store_on_loopback(project):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "distill.app", "ui", "--port", str(port)], cwd=project,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    status = response.status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+        assert (project / "mlflow.db").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
