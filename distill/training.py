@@ -124,7 +124,7 @@ def fit(
     its timing (epoch_seconds, data_wait_fraction), for a tracker. With `resume`, the
     training state (weights, optimizer, schedule, random generators, best model,
     history) is saved every few epochs and a matching saved state is picked up, so an
-    interrupted run ends exactly as an uninterrupted one would.
+    interrupted run ends as an uninterrupted one would (bit for bit in one process).
     """
     gen = seed_everything(seed)
     batches = Batches(train, cfg.batch_size, buffer_rows)

