@@ -46,7 +46,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill import data, softlabels, training  # noqa: E402
 from distill.config import Params, SoftLabelsConfig, StudentConfig, load_params  # noqa: E402
-from distill.models import build_model, load_checkpoint, model_args  # noqa: E402
+from distill.models import load_checkpoint  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402
 from distill.scratch import BIN, PROJECT_DIR, env, make_scratch_project  # noqa: E402
 
@@ -167,9 +167,7 @@ def test_accuracy(model: torch.nn.Module, prepared: Path) -> float:
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared: Path, rows, distillation) -> training.TrainResult:
-    meta = data.read_meta(prepared)
-    torch.manual_seed(seed)
-    model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    model = training.initial_model(cfg, data.read_meta(prepared), seed)
     val = data.read_split(prepared, "val")
     return training.fit(model, cfg, rows, (val.x, val.y), seed, distillation, name="student",
                         buffer_rows=cfg.shuffle_buffer)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from distill import experiments  # noqa: E402
 from distill.evaluation import gap_closed  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -106,16 +107,7 @@ def run_experiment(name: str, overrides: dict[str, str], seed: int) -> dict:
     for a in args:
         cmd += ["-S", a]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    shown = subprocess.run(["git", "show", f"refs/exps/{_exp_ref(name)}:reports/metrics.json"], cwd=ROOT,
-                           check=True, capture_output=True, text=True).stdout
-    return json.loads(shown)
-
-
-def _exp_ref(name: str) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout.split()
-    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
-    return ref.removeprefix("refs/exps/")
+    return experiments.metrics(ROOT, name)
 
 
 def main() -> None:

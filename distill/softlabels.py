@@ -219,6 +219,11 @@ def logits_of(table: pa.Table, prov: dict) -> np.ndarray:
     return dense_logits(index, values, table.column("rest_logit").to_numpy(), c)
 
 
+def _soft_label_rows(path: Path, prov: dict) -> ParquetRows:
+    """The id and logit columns (dense or top-k, as the provenance says) of a soft-label file."""
+    return ParquetRows([path], ["id", *LOGIT_COLUMNS[prov.get("top_k") is not None]])
+
+
 def _flat(column: pa.ChunkedArray) -> np.ndarray:
     return column.combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
 
@@ -237,7 +242,7 @@ class StudentRows:
         self.provenance = checked_provenance(self.path, prepared)
         splits = [Path(prepared_dir) / f"{s}.parquet" for s in LABELLED_SPLITS if s in prepared.splits]
         self.prepared = ParquetRows(splits, ["id", "x", "label"])
-        self.soft = ParquetRows([self.path], ["id", *LOGIT_COLUMNS[self.provenance.get("top_k") is not None]])
+        self.soft = _soft_label_rows(self.path, self.provenance)
         if self.soft.num_rows != self.prepared.num_rows:
             raise UserError(f"{self.path}: {self.soft.num_rows} rows but the prepared train/transfer splits have "
                             f"{self.prepared.num_rows}; rerun soft_labels")
@@ -260,5 +265,5 @@ def read_soft_labels(soft_dir: str | Path, prepared: PreparedMeta) -> SoftLabels
     """All soft labels at once, logits as float32 (N, C); for small sets and inspection."""
     path = Path(soft_dir) / FILE_NAME
     prov = checked_provenance(path, prepared)
-    table = ParquetRows([path], ["id", *LOGIT_COLUMNS[prov.get("top_k") is not None]]).read(0, 1 << 62)
+    table = _soft_label_rows(path, prov).read(0, 1 << 62)
     return SoftLabels(table.column("id").to_numpy(), logits_of(table, prov), prov)

@@ -277,14 +277,21 @@ def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_
     return result | {"soft_labels": lineage}
 
 
+def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> nn.Module:
+    """The untrained model of `cfg` for the prepared data, its weights fixed by `seed`, checked
+    on a dummy batch (an import-path model with the wrong shapes stops here)."""
+    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
+    model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    check_model(model, meta.num_features, meta.num_classes, cfg.arch)
+    return model
+
+
 def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: Rows, val: tuple,
                     kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
                     on_epoch: Callable | None, info: dict, buffer_rows: int | None = None,
                     resume: ResumeConfig | None = None, resume_inputs: dict | None = None) -> dict:
     args = model_args(cfg, meta.num_features, meta.num_classes)
-    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = build_model(args)
-    check_model(model, meta.num_features, meta.num_classes, cfg.arch)
+    model = initial_model(cfg, meta, seed)
     log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model),
              sum(train.block_sizes))
     inputs = {"name": name, "config": cfg.model_dump(), "seed": seed, "prepared": meta.fingerprint,
@@ -299,4 +306,4 @@ def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, t
     write_csv(history_out, result.history)
     return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
             "parameters": count_parameters(result.model), "history": result.history,
-            "model": result.model, "example": val[0][:5], "timings": result.timings}
+            "model": result.model, "example": val[0][:5]}

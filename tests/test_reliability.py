@@ -46,14 +46,11 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
     rows = InMemoryRows(train.x, train.y)
 
     def run(resume=None, stop_after: int | None = None) -> training.TrainResult:
-        from distill.models import build_model, model_args
-
         def on_epoch(row):
             if row["epoch"] == stop_after and "epoch_seconds" in row:
                 raise Interrupted
 
-        torch.manual_seed(0)
-        model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+        model = training.initial_model(cfg, meta, 0)
         return training.fit(model, cfg, rows, (val.x, val.y), 0, on_epoch=on_epoch, resume=resume)
 
     reference = run()

@@ -152,7 +152,6 @@ def test_student_rows_join_features_labels_and_logits_block_by_block(tmp_path, p
 
 def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(tmp_path, prepared_and_teacher):
     from distill.config import StudentConfig
-    from distill.models import build_model, model_args
     from distill.rows import InMemoryRows
 
     prepared, teacher = prepared_and_teacher
@@ -164,8 +163,7 @@ def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(
     parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
     _, logits = teacher_logits(teacher, prepared)
     rows = InMemoryRows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), logits)
-    torch.manual_seed(0)
-    model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    model = training.initial_model(cfg, meta, 0)
     val = data.read_split(prepared, "val")
     direct = training.fit(model, cfg, rows, (val.x, val.y), 0, training.Distillation(cfg.temperature, cfg.alpha))
     assert stored["history"] == direct.history

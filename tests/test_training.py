@@ -42,7 +42,7 @@ def test_training_learns_and_keeps_the_best_epoch_on_val(prepared, tmp_path):
 def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp_path):
     import torch
 
-    from distill.models import build_model, load_checkpoint, model_args
+    from distill.models import load_checkpoint
     from distill.rows import InMemoryRows
 
     train(prepared, tmp_path, seed=0, name="teacher")
@@ -54,8 +54,7 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
         ("offline", InMemoryRows(split.x, split.y, stored), training.Distillation(4.0, 0.9)),
         ("online", InMemoryRows(split.x, split.y), training.Distillation(4.0, 0.9, teacher=teacher)),
     ]:
-        torch.manual_seed(0)
-        student = build_model(model_args(CFG, meta.num_features, meta.num_classes))
+        student = training.initial_model(CFG, meta, 0)
         result = training.fit(student, CFG, rows, (val.x, val.y), 0, kd)
         histories[mode] = result.history
         assert len(result.timings) == CFG.epochs and all(t.seconds > 0 for t in result.timings)
@@ -67,7 +66,7 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
 def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_path):
     import torch
 
-    from distill.models import build_model, load_checkpoint, model_args
+    from distill.models import load_checkpoint
     from distill.rows import InMemoryRows
 
     train(prepared, tmp_path, seed=0, name="teacher")
@@ -78,8 +77,7 @@ def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_p
                         dkd_target_weight=1.0, dkd_nontarget_weight=8.0)
     distillation = training.Distillation.of(cfg)
     assert distillation.loss == "dkd" and distillation.loss_options == {"target_weight": 1.0, "nontarget_weight": 8.0}
-    torch.manual_seed(0)
-    student = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    student = training.initial_model(cfg, meta, 0)
     result = training.fit(student, cfg, InMemoryRows(split.x, split.y, logits), (val.x, val.y), 0, distillation)
     assert {"train_tckd", "train_nckd", "train_kd", "train_ce"} <= set(result.history[0])
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
