@@ -13,7 +13,7 @@ CRON ?= 0 3 * * *
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: run test test-all install validate ui server deploy worker serve trigger
+.PHONY: run test test-slow test-all install validate ui server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: install
 ## test: the default test suite (fast; slow end-to-end tests are marked)
 test: install
 	pytest -m "not slow"
+
+## test-slow: only the slow end-to-end tests (torchrun, Dask, PostgreSQL, DVC remote, ...)
+test-slow: install
+	pytest -m slow
 
 ## test-all: every test, the slow end-to-end ones included
 test-all: install
