@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import data
+from distill import data, report
 from distill.config import EvaluateConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
@@ -112,8 +112,10 @@ def prediction_rows(labels: np.ndarray, preds: dict[str, np.ndarray], class_name
 
 def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
              metrics_out: str | Path, compare_out: str | Path, predictions_out: str | Path,
-             reliability_dir: str | Path) -> dict:
-    """Stage step evaluate: test metrics for teacher, student and baseline, and the comparison."""
+             reliability_dir: str | Path, report_out: str | Path | None = None,
+             figures_dir: str | Path | None = None) -> dict:
+    """Stage step evaluate: test metrics for teacher, student and baseline, the comparison,
+    and (given `report_out` and `figures_dir`) the HTML report with its figures."""
     meta = data.read_meta(prepared_dir)
     test = data.read_split(prepared_dir, "test")
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
@@ -134,12 +136,20 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
     write_text(compare_out, compare_table(metrics))
     preds = {name: lg.argmax(1).numpy() for name, lg in logits.items()}
     write_csv(predictions_out, prediction_rows(test.y, preds, meta.class_names))
+    bins = {name: reliability_bins(lg.softmax(1), y, cfg.ece_bins) for name, lg in logits.items()}
     with atomic_path(reliability_dir) as tmp:
         tmp.mkdir()
-        for name, lg in logits.items():
-            bins = reliability_bins(lg.softmax(1), y, cfg.ece_bins)
-            write_csv(tmp / f"{name}.csv", bins)
+        for name, rows in bins.items():
+            write_csv(tmp / f"{name}.csv", rows)
     run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}
+    if report_out is not None and figures_dir is not None:
+        inputs = report.ReportInputs(
+            metrics=metrics, histories={name: ckpt.get("history", []) for name, (_, ckpt) in models.items()},
+            labels=test.y, predictions=preds, reliability=bins, class_names=meta.class_names)
+        described = (f"{len(test.y):,} test rows, {meta.num_classes} classes, prepared data "
+                     f"{meta.fingerprint[:12]}; MLflow runs: "
+                     + ", ".join(f"{name} {run_id or 'not tracked'}" for name, run_id in run_ids.items()))
+        report.write_report(inputs, report_out, figures_dir, described)
     return metrics | {"run_ids": run_ids}
 
 

@@ -54,11 +54,12 @@ def _remove_leftovers(target: Path) -> None:
     for kind in ("tmp", "old"):
         for path in target.parent.glob(f".{target.name}.{kind}-*"):
             pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 _remove(path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -40,6 +40,7 @@ from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.models import load_checkpoint
+from distill.progress import bar
 from distill.rows import Block, ParquetRows
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,18 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
                 path = Path(prepared_dir) / f"{split}.parquet"
                 if not path.exists():
                     continue
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-                    logits = model(torch.from_numpy(features(batch))).numpy()
-                    record = to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch), logits)
-                    if pending is not None:
-                        pending.result()  # at most one batch in flight: memory stays bounded
-                    pending = pool.submit(writer.write_batch, record)
-                    rows += len(batch)
+                source = pq.ParquetFile(path)
+                with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row",
+                         unit_scale=True) as progress:
+                    for batch in source.iter_batches(batch_size=cfg.batch_size):
+                        logits = model(torch.from_numpy(features(batch))).numpy()
+                        record = to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch),
+                                                 logits)
+                        if pending is not None:
+                            pending.result()  # at most one batch in flight: memory stays bounded
+                        pending = pool.submit(writer.write_batch, record)
+                        rows += len(batch)
+                        progress.update(len(batch))
                 log.info("soft labels: %d rows computed (%s done)", rows, split)
             if pending is not None:
                 pending.result()

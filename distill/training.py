@@ -28,6 +28,7 @@ from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv
 from distill.losses import LOSSES, cross_entropy
 from distill.models import build_model, check_model, count_parameters, model_args, save_checkpoint
+from distill.progress import bar
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
 
 log = logging.getLogger(__name__)
@@ -139,38 +140,41 @@ def fit(
     if on_epoch:
         for row in best.history:  # a resumed run reports the epochs it picked up, too
             on_epoch(row)
-    for epoch in range(done + 1, cfg.epochs + 1):
-        model.train()
-        sums: dict[str, float] = {}
-        timing, start = EpochTiming(), time.perf_counter()
-        for x, y, teacher_logits in timed(batches.epoch(gen), timing):
-            logits = model(x)
-            if distillation is None:
-                parts = {"loss": cross_entropy(logits, y)}
-            else:
-                if teacher_logits is None:
-                    teacher_logits = _teacher_forward(distillation, x)
-                parts = distillation(logits, teacher_logits, y)
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
-            sched.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / steps_per_epoch
-        timing.seconds = time.perf_counter() - start
-        row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
-        best.history.append(row)
-        best.timings.append(timing)
-        if on_epoch:
-            on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
-        if row["val_accuracy"] > best.best_val_accuracy:
-            best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), epoch, row["val_accuracy"]
-        log.info(
-            "%s epoch %d/%d loss %.4f val_accuracy %.4f",
-            name, epoch, cfg.epochs, row["train_loss"], row["val_accuracy"],
-        )
-        if resume and epoch % resume.every == 0 and epoch < cfg.epochs:
-            _save(resume, epoch, model, opt, sched, gen, best)
+    with bar(cfg.epochs * steps_per_epoch, name, unit="batch", initial=done * steps_per_epoch) as progress:
+        for epoch in range(done + 1, cfg.epochs + 1):
+            model.train()
+            sums: dict[str, float] = {}
+            timing, start = EpochTiming(), time.perf_counter()
+            for x, y, teacher_logits in timed(batches.epoch(gen), timing):
+                logits = model(x)
+                if distillation is None:
+                    parts = {"loss": cross_entropy(logits, y)}
+                else:
+                    if teacher_logits is None:
+                        teacher_logits = _teacher_forward(distillation, x)
+                    parts = distillation(logits, teacher_logits, y)
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                sched.step()
+                progress.update()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / steps_per_epoch
+            timing.seconds = time.perf_counter() - start
+            row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
+            best.history.append(row)
+            progress.set_postfix_str(f"epoch {epoch}/{cfg.epochs} val_accuracy {row['val_accuracy']:.4f}")
+            best.timings.append(timing)
+            if on_epoch:
+                on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
+            if row["val_accuracy"] > best.best_val_accuracy:
+                best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), epoch, row["val_accuracy"]
+            log.info(
+                "%s epoch %d/%d loss %.4f val_accuracy %.4f",
+                name, epoch, cfg.epochs, row["train_loss"], row["val_accuracy"],
+            )
+            if resume and epoch % resume.every == 0 and epoch < cfg.epochs:
+                _save(resume, epoch, model, opt, sched, gen, best)
     if resume:
         resume.path.unlink(missing_ok=True)
     best.model.eval()

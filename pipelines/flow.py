@@ -31,6 +31,7 @@ from prefect.states import Completed
 
 from distill.config import load_params
 from distill.errors import UserError
+from distill.progress import bar
 
 BIN = Path(sys.executable).parent
 STAGE_EXIT_USER_ERROR = 2
@@ -158,14 +159,17 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
         pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
         outcome: dict[str, str] = {}
         upstream_ran = False
-        for stage in order:
-            if not force and not upstream_ran and stage not in changed:
-                state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
-            else:
-                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
-                                                                    return_state=True)
-            outcome[stage] = state.result()
-            upstream_ran |= outcome[stage] == "ran"
+        with bar(len(order), "pipeline", unit="stage") as progress:
+            for stage in order:
+                progress.set_postfix_str(stage)
+                if not force and not upstream_ran and stage not in changed:
+                    state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
+                else:
+                    state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
+                                                                        return_state=True)
+                outcome[stage] = state.result()
+                upstream_ran |= outcome[stage] == "ran"
+                progress.update()
     get_run_logger().info("stages: %s", outcome)
     return outcome
 

@@ -5,7 +5,7 @@ and the student's registration (with the alias only if it passes `registry.*`).
         --teacher models/teacher.pt --student models/student.pt --baseline models/baseline.pt \
         --metrics reports/metrics.json --compare reports/compare.md \
         --predictions reports/predictions.csv --reliability reports/reliability \
-        --receipt reports/runs/evaluate.json
+        --report reports/report.html --figures reports/figures --receipt reports/runs/evaluate.json
 """
 
 from pathlib import Path
@@ -24,14 +24,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare", required=True, help="markdown comparison to write")
     parser.add_argument("--predictions", required=True, help="per-example predictions CSV to write")
     parser.add_argument("--reliability", required=True, help="directory of reliability-diagram CSVs")
+    parser.add_argument("--report", required=True, help="HTML report to write")
+    parser.add_argument("--figures", required=True, help="directory of the report's PNG figures")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     checkpoints = {name: getattr(args, name) for name in evaluation.MODELS}
     logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
     with tracking.stage_run("evaluate", params.tracking, logged, args.receipt) as run:
         result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints, args.metrics, args.compare,
-                                     args.predictions, args.reliability)
-        artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability)]
+                                     args.predictions, args.reliability, args.report, args.figures)
+        artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability,
+                                       args.report, args.figures)]
         result |= tracking.log_evaluation(run, result, result["run_ids"], params.registry, artifacts)
     return result
 

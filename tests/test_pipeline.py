@@ -36,8 +36,13 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_exactly_what_a_change_touches(p
     for out in ("data/prepared/train.parquet", "data/prepared/transfer.parquet",
                 "data/soft_labels/soft_labels.parquet", "models/teacher.pt", "models/student.pt",
                 "models/baseline.pt", "reports/compare.md", "reports/predictions.csv",
-                "reports/reliability/student.csv", "reports/train/student.csv"):
+                "reports/reliability/student.csv", "reports/train/student.csv", "reports/report.html",
+                *(f"reports/figures/{name}.png" for name in ("tradeoff", "training", "confusion", "reliability"))):
         assert (project / out).is_file(), out
+    # the report's figures are DVC plots, rendered by `dvc plots show` beside the CSV plots
+    dvc(project, "plots", "show", "--out", "plots")
+    shown = (project / "plots/index.html").read_text()
+    assert "reports/figures/confusion.png" in shown.replace("_", "/") or "confusion.png" in shown
 
     assert repro(project) == set(), "a second repro must run no stage"
     assert "up to date" in dvc(project, "status")

@@ -37,6 +37,16 @@ def stage_runs(client, experiment_id) -> dict[str, list]:
     return out
 
 
+def assert_evaluate_children(client, experiment_id: str, evaluate_run_id: str) -> None:
+    """Evaluate's child runs: teacher, student and baseline, under the same metric keys."""
+    children = [r for r in client.search_runs([experiment_id], max_results=1000)
+                if "distill.model_role" in r.data.tags]
+    assert {c.data.tags["distill.model_role"] for c in children} == {"teacher", "student", "baseline"}
+    for child in children:
+        assert SAME_KEYS <= set(child.data.metrics)
+        assert child.data.tags["mlflow.parentRunId"] == evaluate_run_id
+
+
 def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_registry(project):
     from mlflow import MlflowClient
     import mlflow
@@ -79,14 +89,11 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     assert receipt["run_id"] == teacher_id
 
     # evaluate: teacher, student and baseline under the same metric keys
-    children = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
-                if "distill.model_role" in r.data.tags]
-    assert {c.data.tags["distill.model_role"] for c in children} == {"teacher", "student", "baseline"}
-    for child in children:
-        assert SAME_KEYS <= set(child.data.metrics)
-        assert child.data.tags["mlflow.parentRunId"] == first["evaluate"].info.run_id
+    assert_evaluate_children(client, experiment.experiment_id, first["evaluate"].info.run_id)
     artifacts = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id)}
-    assert {"compare.md", "metrics.json", "reliability"} <= artifacts
+    assert {"compare.md", "metrics.json", "reliability", "report.html", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "figures")}
+    assert {f"figures/{name}.png" for name in ("tradeoff", "training", "confusion", "reliability")} == figures
     # every training run keeps its checkpoint; only the student is an MLflow model (the registry serves it)
     for stage, name in (("train_teacher", "teacher"), ("train_baseline", "baseline"), ("train_student", "student")):
         run_id = first[stage].info.run_id

@@ -1,0 +1,40 @@
+"""Progress bars (tqdm) on a terminal; nothing elsewhere, so CI and task logs stay short.
+
+Bars go to stderr and show only when stderr is a terminal and CI is not set.
+DISTILL_PROGRESS=1 forces them on, DISTILL_PROGRESS=0 off. While a bar is shown,
+log lines are written above it instead of through it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+ENV = "DISTILL_PROGRESS"
+
+
+def enabled(stream=None) -> bool:
+    """Whether bars are shown: DISTILL_PROGRESS if set, else a terminal outside CI."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
+    stream = stream or sys.stderr
+    return not os.environ.get("CI") and hasattr(stream, "isatty") and stream.isatty()
+
+
+@contextmanager
+def bar(total: int | None, desc: str, unit: str = "it", **kwargs) -> Iterator[tqdm]:
+    """A tqdm bar (disabled off a terminal); log lines are written above it meanwhile."""
+    show = enabled()
+    progress = tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.2, **kwargs)
+    redirect = logging_redirect_tqdm() if show else nullcontext()
+    with redirect, progress:
+        yield progress

@@ -1,0 +1,253 @@
+"""The run report: one HTML page a person opens after a run, and its figures as PNGs.
+
+    reports/report.html      headline, comparison table, the four figures (embedded)
+    reports/figures/*.png    the same figures, for `dvc plots show` and MLflow
+
+The headline is the share of the teacher-baseline gap the student closes, with
+the size and speed the student buys. Figures (matplotlib, no display needed):
+accuracy against size and latency, training curves, confusion matrices, and a
+reliability diagram. Everything comes from what `evaluate` computes, so the page
+never disagrees with reports/metrics.json.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from distill.io import atomic_path, write_text
+
+MODELS = ("teacher", "student", "baseline")
+COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
+FIGURES = ("tradeoff", "training", "confusion", "reliability")
+DPI = 110
+
+
+@dataclass
+class ReportInputs:
+    """What the report is drawn from (all of it computed by `evaluate`)."""
+
+    metrics: dict  # reports/metrics.json: per model, plus gap_closed
+    histories: dict[str, list[dict]]  # per model: the checkpoint's per-epoch rows
+    labels: np.ndarray  # test labels (class indices)
+    predictions: dict[str, np.ndarray]  # per model: predicted class indices
+    reliability: dict[str, list[dict]]  # per model: evaluation.reliability_bins rows
+    class_names: list[str]
+
+
+def headline(metrics: dict) -> str:
+    """One sentence: the gap closed, and what the student costs against the teacher."""
+    acc = {m: 100 * metrics[m]["test_accuracy"] for m in MODELS}
+    gap = metrics.get("gap_closed")
+    smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
+    student_ms, teacher_ms = metrics["student"]["latency_ms_b1"], metrics["teacher"]["latency_ms_b1"]
+    if gap is None:
+        lead = "Teacher and baseline tie, so there is no gap for distillation to close"
+    else:
+        lead = f"Distillation closed {100 * gap:.0f}% of the teacher-baseline gap"
+    return (f"{lead}: student {acc['student']:.1f}% vs baseline {acc['baseline']:.1f}% vs teacher "
+            f"{acc['teacher']:.1f}% test accuracy. The student has {smaller:.1f}x fewer parameters than the "
+            f"teacher and answers one example in {student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms).")
+
+
+def tradeoff_figure(metrics: dict) -> Figure:
+    """Test accuracy against parameters and against batch-1 latency, one point per model."""
+    fig = Figure(figsize=(9, 3.6), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, label in ((axes[0], "params", "parameters (log scale)"),
+                           (axes[1], "latency_ms_b1", "CPU latency at batch 1, ms")):
+        for m in MODELS:
+            x, y = metrics[m][key], 100 * metrics[m]["test_accuracy"]
+            ax.scatter([x], [y], s=90, color=COLORS[m], zorder=3, label=m)
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.3, y=0.25)
+    axes[0].set_xscale("log")
+    axes[1].set_xlim(left=0, right=1.3 * max(metrics[m]["latency_ms_b1"] for m in MODELS))
+    axes[0].set_ylabel("test accuracy, %")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Accuracy vs size vs latency: up and to the left is better", fontsize=11)
+    return fig
+
+
+def training_figure(histories: dict[str, list[dict]]) -> Figure:
+    """Validation accuracy and validation loss by epoch (comparable across the three models)."""
+    fig = Figure(figsize=(9, 3.6), dpi=DPI, layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for m in MODELS:
+        rows = histories.get(m) or []
+        epochs = [r["epoch"] for r in rows]
+        acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in rows], marker="o", ms=3, color=COLORS[m], label=m)
+        loss_ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", ms=3, color=COLORS[m], label=m)
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy, %", title="Validation accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="validation cross-entropy", title="Validation loss", yscale="log")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+    """Counts: row = true class, column = predicted class."""
+    return np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
+
+
+def confusion_figure(labels: np.ndarray, predictions: dict[str, np.ndarray], class_names: list[str]) -> Figure:
+    """Row-normalised confusion matrices side by side; counts written in when classes are few."""
+    n = len(class_names)
+    fig = Figure(figsize=(12, 4.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(MODELS))
+    image = None
+    for ax, m in zip(axes, MODELS):
+        counts = confusion(labels, predictions[m], n)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        accuracy = np.trace(counts) / max(counts.sum(), 1)
+        ax.set_title(f"{m} ({100 * accuracy:.1f}% correct)", fontsize=10)
+        ax.set_xlabel("predicted")
+        if n <= 12:
+            ax.set_xticks(range(n), class_names, fontsize=8)
+            ax.set_yticks(range(n), class_names, fontsize=8)
+            for i in range(n):
+                for j in range(n):
+                    if counts[i, j]:
+                        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if share[i, j] > 0.6 else "black")
+    axes[0].set_ylabel("true class")
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class")
+    return fig
+
+
+def reliability_figure(reliability: dict[str, list[dict]], metrics: dict) -> Figure:
+    """Accuracy against confidence per bin (on the diagonal = calibrated), and how rows spread over bins."""
+    fig = Figure(figsize=(9, 4.2), dpi=DPI, layout="constrained")
+    curve_ax, count_ax = fig.subplots(1, 2, width_ratios=[3, 2])
+    curve_ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1, label="calibrated")
+    for m in MODELS:
+        bins = reliability[m]
+        conf, accuracy = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        curve_ax.plot(conf, accuracy, color=COLORS[m], lw=1.2, alpha=0.8, label=f"{m} (ECE {metrics[m]['ece']:.3f})")
+        # marker area follows the bin's share of rows: a bin of three rows should not look like one of 900
+        curve_ax.scatter(conf, accuracy, s=[8 + 400 * b["weight"] for b in bins], color=COLORS[m], alpha=0.7,
+                         zorder=3)
+        count_ax.plot([b["bin_upper"] for b in bins], [100 * b["weight"] for b in bins], marker="o", ms=3,
+                      color=COLORS[m], label=m)
+    curve_ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (top-class probability)",
+                 ylabel="accuracy in the bin", title="Reliability diagram (test)")
+    count_ax.set(xlabel="confidence bin (upper edge)", ylabel="share of test rows, % (log scale)", yscale="log",
+                 title="Where the predictions fall")
+    for ax in (curve_ax, count_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def figures(inputs: ReportInputs) -> dict[str, Figure]:
+    return {
+        "tradeoff": tradeoff_figure(inputs.metrics),
+        "training": training_figure(inputs.histories),
+        "confusion": confusion_figure(inputs.labels, inputs.predictions, inputs.class_names),
+        "reliability": reliability_figure(inputs.reliability, inputs.metrics),
+    }
+
+
+TABLE = [  # metric key, heading, format, which direction is better
+    ("test_accuracy", "test accuracy", "{:.2%}", "higher"),
+    ("nll", "NLL", "{:.4f}", "lower"),
+    ("ece", "ECE", "{:.4f}", "lower"),
+    ("teacher_agreement", "agrees with teacher", "{:.2%}", "higher"),
+    ("kl_from_teacher", "KL(teacher || model)", "{:.4f}", "lower"),
+    ("params", "parameters", "{:,}", "lower"),
+    ("checkpoint_bytes", "checkpoint bytes", "{:,}", "lower"),
+    ("latency_ms_b1", "ms at batch 1", "{:.3f}", "lower"),
+    ("latency_ms_batch", "ms at large batch", "{:.3f}", "lower"),
+]
+
+
+def table_html(metrics: dict) -> str:
+    """The comparison table; the student's cells are marked better / worse than the baseline's."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in TABLE)
+    rows = []
+    for m in MODELS:
+        cells = []
+        for key, _, fmt, better in TABLE:
+            value = metrics[m][key]
+            mark = ""
+            if m == "student" and metrics["baseline"][key] != value:
+                wins = (value > metrics["baseline"][key]) == (better == "higher")
+                mark = ' class="better"' if wins else ' class="worse"'
+            cells.append(f"<td{mark}>{fmt.format(value)}</td>")
+        rows.append(f'<tr><th><span class="dot" style="background:{COLORS[m]}"></span>{m}</th>{"".join(cells)}</tr>')
+    return f'<table><tr><th>model</th>{head}</tr>{"".join(rows)}</table>'
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1180px; margin: 2em auto;
+        padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.5em; margin-bottom: 0.2em; }}
+.headline {{ font-size: 1.15em; background: #f4f6fa; border-left: 5px solid {student}; padding: 0.8em 1em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.35em 0.7em; text-align: right; }}
+tr th:first-child {{ text-align: left; white-space: nowrap; }}
+td.better {{ background: #e3f3e3; }} td.worse {{ background: #f8e1e1; }}
+.dot {{ display: inline-block; width: 0.7em; height: 0.7em; border-radius: 50%; margin-right: 0.4em; }}
+figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+.meta {{ color: #777; font-size: 0.85em; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="meta">{meta}</p>
+<p class="headline" id="headline">{headline}</p>
+<h2 id="comparison">Comparison (test split)</h2>
+{table}
+<p class="meta">Student cells are green where the student beats the baseline (same architecture, seed and
+budget, trained on the labels alone), red where it does worse. Gap closed = (student - baseline) /
+(teacher - baseline) in test accuracy.</p>
+{figures}
+</body></html>
+"""
+
+CAPTIONS = {
+    "tradeoff": "Accuracy against size and latency. Distillation pays when the student sits level with the "
+                "teacher and above the baseline, at the baseline's size and speed.",
+    "training": "Validation accuracy and loss by epoch (the checkpoint kept is the epoch with the best "
+                "validation accuracy).",
+    "confusion": "Confusion matrices, each row normalised to the true class; numbers are counts.",
+    "reliability": "Reliability: accuracy against confidence per bin, each marker's area its share of the "
+                   "test rows. On the diagonal, a model's confidence means what it says; below it, the model "
+                   "is over-confident. Sparse bins are noisy.",
+}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(inputs: ReportInputs, html_out: str | Path, figures_dir: str | Path, meta: str = "") -> dict:
+    """Write the HTML page (figures embedded, so it opens anywhere, MLflow included) and the PNGs."""
+    pngs = {name: png_bytes(fig) for name, fig in figures(inputs).items()}
+    with atomic_path(figures_dir) as tmp:
+        tmp.mkdir()
+        for name, data in pngs.items():
+            (tmp / f"{name}.png").write_bytes(data)
+    blocks = "\n".join(
+        f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
+        for name, data in pngs.items()
+    )
+    text = headline(inputs.metrics)
+    page = PAGE.format(title="Distillation report", meta=html.escape(meta), headline=html.escape(text),
+                       student=COLORS["student"], table=table_html(inputs.metrics), figures=blocks)
+    write_text(html_out, page)
+    return {"headline": text, "figures": sorted(pngs)}
