@@ -48,6 +48,16 @@ ui: install
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
+.PHONY: push pull
+
+## push: send every output and the run cache to the default DVC remote (README, "Sharing outputs")
+push: install
+	dvc push --run-cache
+
+## pull: fetch the outputs and the run cache from the default DVC remote and check them out
+pull: install
+	dvc pull --run-cache
+
 # ---- scheduling (README, "Scheduling"): each in its own terminal ---------------
 server worker deploy serve trigger: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
