@@ -5,7 +5,7 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
 
     distill run [--set key=value ...] [--force]
     distill compare [--rev A --rev B | --run ID --run ID]
-    distill sweep --set student.temperature=1,2,4 [--set student.alpha=0.5,0.9]
+    distill sweep --set student.temperature=1,2,4 [--set student.alpha=0.5,0.9] [--dask | --dask-address ADDR]
     distill serve [--cron "0 3 * * *"]
     distill ui [--port 5000]
     distill validate [params.yaml]
@@ -140,16 +140,33 @@ def _number(value: float | None) -> str:
 @user_errors
 def sweep(
     set_: list[str] = typer.Option(..., "--set", "-S", metavar="KEY=V1,V2", help="an axis of the grid (repeatable)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="experiments run at once"),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
+                                    help="experiments run at once (default 1; with --dask: local workers, default 2)"),
     prefix: str = typer.Option("sweep", help="experiment name prefix"),
+    dask: bool = typer.Option(False, "--dask", help="run the points as parallel Prefect tasks on a local Dask cluster"),
+    dask_address: str | None = typer.Option(None, "--dask-address", metavar="ADDRESS",
+                                            help="the same on a running Dask scheduler, e.g. tcp://host:8786"),
 ) -> None:
-    """A grid over params (student keys, say) as queued DVC experiments, run and summarised.
+    """A grid over params (student keys, say) as DVC experiments, run and summarised: queued
+    (DVC's queue), or with --dask / --dask-address one Prefect task per point on Dask.
 
-    Example: distill sweep -S student.temperature=1,2,4 -S student.alpha=0.5,0.9
+    Examples: distill sweep -S student.temperature=1,2,4 -S student.alpha=0.5,0.9 |
+    distill sweep -S student.temperature=1,2,4 --dask |
+    distill sweep -S student.temperature=1,2,4 --dask-address tcp://scheduler:8786
     """
     from distill import experiments
 
     root = project()
+    if dask or dask_address:
+        from pipelines.sweep import run_sweep
+
+        setup_logging()
+        result = run_sweep(experiments.parse_axes(set_), address=dask_address, workers=jobs or 2, prefix=prefix,
+                           repo_dir=str(root))
+        typer.echo(result["summary"])
+        typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
+        return
+    jobs = jobs or 1
     points = experiments.grid(experiments.parse_axes(set_))
     for point in points:
         experiments.check_point(root, point)  # every point is valid before anything is queued

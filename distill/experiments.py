@@ -3,7 +3,9 @@
 A sweep is a set of ordinary DVC experiments (`dvc exp run --queue -S key=value`),
 so `dvc exp show`, `dvc exp apply` and `dvc exp push` work on it as on any other;
 DVC's run cache means a point that changes only student keys reruns only the
-student and evaluate stages.
+student and evaluate stages. Fanned out on Dask (pipelines/sweep.py), each point is one
+`dvc exp run` in a private clone of the project (run_in_clone), pushed back as an
+experiment of the project.
 """
 
 from __future__ import annotations
@@ -126,3 +128,80 @@ def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
                  "n/a" if gap is None else f"{100 * gap:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def workspace_state(root: Path) -> tuple[str, bytes]:
+    """The commit checked out at `root` and the uncommitted changes to tracked files, as a binary patch:
+    what `dvc exp run --queue` would take from the workspace (untracked files are left out, as there)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    patch = subprocess.run(["git", "diff", "--binary", "HEAD"], cwd=root, capture_output=True, check=True)
+    return head.stdout.strip(), patch.stdout
+
+
+def remove(root: Path, name: str) -> None:
+    """Remove the experiment `name` if there is one (a sweep replaces its earlier points)."""
+    subprocess.run([str(BIN / "dvc"), "exp", "remove", name], cwd=root, capture_output=True, env=env())
+
+
+CLONES = Path(".dvc") / "tmp" / "exps" / "clones"
+
+
+def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str, patch: bytes = b"",
+                 log=lambda line: None, extra_env: dict[str, str] | None = None) -> str:
+    """Run one experiment in a private clone of the project, push it back as `name`; return its commit.
+
+    Several `dvc exp run --temp` in one repository collide on DVC's repository lock (and
+    share one stash), so each point gets what DVC's own temporary executor builds, but to
+    itself: a git clone at `baseline` with the workspace `patch` applied, under the
+    project's .dvc/tmp/exps/ (MLflow runs find the project's store from there, see
+    tracking.project_root), using the project's DVC cache (outputs and run cache shared,
+    so unchanged stages are checked out, not rerun). There a plain `dvc exp run --name`
+    runs, and `dvc exp push` sends the experiment's ref to the project, where `dvc exp show`
+    lists it. The clone is deleted afterwards.
+    """
+    base = root / CLONES
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+    run_env = env() | (extra_env or {})
+
+    def step(*cmd: str, stdin: bytes | None = None, cwd: Path = work) -> str:
+        result = subprocess.run(cmd, cwd=cwd, input=stdin, capture_output=True, env=run_env)
+        if result.returncode:
+            raise UserError(f"{name}: {' '.join(cmd[:3])} failed: "
+                            f"{(result.stderr or result.stdout).decode(errors='replace').strip()[-500:]}")
+        return result.stdout.decode(errors="replace")
+
+    try:
+        step("git", "clone", "--quiet", "--no-checkout", str(root), str(work), cwd=base)
+        step("git", "checkout", "--quiet", "--detach", baseline)
+        if patch:
+            step("git", "apply", "--index", "--whitespace=nowarn", "-", stdin=patch)
+        local = root / ".dvc" / "config.local"
+        if local.is_file():  # remotes and the like; the cache is set next
+            shutil.copy(local, work / ".dvc" / "config.local")
+        step(str(BIN / "dvc"), "config", "--local", "cache.dir",
+             step(str(BIN / "dvc"), "cache", "dir", cwd=root).strip())
+        cmd = [str(BIN / "dvc"), "exp", "run", "--name", name,
+               *itertools.chain.from_iterable(("-S", f"{k}={v}") for k, v in overrides.items())]
+        proc = subprocess.Popen(cmd, cwd=work, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        errors, last = [], ""
+        for line in proc.stdout:
+            log(line.rstrip())
+            last = line.strip() or last
+            if "error: " in line.lower():
+                errors.append(line.strip())
+        if proc.wait():
+            # a stage's own one-sentence error ("... distill error: ...") says most, then DVC's
+            stage_errors = [e.split("error: ", 1)[1] for e in errors if "error: " in e]
+            raise UserError(f"{name}: dvc exp run failed: {(stage_errors or errors or [last])[0]}")
+        step(str(BIN / "dvc"), "exp", "push", "--no-cache", "--force", "origin", name)
+        return _exp_rev(work, name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _exp_rev(repo: Path, name: str) -> str:
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=repo,
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    return next((line.split()[0] for line in refs if line.endswith(f"/{name}")), "")
