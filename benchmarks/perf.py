@@ -16,14 +16,17 @@ machine, written with the targets to benchmarks/results/perf.json:
 5. framework_overhead  `dvc repro` from scratch / benchmarks/bare_pytorch.py doing the
                        same compute (<= 1.3)
 6. memory              peak RSS of the soft_labels and train_student stages at 100k and
-                       1M transfer rows (< 2 GB, roughly flat)
+                       1M transfer rows, soft labels in shards of 250k rows (< 2 GB,
+                       roughly flat)
 7. data_loading        share of a student epoch spent waiting for batches, in memory
                        (default data) and streamed (1M rows) (<= 10 %)
 
-    python benchmarks/perf.py [--only NAME,...] [--out benchmarks/results/perf.json]
+    python benchmarks/perf.py [--only NAME,...] [--out benchmarks/results/perf.json] [--merge]
 
-It takes about half an hour on 2 cores. Measures 1, 2, 3 (MNIST-1D), 4 and 5 share
-one scratch copy of the project run with the default params.yaml.
+It takes about half an hour on 2 cores. Measures 1, 2, 3 (MNIST-1D), 4, 5 and 7 share
+one scratch copy of the project run with the default params.yaml (6 uses its code
+only). `--merge` replaces only the measures run in an existing output file, keeps the
+others, and records the command and time of each remeasured one under `remeasured`.
 """
 
 from __future__ import annotations
@@ -101,8 +104,21 @@ def summarize(results: dict) -> list[dict]:
     return rows
 
 
-def storage_entry(path: Path, rows: int, accuracy: float) -> dict:
-    size = path.stat().st_size
+def merge_report(old: dict, new: dict) -> dict:
+    """`old` with the measures of `new` in place of its own, the summary recomputed over all of
+    them, and each replaced measure's command, time and machine under `remeasured`; the
+    top-level command, time and machine stay those of `old`'s run."""
+    measured = [m for m in MEASURES if m in new]
+    merged = {**old, **{m: new[m] for m in measured}}
+    merged["measure_wall_s"] = old.get("measure_wall_s", {}) | new.get("measure_wall_s", {})
+    stamp = {k: new[k] for k in ("command", "measured_at", "machine")}
+    merged["remeasured"] = old.get("remeasured", {}) | {m: stamp for m in measured}
+    merged["summary"] = summarize({m: merged[m] for m in MEASURES if m in merged})
+    return merged
+
+
+def storage_entry(folder: Path, rows: int, accuracy: float) -> dict:
+    size = sum(p.stat().st_size for p in softlabels.shard_paths(folder))
     return {"bytes": size, "bytes_per_row": size / rows, "student_test_accuracy": accuracy}
 
 
@@ -190,11 +206,18 @@ class Project:
     """The scratch copy run with the default params.yaml, made on first use."""
 
     def __init__(self, root: Path):
-        self.root, self.made, self.repro_s = root, False, None
+        self.root, self.copied, self.made, self.repro_s = root, False, False, None
+
+    def code(self) -> Path:
+        """The scratch copy's folder, copied (nothing run) on first use."""
+        if not self.copied:
+            make_scratch_project(self.root)
+            self.copied = True
+        return self.root
 
     def get(self) -> Project:
         if not self.made:
-            make_scratch_project(self.root)
+            self.code()
             print("dvc repro of the default pipeline ...", flush=True)
             self.repro_s = run([str(BIN / "dvc"), "repro"], self.root)
             self.made = True
@@ -319,7 +342,7 @@ def storage_formats(name: str, prepared: Path, teacher_path: Path, student: Stud
         softlabels.dump(teacher_path, prepared, out / fmt, cfg)
         result = train_student(student, seed, prepared, softlabels.StudentRows(prepared, out / fmt, meta),
                                training.Distillation.of(student))
-        entries[fmt] = storage_entry(out / fmt / softlabels.FILE_NAME, rows, test_accuracy(result.model, prepared))
+        entries[fmt] = storage_entry(out / fmt, rows, test_accuracy(result.model, prepared))
     return storage_summary(entries) | {"rows": rows, "num_classes": meta.num_classes}
 
 
@@ -350,12 +373,17 @@ def storage(project: Project, tmp: Path) -> dict:
     return {"datasets": datasets}
 
 
+SCALE_SHARD_ROWS = 250_000  # 100k rows: one shard; 1M rows: five
+
+
 def scale_params(project: Project, transfer_rows: int) -> dict:
-    """A synthetic project for the memory measure: a quick teacher, the default student for one epoch."""
-    params = yaml.safe_load((project.get().root / "params.yaml").read_text())
+    """A synthetic project for the memory measure: a quick teacher, soft labels in shards of
+    SCALE_SHARD_ROWS rows, the default student for one epoch."""
+    params = yaml.safe_load((project.code() / "params.yaml").read_text())
     params["data"] |= {"source": "synthetic", "seed": 1, "num_samples": 5000, "transfer_size": transfer_rows,
                        "synthetic": {"n_features": 40, "n_classes": 10, "hidden": 32}}
     params["teacher"] |= {"arch": "mlp", "hidden": [256, 256], "epochs": 2, "dropout": 0.0}
+    params["soft_labels"] |= {"shard_rows": SCALE_SHARD_ROWS}
     params["student"] |= {"epochs": 1}
     params["tracking"]["enabled"] = False
     return params
@@ -377,7 +405,7 @@ def scale_project(project: Project, tmp: Path, n: int) -> tuple[Path, dict]:
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(scale_params(project, n), sort_keys=False))
     # The folder holds params and outputs only; the code is the scratch copy's.
-    code = env() | {"PYTHONPATH": str(project.get().root)}
+    code = env() | {"PYTHONPATH": str(project.code())}
     measured = {}
     for stage, args in STAGE_ARGS.items():
         print(f"memory: {stage} at {n} transfer rows ...", flush=True)
@@ -387,6 +415,9 @@ def scale_project(project: Project, tmp: Path, n: int) -> tuple[Path, dict]:
             measured[stage] = {"peak_rss_bytes": rss, "peak_rss_gb": rss / GB, "seconds": seconds}
         else:
             run(cmd, root, code)
+    prov = softlabels.read_provenance(root / "data" / "soft_labels")
+    for entry in measured.values():
+        entry |= {"rows": prov["rows"], "shards": len(prov["shards"])}
     return root, measured
 
 
@@ -397,7 +428,8 @@ def memory(project: Project, tmp: Path, sizes=(100_000, 1_000_000)) -> dict:
             stages.setdefault(stage, {})[str(n)] = entry
     for d in stages.values():
         d["ratio_1m_to_100k"] = ratio(d[str(sizes[1])]["peak_rss_bytes"], d[str(sizes[0])]["peak_rss_bytes"])
-    return {"stages": stages, "params": {str(n): scale_params(project, n) for n in sizes}}
+    return {"stages": stages, "shard_rows": SCALE_SHARD_ROWS,
+            "params": {str(n): scale_params(project, n) for n in sizes}}
 
 
 def data_loading(project: Project, tmp: Path) -> dict:
@@ -428,6 +460,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated measures, in this order")
     parser.add_argument("--out", default="benchmarks/results/perf.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other measures of an existing --out file, replace only these")
     args = parser.parse_args()
     chosen = [m for m in MEASURES if m in args.only.split(",")]
     results: dict = {}
@@ -450,6 +484,8 @@ def main() -> None:
         **results,
     }
     out = PROJECT_DIR / args.out
+    if args.merge and out.is_file():
+        report = merge_report(json.loads(out.read_text()), report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     for row in report["summary"]:

@@ -138,6 +138,10 @@ class SoftLabelsConfig(Section):
         None, gt=0, description="keep only the k largest logits per row (and one value for the rest); None = all"
     )
     batch_size: int = Field(1024, gt=0)
+    shard_rows: int = Field(
+        1_000_000, gt=0,
+        description="rows per Parquet shard (part-00000.parquet, ...), cut exactly; the last shard holds the rest",
+    )
 
 
 class EvaluateConfig(Section):
@@ -156,6 +160,15 @@ class ResumeConfig(Section):
 
     every_epochs: int = Field(5, ge=0, description="epochs between saves; 0 = never")
     dir: str = Field(".resume", min_length=1)
+
+
+class DistributedConfig(Section):
+    """Training on several processes (torchrun + DistributedDataParallel; see
+    distill/distributed.py). Listed in the training stages' DVC params: N processes
+    reach the same model as one only to float rounding."""
+
+    nproc: int = Field(1, ge=1, description="training processes on this machine; 1 = no torchrun")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
 
 
 class TrackingConfig(Section):
@@ -185,6 +198,7 @@ class Params(Section):
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     resume: ResumeConfig = ResumeConfig()
+    distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -22,6 +22,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / labelled.sum().clamp(min=1)
 
 
+def total(kd: torch.Tensor, ce: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """Both losses' total: alpha * T^2 * kd + (1 - alpha) * ce."""
+    return alpha * temperature * temperature * kd + (1 - alpha) * ce
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -57,7 +62,7 @@ def kd_loss(
         reduction="batchmean",
     )
     ce = cross_entropy(student_logits, labels)
-    return {"loss": alpha * t * t * kd + (1 - alpha) * ce, "kd": kd, "ce": ce}
+    return {"loss": total(kd, ce, temperature, alpha), "kd": kd, "ce": ce}
 
 
 def dkd_loss(
@@ -100,7 +105,7 @@ def dkd_loss(
     nckd = (nt_t.exp() * (nt_t - nt_s)).sum(dim=1).mean()
     kd = target_weight * tckd + nontarget_weight * nckd
     ce = cross_entropy(student_logits, labels)
-    return {"loss": alpha * t * t * kd + (1 - alpha) * ce, "kd": kd, "tckd": tckd, "nckd": nckd, "ce": ce}
+    return {"loss": total(kd, ce, temperature, alpha), "kd": kd, "tckd": tckd, "nckd": nckd, "ce": ce}
 
 
 def _binary_kl(teacher_scaled: torch.Tensor, student_scaled: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ def enabled(stream=None) -> bool:
 
 
 @contextmanager
-def bar(total: int | None, desc: str, unit: str = "it", **kwargs) -> Iterator[tqdm]:
-    """A tqdm bar (disabled off a terminal); log lines are written above it meanwhile."""
-    show = enabled()
+def bar(total: int | None, desc: str, unit: str = "it", disable: bool = False, **kwargs) -> Iterator[tqdm]:
+    """A tqdm bar (disabled off a terminal, or by `disable`); log lines are written above it meanwhile."""
+    show = enabled() and not disable
     progress = tqdm(total=total, desc=desc, unit=unit, disable=not show, file=sys.stderr, dynamic_ncols=True,
                     mininterval=0.2, **kwargs)
     redirect = logging_redirect_tqdm() if show else nullcontext()

@@ -131,8 +131,11 @@ class EpochTiming:
 class Batches:
     """Shuffled mini-batches of a `Rows` source (see the module docstring)."""
 
-    def __init__(self, rows: Rows, batch_size: int, buffer_rows: int | None = None):
+    def __init__(self, rows: Rows, batch_size: int, buffer_rows: int | None = None, rank: int = 0, ranks: int = 1):
+        """`rank` of `ranks` processes (distributed training): every rank draws the same
+        global batches and yields its share of each, rows rank, rank + ranks, ..."""
         self.rows, self.batch_size = rows, batch_size
+        self.rank, self.ranks = rank, ranks
         self.sizes = list(rows.block_sizes)
         self.num_rows = sum(self.sizes)
         self.buffer_rows = buffer_rows or self.num_rows
@@ -148,7 +151,8 @@ class Batches:
         if not self.streamed:
             if self._resident is None:
                 self._resident = _Tensors.cat([self.rows.read_block(i) for i in range(len(self.sizes))])
-            yield from self._resident.batches(torch.randperm(self.num_rows, generator=gen), self.batch_size)
+            yield from self._resident.batches(torch.randperm(self.num_rows, generator=gen), self.batch_size,
+                                              self.rank, self.ranks)
             return
         yield from self._streamed_epoch(gen)
 
@@ -177,7 +181,7 @@ class Batches:
                     buffer = _Tensors.cat_tensors([carry, buffer])
                 perm = torch.randperm(len(buffer.y), generator=gen)
                 full = len(perm) if n + 1 == len(groups) else len(perm) // self.batch_size * self.batch_size
-                yield from buffer.batches(perm[:full], self.batch_size)
+                yield from buffer.batches(perm[:full], self.batch_size, self.rank, self.ranks)
                 carry = buffer.take(perm[full:])
 
 
@@ -218,8 +222,9 @@ class _Tensors:
     def take(self, idx: torch.Tensor) -> _Tensors:
         return _Tensors(self.x[idx], self.y[idx], None if self.logits is None else self.logits[idx])
 
-    def batches(self, perm: torch.Tensor, batch_size: int) -> Iterator:
+    def batches(self, perm: torch.Tensor, batch_size: int, rank: int = 0, ranks: int = 1) -> Iterator:
         if not len(perm):
             return  # (an empty tensor still splits into one empty piece)
         for idx in perm.split(batch_size):
+            idx = idx[rank::ranks] if ranks > 1 else idx
             yield self.x[idx], self.y[idx], None if self.logits is None else self.logits[idx]

@@ -1,6 +1,8 @@
-"""Soft labels: the teacher's raw logits, stored once as Parquet.
+"""Soft labels: the teacher's raw logits, stored once as Parquet shards.
 
-The file data/soft_labels/soft_labels.parquet has columns
+The folder data/soft_labels holds the rows in order (train, then transfer) in shards
+part-00000.parquet, part-00001.parquet, ... of at most `soft_labels.shard_rows` rows
+each (cut exactly: every shard but the last has shard_rows rows), with columns
   id      int64, the prepared example id
   split   string ("train" or "transfer")
   label   int32 class id, null on transfer rows
@@ -14,12 +16,20 @@ A reader rebuilds full logits by giving every other class `rest_logit`: at
 temperature 1 that keeps each top-k probability and the total mass of the rest
 exactly; at higher temperatures the rest is spread evenly.
 
-The file is zstd-compressed (encodings in `writer_options`) and written one row
-group per teacher batch while the teacher runs (on a writer thread, so compression
-overlaps the next forward pass), so the whole set is never held in memory. The schema metadata key
-`distill.soft_labels` holds JSON provenance: schema version, teacher checkpoint
-sha256, prepared-data fingerprint, number and names of classes, dtype, top_k.
-Readers check it and refuse a file made from other data.
+Shards are zstd-compressed (encodings in `writer_options`) and written one row group
+per teacher batch while the teacher runs (on a writer thread, so compression overlaps
+the next forward pass), so the whole set is never held in memory.
+
+`provenance.json`, written last, is the set's one record: schema version, teacher
+checkpoint sha256, prepared-data fingerprint, number and names of classes, dtype,
+top_k, shard_rows, run ids, the total rows, and each shard's file name, rows, bytes
+and sha256. Every shard also carries the same header (without the shard list) and
+its own index under the schema metadata key `distill.soft_labels`. Readers check
+the provenance against the prepared data, and each shard against the provenance
+(listed and present, same header and index, same rows and bytes), and refuse a set
+made from other data, or one with a missing, extra, truncated or foreign shard.
+Shard hashes are recorded, not recomputed on every read (that would read the whole
+set twice); their digest is the set's identity in MLflow.
 """
 
 from __future__ import annotations
@@ -45,9 +55,13 @@ from distill.rows import Block, ParquetRows
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METADATA_KEY = b"distill.soft_labels"
-FILE_NAME = "soft_labels.parquet"
+PROVENANCE_NAME = "provenance.json"
+SHARD_NAME = "part-{:05d}.parquet"
+SHARD_GLOB = "part-*.parquet"
+LEGACY_FILE_NAME = "soft_labels.parquet"  # schema version 2 and before: one file, no provenance.json
+SET_KEYS = ("rows", "shards")  # provenance keys of the whole set, not in a shard's own metadata
 LABELLED_SPLITS = ("train", "transfer")  # the rows the student trains on, in this order
 LOGIT_COLUMNS = {False: ["logits"], True: ["topk_index", "topk_logits", "rest_logit"]}
 
@@ -59,7 +73,8 @@ class SoftLabels:
     provenance: dict
 
 
-def soft_label_schema(num_classes: int, dtype: str, provenance: dict, top_k: int | None = None) -> pa.Schema:
+def soft_label_schema(num_classes: int, dtype: str, top_k: int | None = None) -> pa.Schema:
+    """The columns of a shard (its metadata is added per shard, see `ShardWriter`)."""
     value_type = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
     if top_k is None:
         logit_fields = [("logits", pa.list_(value_type, num_classes))]
@@ -69,10 +84,7 @@ def soft_label_schema(num_classes: int, dtype: str, provenance: dict, top_k: int
             ("topk_logits", pa.list_(value_type, top_k)),
             ("rest_logit", value_type),
         ]
-    return pa.schema(
-        [("id", pa.int64()), ("split", pa.string()), ("label", pa.int32()), *logit_fields],
-        metadata={METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()},
-    )
+    return pa.schema([("id", pa.int64()), ("split", pa.string()), ("label", pa.int32()), *logit_fields])
 
 
 def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,9 +146,64 @@ def writer_options(schema: pa.Schema) -> dict:
     }
 
 
+class ShardWriter:
+    """Record batches into part-NNNNN.parquet files of at most `shard_rows` rows each,
+    cut exactly (a batch that crosses the limit is split), in the order written.
+
+    Each shard's schema metadata is `header` plus its index; `shards` lists the closed
+    shards' file name, rows, bytes and sha256 for provenance.json.
+    """
+
+    def __init__(self, folder: Path, schema: pa.Schema, header: dict, shard_rows: int):
+        self.folder, self.schema, self.header, self.shard_rows = Path(folder), schema, header, shard_rows
+        self.shards: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            if self._writer is None:
+                self._open()
+            part = batch.slice(0, self.shard_rows - self._rows)
+            self._writer.write_batch(part)
+            self._rows += part.num_rows
+            batch = batch.slice(part.num_rows)
+            if self._rows == self.shard_rows:
+                self._close()
+
+    def close(self) -> list[dict]:
+        """Close the last shard (an empty set still gets one, empty, shard); the shard list."""
+        if self._writer is None and not self.shards:
+            self._open()
+        if self._writer is not None:
+            self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        """Close an open shard's file without recording it (no-op once `close` has run)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _open(self) -> None:
+        index = len(self.shards)
+        metadata = {METADATA_KEY: json.dumps(self.header | {"shard": index}, sort_keys=True).encode()}
+        schema = self.schema.with_metadata(metadata)
+        self._writer = pq.ParquetWriter(self.folder / SHARD_NAME.format(index), schema, **writer_options(schema))
+        self._rows = 0
+
+    def _close(self) -> None:
+        self._writer.close()
+        path = self.folder / SHARD_NAME.format(len(self.shards))
+        self.shards.append({"file": path.name, "rows": self._rows, "bytes": path.stat().st_size,
+                            "sha256": file_sha256(path)})
+        self._writer = None
+
+
 def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: SoftLabelsConfig,
          run_id: str | None = None) -> dict:
-    """Stage step soft_labels: run the teacher once over train (+ transfer), write the Parquet.
+    """Stage step soft_labels: run the teacher once over train (+ transfer), write the shards
+    and provenance.json.
 
     `run_id` (the MLflow run of this stage) is recorded in the provenance, with the
     teacher's own run id from its checkpoint.
@@ -148,7 +215,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
     if cfg.top_k is not None and cfg.top_k >= meta.num_classes:
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the data has {meta.num_classes} "
                         "classes; use a smaller k, or null to keep every logit")
-    provenance = {
+    header = {
         "schema_version": SCHEMA_VERSION,
         "teacher_sha256": file_sha256(teacher_path),
         "prepared_fingerprint": meta.fingerprint,
@@ -156,62 +223,135 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         "class_names": meta.class_names,
         "dtype": cfg.dtype,
         "top_k": cfg.top_k,
+        "shard_rows": cfg.shard_rows,
         "teacher_run_id": ckpt.get("mlflow_run_id"),
         "run_id": run_id,
     }
-    schema = soft_label_schema(meta.num_classes, cfg.dtype, provenance, cfg.top_k)
+    schema = soft_label_schema(meta.num_classes, cfg.dtype, cfg.top_k)
     rows = 0
     with atomic_path(out_dir) as tmp, torch.inference_mode():
         tmp.mkdir()
-        with pq.ParquetWriter(tmp / FILE_NAME, schema, **writer_options(schema)) as writer, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as pool:
-            pending = None
-            for split in LABELLED_SPLITS:
-                path = Path(prepared_dir) / f"{split}.parquet"
-                if not path.exists():
-                    continue
-                source = pq.ParquetFile(path)
-                with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row",
-                         unit_scale=True) as progress:
-                    for batch in source.iter_batches(batch_size=cfg.batch_size):
-                        logits = model(torch.from_numpy(features(batch))).numpy()
-                        record = to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch),
-                                                 logits)
-                        if pending is not None:
-                            pending.result()  # at most one batch in flight: memory stays bounded
-                        pending = pool.submit(writer.write_batch, record)
-                        rows += len(batch)
-                        progress.update(len(batch))
-                log.info("soft labels: %d rows computed (%s done)", rows, split)
-            if pending is not None:
-                pending.result()
-    return {"rows": rows, "bytes": (Path(out_dir) / FILE_NAME).stat().st_size, **provenance}
+        shards = ShardWriter(tmp, schema, header, cfg.shard_rows)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as pool:
+                pending = None
+                for split in LABELLED_SPLITS:
+                    path = Path(prepared_dir) / f"{split}.parquet"
+                    if not path.exists():
+                        continue
+                    # pre_buffer off: with it, iter_batches buffers the whole file's column chunks
+                    # (memory growing with the rows, 190 MB at 1M rows of 40 features)
+                    source = pq.ParquetFile(path, pre_buffer=False)
+                    with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row",
+                             unit_scale=True) as progress:
+                        for batch in source.iter_batches(batch_size=cfg.batch_size):
+                            logits = model(torch.from_numpy(features(batch))).numpy()
+                            record = to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch),
+                                                     logits)
+                            if pending is not None:
+                                pending.result()  # at most one batch in flight: memory stays bounded
+                            pending = pool.submit(shards.write, record)
+                            rows += len(batch)
+                            progress.update(len(batch))
+                    log.info("soft labels: %d rows computed (%s done)", rows, split)
+                if pending is not None:
+                    pending.result()
+            listed = shards.close()
+        finally:
+            shards.abort()  # after an error: release the open file (atomic_path removes the folder)
+        provenance = header | {"rows": rows, "shards": listed}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    log.info("soft labels: %d rows in %d shard(s) under %s", rows, len(listed), out_dir)
+    return {"bytes": sum(s["bytes"] for s in listed), **provenance}
 
 
-def read_provenance(path: Path) -> dict:
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (pa.ArrowInvalid, OSError):
-        raise UserError(f"{path}: unreadable or truncated Parquet; rerun the soft_labels stage") from None
-    if METADATA_KEY not in metadata:
-        raise UserError(f"{path}: no provenance metadata; it was not written by the soft_labels stage")
-    return json.loads(metadata[METADATA_KEY])
-
-
-def checked_provenance(path: Path, prepared: PreparedMeta) -> dict:
-    """The file's provenance, after refusing a missing, foreign or stale file by name."""
+def read_provenance(soft_dir: str | Path) -> dict:
+    """A soft-label folder's provenance.json as written (`checked_provenance` checks it)."""
+    folder = Path(soft_dir)
+    path = folder / PROVENANCE_NAME
     if not path.is_file():
+        if (folder / LEGACY_FILE_NAME).is_file():
+            raise UserError(f"{folder}: soft labels in an older layout (one {LEGACY_FILE_NAME}, no {PROVENANCE_NAME}); "
+                            "rerun soft_labels")
         raise UserError(f"{path}: not found; run the soft_labels stage first (dvc repro soft_labels)")
-    prov = read_provenance(path)
-    if prov.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: schema version {prov.get('schema_version')} is not {SCHEMA_VERSION}; rerun soft_labels")
-    if prov["prepared_fingerprint"] != prepared.fingerprint:
-        raise UserError(f"{path}: stale soft labels, made from other prepared data; rerun soft_labels")
-    if prov["num_classes"] != prepared.num_classes:
-        raise UserError(
-            f"{path}: {prov['num_classes']} classes but the prepared data has {prepared.num_classes}; rerun soft_labels"
-        )
+    try:
+        prov = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        prov = None
+    if not isinstance(prov, dict):
+        raise UserError(f"{path}: unreadable or truncated provenance; rerun the soft_labels stage")
     return prov
+
+
+def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
+    """The folder's provenance, after refusing a missing, foreign or stale set, or one whose
+    shard files are not exactly those the provenance lists, by name."""
+    folder = Path(soft_dir)
+    path = folder / PROVENANCE_NAME
+    prov = read_provenance(folder)
+    if prov.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {prov.get('schema_version')} is not {SCHEMA_VERSION}; "
+                        "rerun soft_labels")
+    if prov.get("prepared_fingerprint") != prepared.fingerprint:
+        raise UserError(f"{path}: stale soft labels, made from other prepared data; rerun soft_labels")
+    if prov.get("num_classes") != prepared.num_classes:
+        raise UserError(
+            f"{path}: {prov.get('num_classes')} classes but the prepared data has {prepared.num_classes}; "
+            "rerun soft_labels"
+        )
+    shards = prov.get("shards")
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int)
+            and isinstance(s.get("bytes"), int) for s in shards):
+        raise UserError(f"{path}: no list of shards (file, rows, bytes); rerun soft_labels")
+    names = [s["file"] for s in shards]
+    if names != [SHARD_NAME.format(i) for i in range(len(shards))]:
+        raise UserError(f"{path}: lists shards {names}, not {SHARD_NAME.format(0)} onwards in order; rerun soft_labels")
+    if sum(s["rows"] for s in shards) != prov.get("rows"):
+        raise UserError(f"{path}: its {len(shards)} shards add up to {sum(s['rows'] for s in shards)} rows, not the "
+                        f"{prov.get('rows')} it records; rerun soft_labels")
+    present = {p.name for p in folder.glob(SHARD_GLOB)}
+    if missing := [n for n in names if n not in present]:
+        raise UserError(f"{folder / missing[0]}: not found, though {PROVENANCE_NAME} lists {len(names)} shards; "
+                        "rerun soft_labels")
+    if extra := sorted(present - set(names)):
+        raise UserError(f"{folder / extra[0]}: a shard that {PROVENANCE_NAME} does not list (it lists "
+                        f"{len(names)}); rerun soft_labels")
+    return prov
+
+
+def open_shards(soft_dir: str | Path, prov: dict, columns: list[str]) -> ParquetRows:
+    """`columns` of the shards a checked provenance lists, as one table in row order, after
+    checking each shard against it: same header and index in its metadata, same rows and
+    bytes. Opening reads each shard's footer only."""
+    folder = Path(soft_dir)
+    listed = prov["shards"]
+    rows = ParquetRows([folder / s["file"] for s in listed], columns)  # refuses an unreadable shard by name
+    header = {k: v for k, v in prov.items() if k not in SET_KEYS}
+    for index, (entry, file, path) in enumerate(zip(listed, rows.files, rows.paths)):
+        own = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
+        if own is None:
+            raise UserError(f"{path}: no provenance metadata, so the soft_labels stage did not write it; "
+                            "rerun soft_labels")
+        try:
+            own = json.loads(own)
+        except json.JSONDecodeError:
+            own = {}
+        if not isinstance(own, dict) or own.pop("shard", None) != index or own != header:
+            raise UserError(f"{path}: not shard {index} of this soft-label set (its metadata does not match "
+                            f"{PROVENANCE_NAME}); rerun soft_labels")
+        if file.metadata.num_rows != entry["rows"]:
+            raise UserError(f"{path}: {file.metadata.num_rows} rows but {PROVENANCE_NAME} lists {entry['rows']}; "
+                            "rerun soft_labels")
+        if path.stat().st_size != entry["bytes"]:
+            raise UserError(f"{path}: {path.stat().st_size} bytes but {PROVENANCE_NAME} lists {entry['bytes']}, "
+                            "so it changed after soft_labels wrote it; rerun soft_labels")
+    return rows
+
+
+def shard_paths(soft_dir: str | Path) -> list[Path]:
+    """The shard files a soft-label folder's provenance lists, in row order (unchecked)."""
+    return [Path(soft_dir) / s["file"] for s in read_provenance(soft_dir).get("shards", [])]
 
 
 def logits_of(table: pa.Table, prov: dict) -> np.ndarray:
@@ -225,9 +365,9 @@ def logits_of(table: pa.Table, prov: dict) -> np.ndarray:
     return dense_logits(index, values, table.column("rest_logit").to_numpy(), c)
 
 
-def _soft_label_rows(path: Path, prov: dict) -> ParquetRows:
-    """The id and logit columns (dense or top-k, as the provenance says) of a soft-label file."""
-    return ParquetRows([path], ["id", *LOGIT_COLUMNS[prov.get("top_k") is not None]])
+def _soft_label_rows(soft_dir: Path, prov: dict) -> ParquetRows:
+    """The id and logit columns (dense or top-k, as the provenance says) of a soft-label set."""
+    return open_shards(soft_dir, prov, ["id", *LOGIT_COLUMNS[prov.get("top_k") is not None]])
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:
@@ -236,22 +376,26 @@ def _flat(column: pa.ChunkedArray) -> np.ndarray:
 
 class StudentRows:
     """The student's training rows: prepared features and labels (train, then transfer)
-    joined with their soft labels, read one prepared row group at a time.
+    joined with their soft labels, read one prepared row group at a time (a block may
+    span two shards: the shards read as one table in row order).
 
-    Opening checks the soft labels' provenance against the prepared data; each block
-    read checks that the ids line up, so a file that no longer matches is refused by
-    name instead of training on misaligned targets.
+    Opening checks the soft labels' provenance against the prepared data and every
+    shard against the provenance; each block read checks that the ids line up, so a set
+    that no longer matches is refused by name instead of training on misaligned targets.
+    `path` is the set's provenance.json: it lists every shard's sha256, so its own
+    sha256 is the set's digest.
     """
 
     def __init__(self, prepared_dir: str | Path, soft_dir: str | Path, prepared: PreparedMeta):
-        self.path = Path(soft_dir) / FILE_NAME
-        self.provenance = checked_provenance(self.path, prepared)
+        self.dir = Path(soft_dir)
+        self.path = self.dir / PROVENANCE_NAME
+        self.provenance = checked_provenance(self.dir, prepared)
         splits = [Path(prepared_dir) / f"{s}.parquet" for s in LABELLED_SPLITS if s in prepared.splits]
         self.prepared = ParquetRows(splits, ["id", "x", "label"])
-        self.soft = _soft_label_rows(self.path, self.provenance)
-        if self.soft.num_rows != self.prepared.num_rows:
-            raise UserError(f"{self.path}: {self.soft.num_rows} rows but the prepared train/transfer splits have "
-                            f"{self.prepared.num_rows}; rerun soft_labels")
+        if self.provenance["rows"] != self.prepared.num_rows:
+            raise UserError(f"{self.path}: {self.provenance['rows']} rows but the prepared train/transfer splits "
+                            f"have {self.prepared.num_rows}; rerun soft_labels")
+        self.soft = _soft_label_rows(self.dir, self.provenance)
         self.bounds = self.prepared.group_bounds
 
     @property
@@ -262,14 +406,13 @@ class StudentRows:
         start, stop = self.bounds[i]
         rows, soft = self.prepared.read(start, stop), self.soft.read(start, stop)
         if not np.array_equal(rows.column("id").to_numpy(), soft.column("id").to_numpy()):
-            raise UserError(f"{self.path}: soft-label rows do not match the prepared train/transfer rows; "
+            raise UserError(f"{self.dir}: soft-label rows do not match the prepared train/transfer rows; "
                             "rerun soft_labels")
         return Block(features(rows), labels(rows), logits_of(soft, self.provenance))
 
 
 def read_soft_labels(soft_dir: str | Path, prepared: PreparedMeta) -> SoftLabels:
     """All soft labels at once, logits as float32 (N, C); for small sets and inspection."""
-    path = Path(soft_dir) / FILE_NAME
-    prov = checked_provenance(path, prepared)
-    table = _soft_label_rows(path, prov).read(0, 1 << 62)
+    prov = checked_provenance(soft_dir, prepared)
+    table = _soft_label_rows(Path(soft_dir), prov).read(0, 1 << 62)
     return SoftLabels(table.column("id").to_numpy(), logits_of(table, prov), prov)

@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from distill import data, softlabels
 from distill.config import ModelTrainConfig, ResumeConfig, StudentConfig
+from distill.distributed import World
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv
-from distill.losses import LOSSES, cross_entropy
+from distill.losses import LOSSES, UNLABELED, cross_entropy, total
 from distill.models import build_model, check_model, count_parameters, model_args, save_checkpoint
 from distill.progress import bar
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
@@ -116,6 +118,7 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     buffer_rows: int | None = None,
     resume: Resume | None = None,
+    world: World = World(),
 ) -> TrainResult:
     """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y).
 
@@ -126,9 +129,11 @@ def fit(
     training state (weights, optimizer, schedule, random generators, best model,
     history) is saved every few epochs and a matching saved state is picked up, so an
     interrupted run ends as an uninterrupted one would (bit for bit in one process).
+    Under torchrun (`world`), the model is wrapped in DistributedDataParallel, each rank
+    trains on its share of every global batch, and only rank 0 saves resume state.
     """
     gen = seed_everything(seed)
-    batches = Batches(train, cfg.batch_size, buffer_rows)
+    batches = Batches(train, cfg.batch_size, buffer_rows, world.rank, world.size)
     val_x, val_y = torch.as_tensor(val[0]), torch.as_tensor(val[1])
     steps_per_epoch = batches.steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -137,16 +142,18 @@ def fit(
     if distillation is not None and distillation.teacher is not None:
         distillation.teacher.eval()
     done = _restore(resume, model, opt, sched, gen, best, name) if resume else 0
+    net = DistributedDataParallel(model) if world.distributed else model
     if on_epoch:
         for row in best.history:  # a resumed run reports the epochs it picked up, too
             on_epoch(row)
-    with bar(cfg.epochs * steps_per_epoch, name, unit="batch", initial=done * steps_per_epoch) as progress:
+    with bar(cfg.epochs * steps_per_epoch, name, unit="batch", initial=done * steps_per_epoch,
+             disable=not world.is_main) as progress:
         for epoch in range(done + 1, cfg.epochs + 1):
             model.train()
             sums: dict[str, float] = {}
             timing, start = EpochTiming(), time.perf_counter()
-            for x, y, teacher_logits in timed(batches.epoch(gen), timing):
-                logits = model(x)
+            for step, (x, y, teacher_logits) in enumerate(timed(batches.epoch(gen), timing)):
+                logits = net(x)
                 if distillation is None:
                     parts = {"loss": cross_entropy(logits, y)}
                 else:
@@ -154,13 +161,19 @@ def fit(
                         teacher_logits = _teacher_forward(distillation, x)
                     parts = distillation(logits, teacher_logits, y)
                 opt.zero_grad(set_to_none=True)
-                parts["loss"].backward()
+                if world.distributed:
+                    parts = _global_batch_shares(parts, y, logits, distillation, world)
+                    (parts["loss"] * world.size).backward()  # DDP averages over ranks; the shares sum
+                else:
+                    parts["loss"].backward()
                 opt.step()
                 sched.step()
                 progress.update()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / steps_per_epoch
             timing.seconds = time.perf_counter() - start
+            if world.distributed:  # each rank holds its shares of the global batches' means: add them up
+                sums = _sum_over_ranks(sums)
             row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
             best.history.append(row)
             progress.set_postfix_str(f"epoch {epoch}/{cfg.epochs} val_accuracy {row['val_accuracy']:.4f}")
@@ -173,12 +186,47 @@ def fit(
                 "%s epoch %d/%d loss %.4f val_accuracy %.4f",
                 name, epoch, cfg.epochs, row["train_loss"], row["val_accuracy"],
             )
-            if resume and epoch % resume.every == 0 and epoch < cfg.epochs:
+            if resume and world.is_main and epoch % resume.every == 0 and epoch < cfg.epochs:
                 _save(resume, epoch, model, opt, sched, gen, best)
-    if resume:
+    if resume and world.is_main:
         resume.path.unlink(missing_ok=True)
     best.model.eval()
     return best
+
+
+def _global_batch_shares(parts: dict[str, torch.Tensor], y: torch.Tensor, logits: torch.Tensor,
+                         distillation: Distillation | None, world: World) -> dict[str, torch.Tensor]:
+    """This rank's shares of the global batch's loss terms, so that they sum over the ranks
+    to what one process computes on the whole batch.
+
+    A mean over rows (the KD terms) is weighted by the rank's share of the batch's rows;
+    the cross-entropy, a mean over labelled rows, by its share of the labelled rows
+    (counted across ranks with one small all-reduce). A rank whose share is empty
+    still joins the gradient all-reduce, with zeros.
+    """
+    import torch.distributed as dist
+
+    labelled = int((y != UNLABELED).sum())
+    counts = torch.tensor([len(y), labelled], dtype=torch.float64)
+    dist.all_reduce(counts)
+    row_share = len(y) / counts[0].item()
+    labelled_share = labelled / counts[1].item() if counts[1] else 0.0
+    if not len(y):
+        zero = logits.sum() * 0.0
+        return {k: zero for k in parts}
+    if distillation is None:
+        return {"loss": parts["loss"] * labelled_share}
+    shares = {k: v * (labelled_share if k == "ce" else row_share) for k, v in parts.items() if k != "loss"}
+    shares["loss"] = total(shares["kd"], shares["ce"], distillation.temperature, distillation.alpha)
+    return shares
+
+
+def _sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    values = torch.tensor(list(sums.values()), dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
 
 
 def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, best: TrainResult) -> None:
@@ -247,7 +295,7 @@ def _epoch_row(
 
 def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, model_out: str | Path,
                     history_out: str | Path, name: str, on_epoch: Callable | None = None,
-                    info: dict | None = None, resume: ResumeConfig | None = None) -> dict:
+                    info: dict | None = None, resume: ResumeConfig | None = None, world: World = World()) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
     The baseline is called with the student's config: same architecture, seed and budget.
@@ -256,12 +304,12 @@ def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, 
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
     return _train_and_save(cfg, seed, meta, InMemoryRows(train.x, train.y), (val.x, val.y), None, model_out,
-                           history_out, name=name, on_epoch=on_epoch, info=info or {}, resume=resume)
+                           history_out, name=name, on_epoch=on_epoch, info=info or {}, resume=resume, world=world)
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_labels_dir: str | Path,
                   model_out: str | Path, history_out: str | Path, on_epoch: Callable | None = None,
-                  info: dict | None = None, resume: ResumeConfig | None = None) -> dict:
+                  info: dict | None = None, resume: ResumeConfig | None = None, world: World = World()) -> dict:
     """Stage step train_student: distil from the stored soft labels (train + transfer rows).
 
     The rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
@@ -277,7 +325,8 @@ def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_
                "soft_labels_sha256": file_sha256(rows.path)}
     result = _train_and_save(cfg, seed, meta, rows, (val.x, val.y), kd, model_out, history_out,
                              name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage},
-                             buffer_rows=cfg.shuffle_buffer, resume=resume, resume_inputs={"soft_labels": lineage})
+                             buffer_rows=cfg.shuffle_buffer, resume=resume, resume_inputs={"soft_labels": lineage},
+                             world=world)
     return result | {"soft_labels": lineage}
 
 
@@ -293,21 +342,31 @@ def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> 
 def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: Rows, val: tuple,
                     kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
                     on_epoch: Callable | None, info: dict, buffer_rows: int | None = None,
-                    resume: ResumeConfig | None = None, resume_inputs: dict | None = None) -> dict:
+                    resume: ResumeConfig | None = None, resume_inputs: dict | None = None,
+                    world: World = World()) -> dict:
+    """Train, then (rank 0 only, under torchrun) save the best checkpoint and the history."""
     args = model_args(cfg, meta.num_features, meta.num_classes)
     model = initial_model(cfg, meta, seed)
     log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model),
              sum(train.block_sizes))
     inputs = {"name": name, "config": cfg.model_dump(), "seed": seed, "prepared": meta.fingerprint,
-              "model_args": args, **(resume_inputs or {})}
+              "model_args": args, "processes": world.size, **(resume_inputs or {})}
     result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch, buffer_rows=buffer_rows,
-                 resume=Resume.make(resume, name, inputs))
+                 resume=Resume.make(resume, name, inputs), world=world)
+    if world.is_main:
+        _save_outputs(model_out, history_out, result, args, cfg, seed, meta, info, world)
+    return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+            "parameters": count_parameters(result.model), "history": result.history,
+            "model": result.model, "example": val[0][:5]}
+
+
+def _save_outputs(model_out: str | Path, history_out: str | Path, result: TrainResult, args: dict,
+                  cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, info: dict, world: World) -> None:
+    if world.distributed:
+        info = info | {"processes": world.size}
     save_checkpoint(
         model_out, result.model, args,
         config=cfg.model_dump(), seed=seed, epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,
         history=result.history, class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **info,
     )
     write_csv(history_out, result.history)
-    return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-            "parameters": count_parameters(result.model), "history": result.history,
-            "model": result.model, "example": val[0][:5]}

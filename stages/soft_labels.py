@@ -1,4 +1,5 @@
-"""DVC stage `soft_labels`: the teacher's raw logits over train + transfer, as Parquet.
+"""DVC stage `soft_labels`: the teacher's raw logits over train + transfer, as Parquet shards
+(part-00000.parquet, ...) and one provenance.json.
 
     python -m stages.soft_labels --params params.yaml --teacher models/teacher.pt \
         --prepared data/prepared --out data/soft_labels --receipt reports/runs/soft_labels.json
@@ -19,7 +20,7 @@ def main(argv=None) -> dict:
     logged = {"soft_labels": params.soft_labels.model_dump()}
     with tracking.stage_run("soft_labels", params.tracking, logged, args.receipt) as run:
         result = softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels, run_id=run.run_id)
-        run.log_metrics({"rows": result["rows"], "bytes": result["bytes"],
+        run.log_metrics({"rows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
                          "bytes_per_row": result["bytes"] / max(result["rows"], 1)})
         run.set_tags({"distill.teacher_run_id": result["teacher_run_id"],
                       "distill.teacher_sha256": result["teacher_sha256"]})

@@ -28,7 +28,7 @@ TINY_PARAMS = {
         "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
         "epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
     },
-    "soft_labels": {"dtype": "float32", "top_k": None, "batch_size": 256},
+    "soft_labels": {"dtype": "float32", "top_k": None, "batch_size": 256, "shard_rows": 300},  # 3 shards
     "student": {
         "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
         "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
@@ -36,6 +36,7 @@ TINY_PARAMS = {
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     "resume": {"every_epochs": 1, "dir": ".resume"},
+    "distributed": {"nproc": 1, "backend": "auto"},
     # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.
     "tracking": {"enabled": False, "experiment": "tiny"},
     "registry": {"model_name": "tiny-student", "alias": "champion", "min_test_accuracy": 0.0,

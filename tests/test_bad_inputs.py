@@ -103,18 +103,35 @@ def soft_labels_with_provenance(**changes) -> Callable[[Path], None]:
     def apply(root: Path) -> None:
         import json
 
-        path = root / "data/soft_labels/soft_labels.parquet"
-        table = pq.read_table(path)
-        meta = dict(table.schema.metadata)
-        prov = json.loads(meta[b"distill.soft_labels"]) | changes
-        meta[b"distill.soft_labels"] = json.dumps(prov).encode()
-        pq.write_table(table.replace_schema_metadata(meta), path)
+        path = root / "data/soft_labels/provenance.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
     return apply
 
 
+def provenance_without_last_shard(root: Path) -> None:
+    """provenance.json lists one shard fewer than the folder holds (its row total adjusted to match)."""
+    import json
+
+    path = root / "data/soft_labels/provenance.json"
+    prov = json.loads(path.read_text())
+    prov["rows"] -= prov["shards"].pop()["rows"]
+    path.write_text(json.dumps(prov))
+
+
+def shard_of_another_set(root: Path) -> None:
+    """part-00001 replaced by the same shard of a float16 set made from the same teacher and data."""
+    from distill import softlabels
+    from distill.config import SoftLabelsConfig
+
+    other = root / "other_soft_labels"
+    cfg = SoftLabelsConfig(**TINY_PARAMS["soft_labels"] | {"dtype": "float16"})
+    softlabels.dump(root / "models/teacher.pt", root / "data/prepared", other, cfg)
+    shutil.copy(other / "part-00001.parquet", root / "data/soft_labels/part-00001.parquet")
+
+
 def foreign_soft_labels(root: Path) -> None:
-    pq.write_table(pq.read_table(root / "data/prepared/train.parquet"), root / "data/soft_labels/soft_labels.parquet")
+    pq.write_table(pq.read_table(root / "data/prepared/train.parquet"), root / "data/soft_labels/part-00000.parquet")
 
 
 def other_architecture(rel: str) -> Callable[[Path], None]:
@@ -162,14 +179,23 @@ CASES = [
     ("a class too small to split", "prepare",
      table_source(frame().assign(label=[0, 1] * 29 + [2, 0]), "d.csv"), ["class '2' has 1 rows"]),
     # artifacts handed from stage to stage
-    ("truncated soft labels", "train_student", truncate("data/soft_labels/soft_labels.parquet"),
-     ["data/soft_labels/soft_labels.parquet", "truncated"]),
+    # soft labels: TINY_PARAMS' shard_rows makes three shards, part-00000 to part-00002, and provenance.json
+    ("truncated soft-label shard", "train_student", truncate("data/soft_labels/part-00001.parquet"),
+     ["data/soft_labels/part-00001.parquet", "truncated"]),
+    ("missing soft-label shard", "train_student", remove("data/soft_labels/part-00002.parquet"),
+     ["data/soft_labels/part-00002.parquet", "not found", "lists 3 shards"]),
+    ("soft-label shard of another set", "train_student", shard_of_another_set,
+     ["data/soft_labels/part-00001.parquet", "not shard 1 of this soft-label set"]),
+    ("provenance listing fewer shards", "train_student", provenance_without_last_shard,
+     ["data/soft_labels/part-00002.parquet", "does not list", "lists 2"]),
+    ("soft-label provenance missing", "train_student", remove("data/soft_labels/provenance.json"),
+     ["data/soft_labels/provenance.json", "not found"]),
     ("stale soft labels", "train_student", soft_labels_with_provenance(prepared_fingerprint="0" * 64),
-     ["data/soft_labels/soft_labels.parquet", "stale"]),
+     ["data/soft_labels/provenance.json", "stale"]),
     ("soft labels with other classes", "train_student", soft_labels_with_provenance(num_classes=7),
-     ["data/soft_labels/soft_labels.parquet", "7 classes"]),
-    ("foreign parquet as soft labels", "train_student", foreign_soft_labels,
-     ["data/soft_labels/soft_labels.parquet", "provenance"]),
+     ["data/soft_labels/provenance.json", "7 classes"]),
+    ("foreign parquet as a soft-label shard", "train_student", foreign_soft_labels,
+     ["data/soft_labels/part-00000.parquet", "provenance"]),
     ("truncated teacher checkpoint", "soft_labels", truncate("models/teacher.pt"), ["models/teacher.pt"]),
     ("checkpoint of another architecture", "evaluate", other_architecture("models/student.pt"),
      ["models/student.pt", "do not match"]),

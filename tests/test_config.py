@@ -86,9 +86,9 @@ def dvc_stages() -> dict:
     "stage, params",
     [
         ("prepare", {"data"}),
-        ("train_teacher", {"seed", "teacher"}),
+        ("train_teacher", {"seed", "teacher", "distributed"}),
         ("soft_labels", {"soft_labels"}),
-        ("train_student", {"seed", "student"}),
+        ("train_student", {"seed", "student", "distributed"}),
         ("evaluate", {"evaluate", "registry"}),
     ],
 )
@@ -98,7 +98,8 @@ def test_each_stage_lists_exactly_the_params_it_reads(stage, params):
 
 def test_the_baseline_reads_every_student_key_except_the_distillation_ones():
     listed = set(dvc_stages()["train_baseline"]["params"])
-    expected = {"seed"} | {f"student.{k}" for k in StudentConfig.model_fields if k not in DISTILLATION_KEYS}
+    expected = {"seed", "distributed"} | {f"student.{k}" for k in StudentConfig.model_fields
+                                          if k not in DISTILLATION_KEYS}
     assert listed == expected
 
 

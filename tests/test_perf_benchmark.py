@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.perf import epoch_summary, met, online_limit, ratio, storage_summary, summarize
+from benchmarks.perf import epoch_summary, merge_report, met, online_limit, ratio, storage_summary, summarize
 from distill.rows import EpochTiming
 
 
@@ -52,3 +52,19 @@ def test_summary_lists_every_target_with_whether_it_is_met():
         "streamed: data wait / epoch time": True,
     }
     assert summarize({}) == []
+
+
+def test_merging_one_remeasured_measure_keeps_the_others_and_notes_its_command():
+    old = {"command": "python benchmarks/perf.py", "measured_at": "then", "machine": {"cpus": 2},
+           "measure_wall_s": {"cache_overhead": 9.0, "memory": 70.0},
+           "cache_overhead": {"ratio": 0.9}, "memory": {"stages": {}}}
+    memory = {"stages": {"train_student": {"1000000": {"peak_rss_gb": 0.5}, "ratio_1m_to_100k": 1.1}}}
+    new = {"command": "python benchmarks/perf.py --only memory --merge", "measured_at": "now",
+           "machine": {"cpus": 2}, "measure_wall_s": {"memory": 80.0}, "memory": memory}
+    merged = merge_report(old, new)
+    assert merged["cache_overhead"] == {"ratio": 0.9} and merged["memory"] == memory
+    assert merged["command"] == "python benchmarks/perf.py" and merged["measured_at"] == "then"
+    assert merged["measure_wall_s"] == {"cache_overhead": 9.0, "memory": 80.0}
+    assert merged["remeasured"] == {"memory": {"command": new["command"], "measured_at": "now",
+                                               "machine": {"cpus": 2}}}
+    assert {row["measure"] for row in merged["summary"]} == {"cache_overhead", "memory"}

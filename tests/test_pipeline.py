@@ -34,8 +34,8 @@ def test_dvc_repro_runs_the_pipeline_then_reruns_exactly_what_a_change_touches(p
     assert metrics["teacher"]["test_accuracy"] > 0.5  # it learned something
     assert "gap_closed" in metrics
     for out in ("data/prepared/train.parquet", "data/prepared/transfer.parquet",
-                "data/soft_labels/soft_labels.parquet", "models/teacher.pt", "models/student.pt",
-                "models/baseline.pt", "reports/compare.md", "reports/predictions.csv",
+                "data/soft_labels/part-00000.parquet", "data/soft_labels/provenance.json", "models/teacher.pt",
+                "models/student.pt", "models/baseline.pt", "reports/compare.md", "reports/predictions.csv",
                 "reports/reliability/student.csv", "reports/train/student.csv", "reports/report.html",
                 *(f"reports/figures/{name}.png" for name in ("tradeoff", "training", "confusion", "reliability"))):
         assert (project / out).is_file(), out

@@ -108,7 +108,8 @@ def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted
 
 
 def test_soft_labels_killed_mid_write_leave_no_partial_parquet_and_the_rerun_cleans_up(tmp_path):
-    root = scratch(tmp_path, **{"data.transfer_size": 400_000, "soft_labels.batch_size": 256})
+    root = scratch(tmp_path, **{"data.transfer_size": 400_000, "soft_labels.batch_size": 256,
+                                "soft_labels.shard_rows": 100_000})
     for stage in ("prepare", "train_teacher"):
         run_stage_in_process(root, stage)
     proc = subprocess.Popen(stage_cmd(root, "soft_labels"), cwd=root, env=subprocess_env(),
@@ -116,10 +117,10 @@ def test_soft_labels_killed_mid_write_leave_no_partial_parquet_and_the_rerun_cle
     deadline = time.monotonic() + 60
     partial = None
     while time.monotonic() < deadline and partial is None:
-        found = [p for p in (root / "data").glob(".soft_labels.tmp-*/soft_labels.parquet") if p.stat().st_size]
+        found = [p for p in (root / "data").glob(".soft_labels.tmp-*/part-*.parquet") if p.stat().st_size]
         partial = found[0] if found else None
         time.sleep(0.01)
-    assert partial is not None, "the soft-label file is written into a temporary folder"
+    assert partial is not None, "the soft-label shards are written into a temporary folder"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (root / "data" / "soft_labels").exists(), "nothing at the output path DVC would cache"
@@ -147,8 +148,9 @@ def test_the_same_params_and_seed_give_identical_metrics_and_artifacts(tmp_path)
         runs.append((root, metrics))
     (a, metrics_a), (b, metrics_b) = runs
     assert metrics_a == metrics_b
-    for rel in ("data/prepared/train.parquet", "data/soft_labels/soft_labels.parquet", "reports/train/student.csv",
-                "reports/predictions.csv"):
+    soft = [f"data/soft_labels/{p.name}" for p in sorted((a / "data/soft_labels").iterdir())]
+    assert len(soft) == 4  # TINY_PARAMS: three shards and provenance.json
+    for rel in ("data/prepared/train.parquet", *soft, "reports/train/student.csv", "reports/predictions.csv"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     for model in ("teacher", "student", "baseline"):
         ckpt_a, ckpt_b = (torch.load(r / "models" / f"{model}.pt", weights_only=True) for r in (a, b))

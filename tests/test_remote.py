@@ -88,7 +88,8 @@ def pushed(tmp_path_factory) -> dict:
     assert status(project, "--cloud") == {}, "every output is on the remote"
     assert run_cache_entries(project) and any((remote / "runs").rglob("*"))
     files = output_files(project)
-    assert {"models/student.pt", "data/soft_labels/soft_labels.parquet", "reports/metrics.json"} <= set(files)
+    assert {"models/student.pt", "data/soft_labels/provenance.json", "data/soft_labels/part-00000.parquet",
+            "reports/metrics.json"} <= set(files)
     return {"project": project, "remote": remote, "files": files, "student_t2": student_t2}
 
 

@@ -1,0 +1,123 @@
+"""Training on several processes: torchrun launches them, DistributedDataParallel syncs them.
+
+A training stage runs distributed in either of two ways:
+
+- `distributed.nproc: N` in params.yaml (N > 1): the stage starts itself again under
+  `torchrun --standalone --nproc-per-node N` on this machine and waits for it;
+- the stage launched under torchrun by hand (any torchrun options: several nodes,
+  an existing rendezvous): it joins the process group torchrun describes.
+
+Every rank draws the same seeded permutation and takes a disjoint share of each
+global batch (`student.batch_size` / `teacher.batch_size` stay the global batch), so
+N processes see exactly the rows one process would; each rank's loss terms are
+weighted by its share of the batch's rows (labelled rows, for the cross-entropy), so
+the averaged gradient is the global batch's (distill.training). Rank 0 alone writes checkpoints, DVC
+outputs, resume state and MLflow runs; the other ranks only compute.
+
+The backend is `gloo` on CPU and `nccl` when CUDA is present (`distributed.backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from distill.config import DistributedConfig, TrackingConfig
+from distill.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def current() -> World:
+    """The world torchrun describes in the environment (one process when not under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def backend(cfg: DistributedConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@contextmanager
+def process_group(cfg: DistributedConfig) -> Iterator[World]:
+    """Join torchrun's process group for the block (nothing to join in a single process)."""
+    world = current()
+    if not world.distributed:
+        yield world
+        return
+    dist.init_process_group(backend(cfg))
+    if not world.is_main:  # one copy of the log lines is enough
+        logging.getLogger("distill").setLevel(logging.WARNING)
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(cfg: DistributedConfig, module: str, argv: Sequence[str]) -> int:
+    """Run `python -m module argv` under torchrun with `cfg.nproc` processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
+           "-m", module, *argv]
+    log.info("launching %d processes: torchrun --standalone --nproc-per-node=%d -m %s", cfg.nproc, cfg.nproc,
+             module)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def run_stage(cfg: DistributedConfig, module: str, argv: Sequence[str] | None, body: Callable[[World], T]) -> T | dict:
+    """A training stage's body, in this process or (nproc > 1, not yet under torchrun) in torchrun's.
+
+    Under torchrun the process group is joined around `body(world)`; `body` is given
+    the World so it writes only on rank 0.
+    """
+    if cfg.nproc > 1 and not under_torchrun():
+        code = launch(cfg, module, list(sys.argv[1:] if argv is None else argv))
+        if code:
+            raise UserError(f"distributed training ({cfg.nproc} processes) failed with exit status {code}; "
+                            "the first rank's error is printed above")
+        return {"nproc": cfg.nproc}
+    with process_group(cfg) as world:
+        return body(world)
+
+
+def stage_run(world: World, stage: str, cfg: TrackingConfig, params: dict, receipt: str | None):
+    """The stage's MLflow run (tracking.stage_run) on rank 0; a no-op run, and no receipt, elsewhere."""
+    from distill import tracking
+
+    if not world.is_main:
+        cfg, receipt = cfg.model_copy(update={"enabled": False}), None
+    return tracking.stage_run(stage, cfg, params, receipt)
