@@ -116,7 +116,9 @@ def stage_argv(root: Path, stage: str) -> list[str]:
 
 
 def run(root: Path, cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    # one thread a process, as torchrun gives each rank: the 1-process runs sum in the same order
+    env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
