@@ -85,6 +85,7 @@ def test_run_applies_overrides_runs_the_flow_and_prints_the_comparison(project, 
     assert result.exit_code == 2 and "student.alpha = 7" in result.output
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_grid_of_queued_dvc_experiments_and_summarises_them(project, monkeypatch):
     monkeypatch.chdir(project)
     refused = runner.invoke(app, ["sweep", "-S", "student.alpha=0.5,9"])

@@ -34,6 +34,7 @@ def test_the_flow_runs_every_stage_then_reuses_them_then_reruns_only_what_an_ove
     assert "up to date" in status.stdout
 
 
+@pytest.mark.slow
 def test_force_reruns_every_stage(project, flow_module):
     flow_module.pipeline(repo_dir=str(project))
     assert ran(flow_module.pipeline(force=True, repo_dir=str(project))) == set(ALL_STAGES)

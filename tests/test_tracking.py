@@ -47,6 +47,7 @@ def assert_evaluate_children(client, experiment_id: str, evaluate_run_id: str) -
         assert child.data.tags["mlflow.parentRunId"] == evaluate_run_id
 
 
+@pytest.mark.slow
 def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_registry(project):
     from mlflow import MlflowClient
     import mlflow
