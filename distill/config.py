@@ -168,7 +168,7 @@ class DistributedConfig(Section):
     reach the same model as one only to float rounding."""
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; 1 = no torchrun")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
+    backend: Literal["auto", "gloo"] = Field("auto", description="auto: gloo (training runs on the CPU)")
 
 
 class TrackingConfig(Section):

@@ -14,7 +14,9 @@ weighted by its share of the batch's rows (labelled rows, for the cross-entropy)
 the averaged gradient is the global batch's (distill.training). Rank 0 alone writes checkpoints, DVC
 outputs, resume state and MLflow runs; the other ranks only compute.
 
-The backend is `gloo` on CPU and `nccl` when CUDA is present (`distributed.backend`).
+The backend is `gloo`: training runs on the CPU (its tensors never move to a GPU), so
+`nccl`, which needs CUDA tensors, would fail; `distributed.backend: auto` is there to
+pick `nccl` once training places models on GPUs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-import torch
 import torch.distributed as dist
 
 from distill.config import DistributedConfig, TrackingConfig
@@ -66,9 +67,8 @@ def under_torchrun() -> bool:
 
 
 def backend(cfg: DistributedConfig) -> str:
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """gloo: the training tensors live on the CPU (see the module docstring)."""
+    return "gloo" if cfg.backend == "auto" else cfg.backend
 
 
 @contextmanager
