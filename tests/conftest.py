@@ -6,6 +6,7 @@ import copy
 import importlib
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,25 @@ def run_pipeline_in_process(workdir: Path) -> dict:
     """Every dvc.yaml stage, in file order (a topological order), in this process."""
     spec = yaml.safe_load((workdir / "dvc.yaml").read_text())
     return {name: run_stage_in_process(workdir, name) for name in spec["stages"]}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI for the process and every
+    subprocess it starts: a test that points MLflow at its own store must not send a
+    later test's stages, or its registry look-ups, there."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture
