@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 ## run: the whole pipeline (a Prefect flow over the DVC stages) on MNIST-1D, then the comparison
 run: install
 	python -m pipelines.flow
-	@echo; cat reports/compare.md
+	@echo; cat reports/compare.md; echo "report: reports/report.html"
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)
 test: install

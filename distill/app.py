@@ -76,6 +76,7 @@ def run(
     outcome = pipeline(overrides=parse_overrides(set_), force=force, repo_dir=str(root))
     typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
     typer.echo((root / "reports" / "compare.md").read_text())
+    typer.echo(f"report: {root / 'reports' / 'report.html'}")
 
 
 @app.command(short_help="teacher / student / baseline side by side")

@@ -81,6 +81,8 @@ def test_run_applies_overrides_runs_the_flow_and_prints_the_comparison(project, 
     result = runner.invoke(app, ["run", "--set", "student.temperature=2"])
     assert result.exit_code == 0, result.output
     assert "train_student ran" in result.output and "| student |" in result.output
+    assert f"report: {project / 'reports' / 'report.html'}" in result.output
+    assert (project / "reports" / "report.html").is_file()
     result = runner.invoke(app, ["run", "--set", "student.alpha=7"])
     assert result.exit_code == 2 and "student.alpha = 7" in result.output
 
