@@ -45,8 +45,7 @@ validate: install
 
 ## ui: the MLflow UI on the project's own store, at http://127.0.0.1:$(MLFLOW_PORT) (foreground)
 ui: install
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
-		--host 127.0.0.1 --port $(MLFLOW_PORT)
+	distill ui --port $(MLFLOW_PORT)
 
 .PHONY: push pull
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
 import typer
 
-from distill.cli import EXIT_USER_ERROR, setup_logging
+from distill.cli import BIN, EXIT_USER_ERROR, setup_logging
 from distill.errors import UserError
 
-BIN = Path(sys.executable).parent
 
 app = typer.Typer(
     help="Knowledge distillation as a pipeline: teacher -> soft labels -> student, "

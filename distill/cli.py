@@ -11,10 +11,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from distill.errors import UserError
 
 log = logging.getLogger("distill")
+
+# This interpreter's scripts (dvc, mlflow, prefect, torchrun): run by path, and first on
+# PATH for what they start themselves (DVC runs stage commands and queue workers from PATH).
+BIN = Path(sys.executable).parent
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """os.environ with BIN first on PATH, plus `extra`, for dvc / mlflow subprocesses."""
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
 
 EXIT_USER_ERROR = 2
 

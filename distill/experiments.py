@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from distill.cli import BIN, tool_env
 from distill.config import load_params
 from distill.errors import UserError
 
-BIN = Path(sys.executable).parent
-
-
-def env() -> dict[str, str]:
-    """This interpreter's bin first on PATH: DVC starts its queue workers and stage commands from PATH."""
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+env = tool_env  # DVC starts its queue workers and stage commands from PATH
 
 
 def parse_axes(pairs: list[str]) -> dict[str, list[str]]:

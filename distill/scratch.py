@@ -7,14 +7,13 @@ source checkout's outputs, lock file or caches.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from distill.cli import BIN, tool_env  # noqa: F401  (BIN re-exported for tests and benchmarks)
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GIT_IDENTITY = ["-c", "user.name=distill", "-c", "user.email=distill@localhost"]
 
 
@@ -25,8 +24,9 @@ def project_files(root: Path = PROJECT_DIR) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    """The environment for dvc and stage subprocesses: this interpreter's bin first on PATH."""
-    out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    """The environment for dvc and stage subprocesses (cli.tool_env), without DISTILL_DEBUG:
+    tests read the stages' one-line errors."""
+    out = tool_env()
     out.pop("DISTILL_DEBUG", None)
     return out
 

@@ -18,7 +18,6 @@ import fcntl
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +28,11 @@ import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed
 
+from distill.cli import BIN, tool_env
 from distill.config import load_params
 from distill.errors import UserError
 from distill.progress import bar
 
-BIN = Path(sys.executable).parent
 STAGE_EXIT_USER_ERROR = 2
 
 
@@ -114,7 +113,7 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
     logger = get_run_logger()
     cmd = [str(BIN / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
     # DISTILL_PIPELINE_RUN groups this flow run's stage runs under one MLflow parent run.
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DISTILL_PIPELINE_RUN=pipeline_run)
+    env = tool_env(DISTILL_PIPELINE_RUN=pipeline_run)
     proc = subprocess.Popen(cmd, cwd=repo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
