@@ -68,6 +68,7 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
     assert other.path != resume.path  # other inputs never pick up this state
 
 
+@pytest.mark.slow
 def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted_run(tmp_path):
     root = scratch(tmp_path, **{"data.num_samples": 20000, "data.transfer_size": 0,
                                 "teacher.hidden": [256, 256], "teacher.epochs": 6, "teacher.batch_size": 32})
@@ -107,6 +108,7 @@ def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted
 # ---------------------------------------------------------------- atomic outputs
 
 
+@pytest.mark.slow
 def test_soft_labels_killed_mid_write_leave_no_partial_parquet_and_the_rerun_cleans_up(tmp_path):
     root = scratch(tmp_path, **{"data.transfer_size": 400_000, "soft_labels.batch_size": 256,
                                 "soft_labels.shard_rows": 100_000})
