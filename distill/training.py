@@ -152,7 +152,7 @@ def fit(
             model.train()
             sums: dict[str, float] = {}
             timing, start = EpochTiming(), time.perf_counter()
-            for step, (x, y, teacher_logits) in enumerate(timed(batches.epoch(gen), timing)):
+            for x, y, teacher_logits in timed(batches.epoch(gen), timing):
                 logits = net(x)
                 if distillation is None:
                     parts = {"loss": cross_entropy(logits, y)}
