@@ -41,7 +41,7 @@ test-all: install
 
 ## validate: check params.yaml (every key, type and range) without running anything
 validate: install
-	python -m distill.config params.yaml
+	distill validate params.yaml
 
 ## ui: the MLflow UI on the project's own store, at http://127.0.0.1:$(MLFLOW_PORT) (foreground)
 ui: install
@@ -49,7 +49,7 @@ ui: install
 
 .PHONY: push pull
 
-## push: send every output and the run cache to the default DVC remote (README, "Sharing outputs")
+## push: send every output and the run cache to the default DVC remote (docs/scaling-out.md, "Sharing outputs")
 push: install
 	dvc push --run-cache
 
@@ -57,7 +57,7 @@ push: install
 pull: install
 	dvc pull --run-cache
 
-# ---- scheduling (README, "Scheduling"): each in its own terminal ---------------
+# ---- scheduling (docs/operations.md, "Scheduling with Prefect"): each in its own terminal ---------------
 server worker deploy serve trigger: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
 ## server: a local Prefect server on 127.0.0.1 (foreground; Ctrl-C stops it)

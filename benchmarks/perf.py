@@ -49,9 +49,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill import data, softlabels, training  # noqa: E402
 from distill.config import Params, SoftLabelsConfig, StudentConfig, load_params  # noqa: E402
-from distill.models import load_checkpoint  # noqa: E402
+from distill.losses import Distillation  # noqa: E402
+from distill.models import load_checkpoint, predict_logits  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402
-from distill.scratch import BIN, PROJECT_DIR, env, make_scratch_project  # noqa: E402
+from pipelines.tools import BIN  # noqa: E402
+from tests.scratch import PROJECT_DIR, env, make_scratch_project  # noqa: E402
 
 MEASURES = ("framework_overhead", "cache_overhead", "offline_vs_online", "dump_throughput", "storage", "memory",
             "data_loading")
@@ -178,15 +180,15 @@ def vm_hwm(pid: int) -> int:
 
 def test_accuracy(model: torch.nn.Module, prepared: Path) -> float:
     test = data.read_split(prepared, "test")
-    logits = training.predict_logits(model, torch.from_numpy(test.x))
+    logits = predict_logits(model, torch.from_numpy(test.x))
     return float((logits.argmax(1).numpy() == test.y).mean())
 
 
 def train_student(cfg: StudentConfig, seed: int, prepared: Path, rows, distillation) -> training.TrainResult:
     model = training.initial_model(cfg, data.read_meta(prepared), seed)
     val = data.read_split(prepared, "val")
-    return training.fit(model, cfg, rows, (val.x, val.y), seed, distillation, name="student",
-                        buffer_rows=cfg.shuffle_buffer)
+    job = training.TrainJob(cfg, seed, "student", distillation=distillation, buffer_rows=cfg.shuffle_buffer)
+    return training.fit(model, job, rows, (val.x, val.y))
 
 
 def student_rows_in_memory(prepared: Path) -> InMemoryRows:
@@ -277,7 +279,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
     p = project.get()
     params = p.params
     cfg = params.student
-    kd = training.Distillation.of(cfg)
+    kd = Distillation.of(cfg)
     print("student, offline soft labels ...", flush=True)
     rows = softlabels.StudentRows(p.prepared, p.root / "data" / "soft_labels", data.read_meta(p.prepared))
     offline = train_student(cfg, params.seed, p.prepared, rows, kd)
@@ -285,7 +287,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
     print("student, online teacher ...", flush=True)
     in_memory = student_rows_in_memory(p.prepared)
     online = train_student(cfg, params.seed, p.prepared, in_memory,
-                           training.Distillation.of(cfg, teacher=teacher))
+                           Distillation.of(cfg, teacher=teacher))
     x = torch.from_numpy(in_memory.block.x)
     forward = []
     for _ in range(3):  # the teacher forward alone, over one epoch's rows in training-size batches
@@ -341,7 +343,7 @@ def storage_formats(name: str, prepared: Path, teacher_path: Path, student: Stud
         print(f"storage: {name} {fmt} ...", flush=True)
         softlabels.dump(teacher_path, prepared, out / fmt, cfg)
         result = train_student(student, seed, prepared, softlabels.StudentRows(prepared, out / fmt, meta),
-                               training.Distillation.of(student))
+                               Distillation.of(student))
         entries[fmt] = storage_entry(out / fmt, rows, test_accuracy(result.model, prepared))
     return storage_summary(entries) | {"rows": rows, "num_classes": meta.num_classes}
 
@@ -365,8 +367,8 @@ def storage(project: Project, tmp: Path) -> dict:
     prepared = tmp / "hundred" / "prepared"
     data.prepare(big.data, prepared)
     print("storage: 100-class teacher ...", flush=True)
-    training.train_on_labels(big.teacher, 0, prepared, tmp / "hundred" / "teacher.pt", tmp / "hundred" / "t.csv",
-                             name="teacher")
+    training.train_on_labels(training.TrainJob(big.teacher, 0, "teacher"), prepared,
+                             training.Outputs(tmp / "hundred" / "teacher.pt", tmp / "hundred" / "t.csv"))
     datasets["synthetic_100_classes"] = storage_formats("synthetic_100_classes", prepared, tmp / "hundred" / "teacher.pt", big.student, 0, 10,
                                                         tmp / "hundred")
     datasets["synthetic_100_classes"]["params"] = HUNDRED_CLASSES
@@ -439,7 +441,7 @@ def data_loading(project: Project, tmp: Path) -> dict:
     print("data loading: default data, in memory ...", flush=True)
     cfg = params.student.model_copy(update={"epochs": 3})
     rows = softlabels.StudentRows(p.prepared, p.root / "data" / "soft_labels", data.read_meta(p.prepared))
-    kd = training.Distillation.of(cfg)
+    kd = Distillation.of(cfg)
     result["default_in_memory"] = epoch_summary(train_student(cfg, params.seed, p.prepared, rows, kd).timings)
     big = tmp / "scale1000000"
     if not (big / "data" / "soft_labels").exists():  # made by the memory measure when it ran first

@@ -30,7 +30,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill.scratch import BIN, PROJECT_DIR, env, make_scratch_project  # noqa: E402
+from pipelines.tools import BIN  # noqa: E402
+from tests.scratch import PROJECT_DIR, env, make_scratch_project  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, environ: dict) -> float:

@@ -23,11 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from distill import experiments  # noqa: E402
-from distill.evaluation import gap_closed  # noqa: E402
+from distill.evaluation import MODELS, gap_closed  # noqa: E402
+from pipelines import experiments  # noqa: E402
+from pipelines.tools import BIN  # noqa: E402
 
-BIN = Path(sys.executable).parent
-MODELS = ("teacher", "student", "baseline")
 
 # Overrides of the committed params.yaml, as `dvc exp run -S` takes them.
 CONFIGS: dict[str, dict[str, str]] = {
@@ -102,7 +101,7 @@ def run_experiment(name: str, overrides: dict[str, str], seed: int) -> dict:
     """One full pipeline run as a DVC experiment in a temporary directory; its metrics."""
     args = [f"seed={seed}"] + [f"{k}={v}" for k, v in overrides.items()]
     # a rerun of the benchmark replaces its experiments; DVC's run cache keeps their work
-    subprocess.run([str(BIN / "dvc"), "exp", "remove", name], cwd=ROOT, capture_output=True)
+    experiments.remove(ROOT, name)
     cmd = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name]
     for a in args:
         cmd += ["-S", a]

@@ -246,21 +246,3 @@ def _lookup(raw: object, loc: tuple) -> object:
         else:
             return _MISSING
     return raw
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m distill.config [params.yaml]`: validate a params file without running anything."""
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(description="Check params.yaml: every key, type and range.")
-    parser.add_argument("params", nargs="?", default="params.yaml")
-    path = parser.parse_args(argv).params
-    load_params(path)
-    logging.getLogger("distill").info("%s: valid", path)
-
-
-if __name__ == "__main__":
-    from distill.cli import cli_main
-
-    raise SystemExit(cli_main(main))

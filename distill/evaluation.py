@@ -3,13 +3,16 @@
 Quality: accuracy, NLL, expected calibration error, agreement with the teacher,
 KL(teacher || model), mean predictive entropy. Cost: parameters, checkpoint bytes,
 CPU latency at batch 1 and at a large batch. The derived headline is
-gap_closed = (student - baseline) / (teacher - baseline) in test accuracy.
+gap_closed = (student - baseline) / (teacher - baseline) in test accuracy. The
+registry's quality gate (`passes_gate`) is decided here too; distill.report shows the
+results, distill.tracking records them.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import data, report
-from distill.config import EvaluateConfig
+from distill import data
+from distill.config import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
-from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
-from distill.models import count_parameters, load_checkpoint
-from distill.training import predict_logits
+from distill.io import atomic_path, file_sha256, write_csv, write_json
+from distill.models import count_parameters, load_checkpoint, predict_logits
 
 MODELS = ("teacher", "student", "baseline")
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` computes: the metrics, and what the report draws from them."""
+
+    metrics: dict  # per model, plus gap_closed: reports/metrics.json
+    histories: dict[str, list[dict]]  # per model: the checkpoint's per-epoch rows
+    labels: np.ndarray  # test labels (class indices)
+    predictions: dict[str, np.ndarray]  # per model: predicted class indices
+    reliability: dict[str, list[dict]]  # per model: reliability_bins rows
+    class_names: list[str]
+    run_ids: dict[str, str | None] = field(default_factory=dict)  # per model: its training run in MLflow
+    described: str = ""  # one line: the test data and the runs
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> float:
@@ -88,19 +104,10 @@ def gap_closed(teacher: float, student: float, baseline: float) -> float | None:
     return None if abs(gap) < 1e-12 else (student - baseline) / gap
 
 
-def compare_table(metrics: dict) -> str:
-    """A markdown table of the three models, plus the gap-closed headline."""
-    keys = [("test_accuracy", "test acc", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
-            ("teacher_agreement", "agree w/ teacher", "{:.4f}"), ("kl_from_teacher", "KL(teacher||m)", "{:.4f}"),
-            ("entropy", "entropy", "{:.3f}"), ("params", "params", "{:,}"),
-            ("checkpoint_bytes", "ckpt bytes", "{:,}"), ("latency_ms_b1", "ms @b1", "{:.3f}"),
-            ("latency_ms_batch", "ms @batch", "{:.3f}")]
-    lines = ["| model | " + " | ".join(h for _, h, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for m in MODELS:
-        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt in keys) + " |")
-    gap = metrics.get("gap_closed")
-    shown = "n/a (teacher and baseline tie)" if gap is None else f"{100 * gap:.1f}%"
-    return "\n".join(lines) + f"\n\nGap closed by distillation (student - baseline) / (teacher - baseline): {shown}\n"
+def passes_gate(student: dict, registry: RegistryConfig) -> bool:
+    """The quality gate for the registry alias: accurate enough and fast enough at batch 1."""
+    return (student["test_accuracy"] >= registry.min_test_accuracy
+            and student["latency_ms_b1"] <= registry.max_latency_ms_b1)
 
 
 def prediction_rows(labels: np.ndarray, preds: dict[str, np.ndarray], class_names: list[str]) -> list[dict]:
@@ -110,12 +117,8 @@ def prediction_rows(labels: np.ndarray, preds: dict[str, np.ndarray], class_name
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
-             metrics_out: str | Path, compare_out: str | Path, predictions_out: str | Path,
-             reliability_dir: str | Path, report_out: str | Path | None = None,
-             figures_dir: str | Path | None = None) -> dict:
-    """Stage step evaluate: test metrics for teacher, student and baseline, the comparison,
-    and (given `report_out` and `figures_dir`) the HTML report with its figures."""
+def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path]) -> Evaluation:
+    """Stage step evaluate: test metrics for teacher, student and baseline (nothing written)."""
     meta = data.read_meta(prepared_dir)
     test = data.read_split(prepared_dir, "test")
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
@@ -132,25 +135,25 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
         }
     acc = {name: metrics[name]["test_accuracy"] for name in MODELS}
     metrics["gap_closed"] = gap_closed(acc["teacher"], acc["student"], acc["baseline"])
-    write_json(metrics_out, metrics)
-    write_text(compare_out, compare_table(metrics))
-    preds = {name: lg.argmax(1).numpy() for name, lg in logits.items()}
-    write_csv(predictions_out, prediction_rows(test.y, preds, meta.class_names))
-    bins = {name: reliability_bins(lg.softmax(1), y, cfg.ece_bins) for name, lg in logits.items()}
+    run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}
+    described = (f"{len(test.y):,} test rows, {meta.num_classes} classes, prepared data {meta.fingerprint[:12]}; "
+                 "MLflow runs: " + ", ".join(f"{name} {run_id or 'not tracked'}" for name, run_id in run_ids.items()))
+    return Evaluation(
+        metrics=metrics, histories={name: ckpt.get("history", []) for name, (_, ckpt) in models.items()},
+        labels=test.y, predictions={name: lg.argmax(1).numpy() for name, lg in logits.items()},
+        reliability={name: reliability_bins(lg.softmax(1), y, cfg.ece_bins) for name, lg in logits.items()},
+        class_names=meta.class_names, run_ids=run_ids, described=described)
+
+
+def write_outputs(result: Evaluation, metrics_out: str | Path, predictions_out: str | Path,
+                  reliability_dir: str | Path) -> None:
+    """metrics.json, the per-example predictions CSV and one reliability CSV per model, atomically."""
+    write_json(metrics_out, result.metrics)
+    write_csv(predictions_out, prediction_rows(result.labels, result.predictions, result.class_names))
     with atomic_path(reliability_dir) as tmp:
         tmp.mkdir()
-        for name, rows in bins.items():
+        for name, rows in result.reliability.items():
             write_csv(tmp / f"{name}.csv", rows)
-    run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}
-    if report_out is not None and figures_dir is not None:
-        inputs = report.ReportInputs(
-            metrics=metrics, histories={name: ckpt.get("history", []) for name, (_, ckpt) in models.items()},
-            labels=test.y, predictions=preds, reliability=bins, class_names=meta.class_names)
-        described = (f"{len(test.y):,} test rows, {meta.num_classes} classes, prepared data "
-                     f"{meta.fingerprint[:12]}; MLflow runs: "
-                     + ", ".join(f"{name} {run_id or 'not tracked'}" for name, run_id in run_ids.items()))
-        report.write_report(inputs, report_out, figures_dir, described)
-    return metrics | {"run_ids": run_ids}
 
 
 def _check_lineage(checkpoints: dict, models: dict, meta: data.PreparedMeta) -> None:

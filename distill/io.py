@@ -116,3 +116,11 @@ def tree_sha256(path: str | Path) -> str:
         digest.update(f.relative_to(path).as_posix().encode())
         digest.update(file_sha256(f).encode())
     return digest.hexdigest()
+
+
+def git_head(root: str | Path) -> str | None:
+    """The git commit checked out at `root`, or None outside a repository."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -1,13 +1,20 @@
 """Distillation losses: pure functions of logits and labels (Hinton KD, decoupled KD).
 
 The models know nothing of these; the training loop passes teacher logits read
-from the soft-label Parquet.
+from the soft-label Parquet. `Distillation` holds a student's loss settings;
+`rank_share` splits a batch's loss terms between torchrun processes so that they
+add up to the whole batch's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from distill.config import StudentConfig
 
 UNLABELED = -1
 
@@ -124,3 +131,44 @@ def _binary_kl(teacher_scaled: torch.Tensor, student_scaled: torch.Tensor, is_ta
 
 
 LOSSES = {"kd": kd_loss, "dkd": dkd_loss}
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """The KD loss settings, and where the teacher's logits come from.
+
+    Offline (the pipeline): the training rows carry the stored soft labels.
+    Online (`teacher` given, rows without logits): the teacher runs forward on every
+    batch, as in a one-script distillation; kept to measure what offline saves.
+    """
+
+    temperature: float
+    alpha: float
+    teacher: nn.Module | None = None
+    loss: str = "kd"  # a key of LOSSES
+    loss_options: dict = field(default_factory=dict)  # dkd: target_weight, nontarget_weight
+
+    @staticmethod
+    def of(cfg: StudentConfig, teacher: nn.Module | None = None) -> Distillation:
+        options = {"target_weight": cfg.dkd_target_weight, "nontarget_weight": cfg.dkd_nontarget_weight}
+        return Distillation(cfg.temperature, cfg.alpha, teacher, cfg.loss, options if cfg.loss == "dkd" else {})
+
+    def __call__(self, student_logits, teacher_logits, labels) -> dict[str, torch.Tensor]:
+        return LOSSES[self.loss](student_logits, teacher_logits, labels, self.temperature, self.alpha,
+                                 **self.loss_options)
+
+
+def rank_share(parts: dict[str, torch.Tensor], row_share: float, labelled_share: float,
+               distillation: Distillation | None) -> dict[str, torch.Tensor]:
+    """One process's shares of a global batch's loss terms, which sum over the processes to
+    what one process computes on the whole batch.
+
+    A mean over rows (the KD terms) is weighted by the process's share of the batch's rows;
+    the cross-entropy, a mean over labelled rows, by its share of the labelled rows. The
+    total is rebuilt from the weighted parts (it is linear in them).
+    """
+    if distillation is None:
+        return {"loss": parts["loss"] * labelled_share}
+    shares = {k: v * (labelled_share if k == "ce" else row_share) for k, v in parts.items() if k != "loss"}
+    shares["loss"] = total(shares["kd"], shares["ce"], distillation.temperature, distillation.alpha)
+    return shares

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import ModelTrainConfig
+from distill.config import BUILTIN_ARCHS, ModelTrainConfig
 from distill.errors import UserError
 from distill.io import atomic_path
 
@@ -77,6 +77,9 @@ class CNN1d(nn.Module):
         return self.head(h.flatten(1))  # (N, C_last * L) -> (N, classes)
 
 
+BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d)))  # the names are config's, so params validate without torch
+
+
 def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int) -> dict[str, Any]:
     """The keyword arguments that rebuild a model, as stored in its checkpoint."""
     args: dict[str, Any] = {"arch": cfg.arch, "num_features": num_features, "num_classes": num_classes}
@@ -86,9 +89,6 @@ def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int) -> di
     if cfg.arch == "cnn1d":
         args |= {"channels": list(cfg.channels), "kernel_size": cfg.kernel_size}
     return args
-
-
-BUILTIN = {"mlp": MLP, "cnn1d": CNN1d}
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
@@ -137,6 +137,13 @@ def check_model(model: nn.Module, num_features: int, num_classes: int, arch: str
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"arch {arch}: returns {shape} for a batch of shape (2, {num_features}); "
                         f"it must return (batch, {num_classes}) logits")
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """(N, D) -> (N, C) logits in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def count_parameters(model: nn.Module) -> int:

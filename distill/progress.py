@@ -1,12 +1,14 @@
-"""Progress bars (tqdm) on a terminal; nothing elsewhere, so CI and task logs stay short.
+"""What a person watching a run sees: log lines, and progress bars (tqdm) on a terminal.
 
-Bars go to stderr and show only when stderr is a terminal and CI is not set.
-DISTILL_PROGRESS=1 forces them on, DISTILL_PROGRESS=0 off. While a bar is shown,
-log lines are written above it instead of through it.
+Log lines go to stderr, plain and filterable (`setup_logging`; DISTILL_LOG_LEVEL sets
+the level). Bars go to stderr too and show only when stderr is a terminal and CI is
+not set; DISTILL_PROGRESS=1 forces them on, DISTILL_PROGRESS=0 off. While a bar is
+shown, log lines are written above it instead of through it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -16,6 +18,16 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 ENV = "DISTILL_PROGRESS"
+
+
+def setup_logging() -> None:
+    """Plain, filterable progress lines on stderr."""
+    logging.basicConfig(
+        level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
 def enabled(stream=None) -> bool:

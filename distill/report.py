@@ -1,8 +1,10 @@
-"""The run report: one HTML page a person opens after a run, and its figures as PNGs.
+"""How results are shown: the markdown comparison, and the HTML report with its figures.
 
+    reports/compare.md       the comparison table and the gap-closed line (`compare_table`)
     reports/report.html      headline, comparison table, the four figures (embedded)
     reports/figures/*.png    the same figures, for `dvc plots show` and MLflow
 
+The table's columns (`COLUMNS`) are defined once, for both.
 The headline is the share of the teacher-baseline gap the student closes, with
 the size and speed the student buys. Figures (matplotlib, no display needed):
 accuracy against size and latency, training curves, confusion matrices, and a
@@ -15,30 +17,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from distill.evaluation import MODELS, Evaluation
 from distill.io import atomic_path, write_text
 
-MODELS = ("teacher", "student", "baseline")
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
 FIGURES = ("tradeoff", "training", "confusion", "reliability")
 DPI = 110
-
-
-@dataclass
-class ReportInputs:
-    """What the report is drawn from (all of it computed by `evaluate`)."""
-
-    metrics: dict  # reports/metrics.json: per model, plus gap_closed
-    histories: dict[str, list[dict]]  # per model: the checkpoint's per-epoch rows
-    labels: np.ndarray  # test labels (class indices)
-    predictions: dict[str, np.ndarray]  # per model: predicted class indices
-    reliability: dict[str, list[dict]]  # per model: evaluation.reliability_bins rows
-    class_names: list[str]
 
 
 def headline(metrics: dict) -> str:
@@ -149,7 +138,7 @@ def reliability_figure(reliability: dict[str, list[dict]], metrics: dict) -> Fig
     return fig
 
 
-def figures(inputs: ReportInputs) -> dict[str, Figure]:
+def figures(inputs: Evaluation) -> dict[str, Figure]:
     return {
         "tradeoff": tradeoff_figure(inputs.metrics),
         "training": training_figure(inputs.histories),
@@ -158,12 +147,13 @@ def figures(inputs: ReportInputs) -> dict[str, Figure]:
     }
 
 
-TABLE = [  # metric key, heading, format, which direction is better
+COLUMNS = [  # metric key, heading, format, which direction is better (None: neither)
     ("test_accuracy", "test accuracy", "{:.2%}", "higher"),
     ("nll", "NLL", "{:.4f}", "lower"),
     ("ece", "ECE", "{:.4f}", "lower"),
     ("teacher_agreement", "agrees with teacher", "{:.2%}", "higher"),
-    ("kl_from_teacher", "KL(teacher || model)", "{:.4f}", "lower"),
+    ("kl_from_teacher", "KL(teacher ‖ model)", "{:.4f}", "lower"),  # ‖, not ||: a pipe ends a markdown cell
+    ("entropy", "entropy", "{:.3f}", None),
     ("params", "parameters", "{:,}", "lower"),
     ("checkpoint_bytes", "checkpoint bytes", "{:,}", "lower"),
     ("latency_ms_b1", "ms at batch 1", "{:.3f}", "lower"),
@@ -171,16 +161,26 @@ TABLE = [  # metric key, heading, format, which direction is better
 ]
 
 
+def compare_table(metrics: dict) -> str:
+    """A markdown table of the three models, plus the gap-closed line (reports/compare.md)."""
+    lines = ["| model | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for m in MODELS:
+        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt, _ in COLUMNS) + " |")
+    gap = metrics.get("gap_closed")
+    shown = "n/a (teacher and baseline tie)" if gap is None else f"{100 * gap:.1f}%"
+    return "\n".join(lines) + f"\n\nGap closed by distillation (student - baseline) / (teacher - baseline): {shown}\n"
+
+
 def table_html(metrics: dict) -> str:
     """The comparison table; the student's cells are marked better / worse than the baseline's."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in TABLE)
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in COLUMNS)
     rows = []
     for m in MODELS:
         cells = []
-        for key, _, fmt, better in TABLE:
+        for key, _, fmt, better in COLUMNS:
             value = metrics[m][key]
             mark = ""
-            if m == "student" and metrics["baseline"][key] != value:
+            if m == "student" and better and metrics["baseline"][key] != value:
                 wins = (value > metrics["baseline"][key]) == (better == "higher")
                 mark = ' class="better"' if wins else ' class="worse"'
             cells.append(f"<td{mark}>{fmt.format(value)}</td>")
@@ -234,7 +234,7 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(inputs: ReportInputs, html_out: str | Path, figures_dir: str | Path, meta: str = "") -> dict:
+def write_report(inputs: Evaluation, html_out: str | Path, figures_dir: str | Path) -> dict:
     """Write the HTML page (figures embedded, so it opens anywhere, MLflow included) and the PNGs."""
     pngs = {name: png_bytes(fig) for name, fig in figures(inputs).items()}
     with atomic_path(figures_dir) as tmp:
@@ -247,7 +247,7 @@ def write_report(inputs: ReportInputs, html_out: str | Path, figures_dir: str | 
         for name, data in pngs.items()
     )
     text = headline(inputs.metrics)
-    page = PAGE.format(title="Distillation report", meta=html.escape(meta), headline=html.escape(text),
+    page = PAGE.format(title="Distillation report", meta=html.escape(inputs.described), headline=html.escape(text),
                        student=COLORS["student"], table=table_html(inputs.metrics), figures=blocks)
     write_text(html_out, page)
     return {"headline": text, "figures": sorted(pngs)}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,6 @@ METADATA_KEY = b"distill.soft_labels"
 PROVENANCE_NAME = "provenance.json"
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
-LEGACY_FILE_NAME = "soft_labels.parquet"  # schema version 2 and before: one file, no provenance.json
 SET_KEYS = ("rows", "shards")  # provenance keys of the whole set, not in a shard's own metadata
 LABELLED_SPLITS = ("train", "transfer")  # the rows the student trains on, in this order
 LOGIT_COLUMNS = {False: ["logits"], True: ["topk_index", "topk_logits", "rest_logit"]}
@@ -228,41 +228,56 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         "run_id": run_id,
     }
     schema = soft_label_schema(meta.num_classes, cfg.dtype, cfg.top_k)
-    rows = 0
-    with atomic_path(out_dir) as tmp, torch.inference_mode():
+    with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        shards = ShardWriter(tmp, schema, header, cfg.shard_rows)
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as pool:
-                pending = None
-                for split in LABELLED_SPLITS:
-                    path = Path(prepared_dir) / f"{split}.parquet"
-                    if not path.exists():
-                        continue
-                    # pre_buffer off: with it, iter_batches buffers the whole file's column chunks
-                    # (memory growing with the rows, 190 MB at 1M rows of 40 features)
-                    source = pq.ParquetFile(path, pre_buffer=False)
-                    with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row",
-                             unit_scale=True) as progress:
-                        for batch in source.iter_batches(batch_size=cfg.batch_size):
-                            logits = model(torch.from_numpy(features(batch))).numpy()
-                            record = to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch),
-                                                     logits)
-                            if pending is not None:
-                                pending.result()  # at most one batch in flight: memory stays bounded
-                            pending = pool.submit(shards.write, record)
-                            rows += len(batch)
-                            progress.update(len(batch))
-                    log.info("soft labels: %d rows computed (%s done)", rows, split)
-                if pending is not None:
-                    pending.result()
-            listed = shards.close()
-        finally:
-            shards.abort()  # after an error: release the open file (atomic_path removes the folder)
+        batches = teacher_batches(model, prepared_dir, schema, cfg.batch_size)
+        listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
         provenance = header | {"rows": rows, "shards": listed}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     log.info("soft labels: %d rows in %d shard(s) under %s", rows, len(listed), out_dir)
     return {"bytes": sum(s["bytes"] for s in listed), **provenance}
+
+
+def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa.Schema,
+                    batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The teacher's logits over the prepared train then transfer rows, one record batch of
+    `schema` per `batch_size` rows, read and computed as they are asked for."""
+    rows = 0
+    for split in LABELLED_SPLITS:
+        path = Path(prepared_dir) / f"{split}.parquet"
+        if not path.exists():
+            continue
+        # pre_buffer off: with it, iter_batches buffers the whole file's column chunks
+        # (memory growing with the rows, 190 MB at 1M rows of 40 features)
+        source = pq.ParquetFile(path, pre_buffer=False)
+        with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row", unit_scale=True) as progress:
+            for batch in source.iter_batches(batch_size=batch_size):
+                with torch.inference_mode():
+                    logits = model(torch.from_numpy(features(batch))).numpy()
+                yield to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch), logits)
+                rows += len(batch)
+                progress.update(len(batch))
+        log.info("soft labels: %d rows computed (%s done)", rows, split)
+
+
+def write_shards(batches: Iterable[pa.RecordBatch], shards: ShardWriter) -> tuple[list[dict], int]:
+    """Write the batches through `shards` on a writer thread, one batch in flight (so compression
+    overlaps computing the next batch and memory stays bounded); the shard list and the rows.
+    After an error the open shard's file is released (the caller's atomic_path removes the folder)."""
+    rows = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as pool:
+            pending = None
+            for record in batches:
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(shards.write, record)
+                rows += record.num_rows
+            if pending is not None:
+                pending.result()
+        return shards.close(), rows
+    finally:
+        shards.abort()
 
 
 def read_provenance(soft_dir: str | Path) -> dict:
@@ -270,9 +285,6 @@ def read_provenance(soft_dir: str | Path) -> dict:
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     if not path.is_file():
-        if (folder / LEGACY_FILE_NAME).is_file():
-            raise UserError(f"{folder}: soft labels in an older layout (one {LEGACY_FILE_NAME}, no {PROVENANCE_NAME}); "
-                            "rerun soft_labels")
         raise UserError(f"{path}: not found; run the soft_labels stage first (dvc repro soft_labels)")
     try:
         prov = json.loads(path.read_text())

@@ -2,7 +2,7 @@
 
 Where runs go: MLFLOW_TRACKING_URI when set (a server), else a SQLite store and an
 artifact root inside the project (mlflow.db, mlruns/; git-ignored), as absolute
-paths, so the temporary copies `dvc exp run --queue` works in log to the same store.
+paths, so the private clones a sweep runs its points in (under .dvc/tmp/exps/) log to the same store.
 
 Grouping: the stages of one pipeline execution are nested under one parent run
 tagged `distill.pipeline_run`. The id comes from DISTILL_PIPELINE_RUN (the Prefect
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -29,18 +28,17 @@ from typing import Any
 
 from distill.config import RegistryConfig, TrackingConfig
 from distill.errors import UserError
-from distill.io import tree_sha256, write_json
+from distill.io import git_head, tree_sha256, write_json
 
 TAG_PIPELINE_RUN = "distill.pipeline_run"
 TAG_STAGE = "distill.stage"
 TAG_MODEL_URI = "distill.model_uri"
-# Fail fast against an unreachable server instead of retrying for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# Fail fast against an unreachable server instead of retrying for minutes (set when a run starts).
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The project directory, also from inside a `dvc exp run --queue` temporary copy."""
+    """The project directory, also from inside a sweep point's clone or a `dvc exp run --temp` copy under .dvc/tmp/exps/."""
     cwd = (cwd or Path.cwd()).resolve()
     parts = cwd.parts
     for i in range(len(parts) - 2):
@@ -52,6 +50,11 @@ def project_root(cwd: Path | None = None) -> Path:
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI, or the embedded SQLite store of the project at `root`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_root(root: Path, uri: str) -> str | None:
+    """Where the embedded SQLite store keeps artifacts (root/mlruns); None for a server, which decides."""
+    return (root / "mlruns").as_uri() if uri.startswith("sqlite:") else None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -84,12 +87,6 @@ def pipeline_run_id() -> str:
             return f"dvc-{proc.pid}-{int(proc.create_time())}"
         proc = proc.parent()
     return f"standalone-{os.getpid()}-{int(time.time())}"
-
-
-def head_commit(root: Path) -> str:
-    """The git commit checked out at `root`, or "unknown" outside a repository."""
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
@@ -190,13 +187,15 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
         return
     import mlflow
 
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
     root = project_root()
     uri = tracking_uri(root)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(cfg.experiment, root, uri)
     parent_id = _parent_run(experiment_id, pipeline_id)
-    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": head_commit(root),
+    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown",
             "dvc.inputs_sha256": stage_inputs_sha256(stage, params)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                           nested=True, tags=tags) as run:
@@ -232,9 +231,7 @@ def _experiment_id(name: str, root: Path, uri: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # The embedded store keeps artifacts beside it; a server decides for itself.
-    location = (root / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=artifact_root(root, uri))
 
 
 def _parent_run(experiment_id: str, pipeline_id: str) -> str:
@@ -252,15 +249,11 @@ def _parent_run(experiment_id: str, pipeline_id: str) -> str:
     return run.info.run_id
 
 
-def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None], registry: RegistryConfig,
-                   artifacts: list[Path]) -> dict:
+def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None], artifacts: list[Path]) -> None:
     """Evaluate's logging: one child run per model under the same metric keys, the
-    artifacts, and the student's registration with the alias if it passes the gate.
-
-    Returns {"registered_version": ..., "gate_passed": ...} (None, None when tracking is off).
-    """
+    gap closed on the stage run, and the report files as artifacts (nothing when tracking is off)."""
     if not run.run_id:
-        return {"registered_version": None, "gate_passed": None}
+        return
     import mlflow
 
     experiment_id = mlflow.active_run().info.experiment_id
@@ -277,18 +270,19 @@ def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None],
             mlflow.log_artifacts(str(path), path.name)
         else:
             mlflow.log_artifact(str(path))
-    return register_student(run_ids["student"], metrics["student"], registry)
 
 
-def register_student(student_run: str | None, student: dict, registry: RegistryConfig) -> dict:
-    """Register the student's model; give the new version the alias only if it passes the gate."""
+def register_student(student_run: str | None, registry: RegistryConfig, passed: bool) -> dict:
+    """Register the student's model, tagged with the quality gate's verdict (evaluation.passes_gate);
+    give the new version the alias only if it passed.
+
+    Returns {"registered_version": ..., "gate_passed": ...} (None, None when the student was not tracked).
+    """
+    if not student_run:
+        return {"registered_version": None, "gate_passed": None}
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    if not student_run:
-        return {"registered_version": None, "gate_passed": None}
-    passed = (student["test_accuracy"] >= registry.min_test_accuracy
-              and student["latency_ms_b1"] <= registry.max_latency_ms_b1)
     client = MlflowClient()
     model_uri = client.get_run(student_run).data.tags.get(TAG_MODEL_URI, f"runs:/{student_run}/model")
     version = mlflow.register_model(model_uri, registry.model_name).version

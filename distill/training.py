@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill import data, softlabels
-from distill.config import ModelTrainConfig, ResumeConfig, StudentConfig
+from distill.config import ModelTrainConfig, ResumeConfig
 from distill.distributed import World
-from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv
-from distill.losses import LOSSES, UNLABELED, cross_entropy, total
-from distill.models import build_model, check_model, count_parameters, model_args, save_checkpoint
+from distill.losses import UNLABELED, Distillation, cross_entropy, rank_share
+from distill.models import build_model, check_model, count_parameters, model_args, predict_logits, save_checkpoint
 from distill.progress import bar
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
 
@@ -37,28 +36,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Distillation:
-    """The KD loss settings, and where the teacher's logits come from.
+class TrainJob:
+    """One training run: the model's config and budget, the seed, and how the run goes.
 
-    Offline (the pipeline): the training rows carry the stored soft labels.
-    Online (`teacher` given, rows without logits): the teacher runs forward on every
-    batch, as in a one-script distillation; kept to measure what offline saves.
+    The stage steps build it (train_student adds the distillation and the shuffle buffer
+    from its config); `fit` reads nothing else.
     """
 
-    temperature: float
-    alpha: float
-    teacher: nn.Module | None = None
-    loss: str = "kd"  # a key of distill.losses.LOSSES
-    loss_options: dict = field(default_factory=dict)  # dkd: target_weight, nontarget_weight
+    cfg: ModelTrainConfig
+    seed: int = 0
+    name: str = "model"  # teacher | student | baseline: log lines, progress bar, resume file
+    distillation: Distillation | None = None  # None: cross-entropy on the labelled rows
+    buffer_rows: int | None = None  # rows held in memory at once (None: all)
+    world: World = World()  # this process's place under torchrun
+    on_epoch: Callable[[dict[str, float]], None] | None = None  # each epoch's row plus its timing
 
-    @staticmethod
-    def of(cfg: StudentConfig, teacher: nn.Module | None = None) -> Distillation:
-        options = {"target_weight": cfg.dkd_target_weight, "nontarget_weight": cfg.dkd_nontarget_weight}
-        return Distillation(cfg.temperature, cfg.alpha, teacher, cfg.loss, options if cfg.loss == "dkd" else {})
 
-    def __call__(self, student_logits, teacher_logits, labels) -> dict[str, torch.Tensor]:
-        return LOSSES[self.loss](student_logits, teacher_logits, labels, self.temperature, self.alpha,
-                                 **self.loss_options)
+@dataclass(frozen=True)
+class Outputs:
+    """Where a training stage step writes, and what its checkpoint records besides the model."""
+
+    model: Path
+    history: Path
+    info: dict = field(default_factory=dict)  # stored in the checkpoint (the MLflow run id, say)
 
 
 @dataclass
@@ -100,92 +100,38 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """(N, D) -> (N, C) logits in eval mode."""
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-def fit(
-    model: nn.Module,
-    cfg: ModelTrainConfig,
-    train: Rows,
-    val: tuple[np.ndarray, np.ndarray],
-    seed: int,
-    distillation: Distillation | None = None,
-    name: str = "model",
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    buffer_rows: int | None = None,
-    resume: Resume | None = None,
-    world: World = World(),
-) -> TrainResult:
+def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.ndarray],
+        resume: Resume | None = None) -> TrainResult:
     """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y).
 
-    Without `distillation` the loss is cross-entropy on the labelled rows; with it,
-    the Hinton KD loss against the teacher's logits. `buffer_rows` bounds the rows
-    held in memory (None: all). `on_epoch` receives each epoch's history row plus
-    its timing (epoch_seconds, data_wait_fraction), for a tracker. With `resume`, the
-    training state (weights, optimizer, schedule, random generators, best model,
-    history) is saved every few epochs and a matching saved state is picked up, so an
-    interrupted run ends as an uninterrupted one would (bit for bit in one process).
-    Under torchrun (`world`), the model is wrapped in DistributedDataParallel, each rank
-    trains on its share of every global batch, and only rank 0 saves resume state.
+    Without `job.distillation` the loss is cross-entropy on the labelled rows; with it,
+    the distillation loss against the teacher's logits. With `resume`, the training state
+    (weights, optimizer, schedule, random generators, best model, history) is saved every
+    few epochs and a matching saved state is picked up, so an interrupted run ends as an
+    uninterrupted one would (bit for bit in one process). Under torchrun (`job.world`),
+    the model is wrapped in DistributedDataParallel, each rank trains on its share of
+    every global batch, and only rank 0 saves resume state.
     """
-    gen = seed_everything(seed)
-    batches = Batches(train, cfg.batch_size, buffer_rows, world.rank, world.size)
+    cfg, world = job.cfg, job.world
+    gen = seed_everything(job.seed)
+    batches = Batches(train, cfg.batch_size, job.buffer_rows, world.rank, world.size)
     val_x, val_y = torch.as_tensor(val[0]), torch.as_tensor(val[1])
-    steps_per_epoch = batches.steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * batches.steps_per_epoch)
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
-    if distillation is not None and distillation.teacher is not None:
-        distillation.teacher.eval()
-    done = _restore(resume, model, opt, sched, gen, best, name) if resume else 0
+    if job.distillation is not None and job.distillation.teacher is not None:
+        job.distillation.teacher.eval()
+    done = _restore(resume, model, opt, sched, gen, best, job.name) if resume else 0
     net = DistributedDataParallel(model) if world.distributed else model
-    if on_epoch:
-        for row in best.history:  # a resumed run reports the epochs it picked up, too
-            on_epoch(row)
-    with bar(cfg.epochs * steps_per_epoch, name, unit="batch", initial=done * steps_per_epoch,
+    for row in best.history if job.on_epoch else ():  # a resumed run reports the epochs it picked up, too
+        job.on_epoch(row)
+    with bar(cfg.epochs * batches.steps_per_epoch, job.name, unit="batch", initial=done * batches.steps_per_epoch,
              disable=not world.is_main) as progress:
         for epoch in range(done + 1, cfg.epochs + 1):
-            model.train()
-            sums: dict[str, float] = {}
-            timing, start = EpochTiming(), time.perf_counter()
-            for x, y, teacher_logits in timed(batches.epoch(gen), timing):
-                logits = net(x)
-                if distillation is None:
-                    parts = {"loss": cross_entropy(logits, y)}
-                else:
-                    if teacher_logits is None:
-                        teacher_logits = _teacher_forward(distillation, x)
-                    parts = distillation(logits, teacher_logits, y)
-                opt.zero_grad(set_to_none=True)
-                if world.distributed:
-                    parts = _global_batch_shares(parts, y, logits, distillation, world)
-                    (parts["loss"] * world.size).backward()  # DDP averages over ranks; the shares sum
-                else:
-                    parts["loss"].backward()
-                opt.step()
-                sched.step()
-                progress.update()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / steps_per_epoch
-            timing.seconds = time.perf_counter() - start
-            if world.distributed:  # each rank holds its shares of the global batches' means: add them up
-                sums = _sum_over_ranks(sums)
-            row = _epoch_row(epoch, sums, model, val_x, val_y, distillation is not None)
-            best.history.append(row)
+            sums, timing = train_epoch(net, batches, gen, (opt, sched), job, progress)
+            row = _epoch_row(epoch, sums, model, val_x, val_y, job.distillation is not None)
+            _record(best, model, row, timing, job)
             progress.set_postfix_str(f"epoch {epoch}/{cfg.epochs} val_accuracy {row['val_accuracy']:.4f}")
-            best.timings.append(timing)
-            if on_epoch:
-                on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
-            if row["val_accuracy"] > best.best_val_accuracy:
-                best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), epoch, row["val_accuracy"]
-            log.info(
-                "%s epoch %d/%d loss %.4f val_accuracy %.4f",
-                name, epoch, cfg.epochs, row["train_loss"], row["val_accuracy"],
-            )
             if resume and world.is_main and epoch % resume.every == 0 and epoch < cfg.epochs:
                 _save(resume, epoch, model, opt, sched, gen, best)
     if resume and world.is_main:
@@ -194,31 +140,70 @@ def fit(
     return best
 
 
-def _global_batch_shares(parts: dict[str, torch.Tensor], y: torch.Tensor, logits: torch.Tensor,
-                         distillation: Distillation | None, world: World) -> dict[str, torch.Tensor]:
-    """This rank's shares of the global batch's loss terms, so that they sum over the ranks
-    to what one process computes on the whole batch.
+def train_epoch(net: nn.Module, batches: Batches, gen: torch.Generator, optim: tuple, job: TrainJob,
+                progress) -> tuple[dict[str, float], EpochTiming]:
+    """One pass over the batches: each loss part's mean over the epoch's steps (summed over the
+    ranks under torchrun), and the epoch's timing. `optim` is (optimizer, LR schedule)."""
+    opt, sched = optim
+    net.train()
+    sums: dict[str, float] = {}
+    timing, start = EpochTiming(), time.perf_counter()
+    for x, y, teacher_logits in timed(batches.epoch(gen), timing):
+        logits = net(x)
+        parts = _loss_parts(logits, y, x, teacher_logits, job.distillation)
+        opt.zero_grad(set_to_none=True)
+        if job.world.distributed:
+            parts = _rank_shares(parts, y, logits, job.distillation)
+            (parts["loss"] * job.world.size).backward()  # DDP averages over ranks; the shares sum
+        else:
+            parts["loss"].backward()
+        opt.step()
+        sched.step()
+        progress.update()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.item() / batches.steps_per_epoch
+    timing.seconds = time.perf_counter() - start
+    if job.world.distributed:  # each rank holds its shares of the global batches' means: add them up
+        sums = _sum_over_ranks(sums)
+    return sums, timing
 
-    A mean over rows (the KD terms) is weighted by the rank's share of the batch's rows;
-    the cross-entropy, a mean over labelled rows, by its share of the labelled rows
-    (counted across ranks with one small all-reduce). A rank whose share is empty
-    still joins the gradient all-reduce, with zeros.
-    """
+
+def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_logits: torch.Tensor | None,
+                distillation: Distillation | None) -> dict[str, torch.Tensor]:
+    """Cross-entropy alone, or the distillation loss's parts (the teacher run online when the rows carry no logits)."""
+    if distillation is None:
+        return {"loss": cross_entropy(logits, y)}
+    if teacher_logits is None:
+        teacher_logits = _teacher_forward(distillation, x)
+    return distillation(logits, teacher_logits, y)
+
+
+def _record(best: TrainResult, model: nn.Module, row: dict[str, float], timing: EpochTiming, job: TrainJob) -> None:
+    """Add an epoch to the history and the tracker, keep the model if it is the best on val, log a line."""
+    best.history.append(row)
+    best.timings.append(timing)
+    if job.on_epoch:
+        job.on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
+    if row["val_accuracy"] > best.best_val_accuracy:
+        best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), row["epoch"], row["val_accuracy"]
+    log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", job.name, row["epoch"], job.cfg.epochs,
+             row["train_loss"], row["val_accuracy"])
+
+
+def _rank_shares(parts: dict[str, torch.Tensor], y: torch.Tensor, logits: torch.Tensor,
+                 distillation: Distillation | None) -> dict[str, torch.Tensor]:
+    """This rank's shares of the global batch's loss terms (losses.rank_share), its row and
+    labelled-row counts summed across ranks with one small all-reduce."""
     import torch.distributed as dist
 
     labelled = int((y != UNLABELED).sum())
     counts = torch.tensor([len(y), labelled], dtype=torch.float64)
     dist.all_reduce(counts)
-    row_share = len(y) / counts[0].item()
-    labelled_share = labelled / counts[1].item() if counts[1] else 0.0
-    if not len(y):
+    if not len(y):  # an empty share still joins the gradient all-reduce, with zeros
         zero = logits.sum() * 0.0
         return {k: zero for k in parts}
-    if distillation is None:
-        return {"loss": parts["loss"] * labelled_share}
-    shares = {k: v * (labelled_share if k == "ce" else row_share) for k, v in parts.items() if k != "loss"}
-    shares["loss"] = total(shares["kd"], shares["ce"], distillation.temperature, distillation.alpha)
-    return shares
+    labelled_share = labelled / counts[1].item() if counts[1] else 0.0
+    return rank_share(parts, len(y) / counts[0].item(), labelled_share, distillation)
 
 
 def _sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
@@ -293,40 +278,34 @@ def _epoch_row(
 # ---------------------------------------------------------------- stage steps
 
 
-def train_on_labels(cfg: ModelTrainConfig, seed: int, prepared_dir: str | Path, model_out: str | Path,
-                    history_out: str | Path, name: str, on_epoch: Callable | None = None,
-                    info: dict | None = None, resume: ResumeConfig | None = None, world: World = World()) -> dict:
+def train_on_labels(job: TrainJob, prepared_dir: str | Path, out: Outputs, resume: ResumeConfig | None = None) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
     The baseline is called with the student's config: same architecture, seed and budget.
-    `info` is stored in the checkpoint (the MLflow run id, say).
     """
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
-    return _train_and_save(cfg, seed, meta, InMemoryRows(train.x, train.y), (val.x, val.y), None, model_out,
-                           history_out, name=name, on_epoch=on_epoch, info=info or {}, resume=resume, world=world)
+    return _train_and_save(job, meta, InMemoryRows(train.x, train.y), (val.x, val.y), out, resume)
 
 
-def train_student(cfg: StudentConfig, seed: int, prepared_dir: str | Path, soft_labels_dir: str | Path,
-                  model_out: str | Path, history_out: str | Path, on_epoch: Callable | None = None,
-                  info: dict | None = None, resume: ResumeConfig | None = None, world: World = World()) -> dict:
+def train_student(job: TrainJob, prepared_dir: str | Path, soft_labels_dir: str | Path, out: Outputs,
+                  resume: ResumeConfig | None = None) -> dict:
     """Stage step train_student: distil from the stored soft labels (train + transfer rows).
 
-    The rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
+    The distillation loss and the shuffle buffer come from the job's (student) config; the
+    rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
     """
+    job = replace(job, distillation=job.distillation or Distillation.of(job.cfg), buffer_rows=job.cfg.shuffle_buffer)
     meta = data.read_meta(prepared_dir)
     rows = softlabels.StudentRows(prepared_dir, soft_labels_dir, meta)
     val = data.read_split(prepared_dir, "val")
-    kd = Distillation.of(cfg)
     prov = rows.provenance
     lineage = {"teacher_sha256": prov["teacher_sha256"],
                "teacher_run_id": prov.get("teacher_run_id"),
                "soft_labels_run_id": prov.get("run_id"),
                "soft_labels_sha256": file_sha256(rows.path)}
-    result = _train_and_save(cfg, seed, meta, rows, (val.x, val.y), kd, model_out, history_out,
-                             name="student", on_epoch=on_epoch, info=(info or {}) | {"soft_labels": lineage},
-                             buffer_rows=cfg.shuffle_buffer, resume=resume, resume_inputs={"soft_labels": lineage},
-                             world=world)
+    out = replace(out, info=out.info | {"soft_labels": lineage})
+    result = _train_and_save(job, meta, rows, (val.x, val.y), out, resume, {"soft_labels": lineage})
     return result | {"soft_labels": lineage}
 
 
@@ -339,34 +318,22 @@ def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> 
     return model
 
 
-def _train_and_save(cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, train: Rows, val: tuple,
-                    kd: Distillation | None, model_out: str | Path, history_out: str | Path, name: str,
-                    on_epoch: Callable | None, info: dict, buffer_rows: int | None = None,
-                    resume: ResumeConfig | None = None, resume_inputs: dict | None = None,
-                    world: World = World()) -> dict:
+def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tuple, out: Outputs,
+                    resume: ResumeConfig | None, resume_inputs: dict | None = None) -> dict:
     """Train, then (rank 0 only, under torchrun) save the best checkpoint and the history."""
-    args = model_args(cfg, meta.num_features, meta.num_classes)
-    model = initial_model(cfg, meta, seed)
-    log.info("%s: %s with %d parameters, %d training rows", name, cfg.arch, count_parameters(model),
+    args = model_args(job.cfg, meta.num_features, meta.num_classes)
+    model = initial_model(job.cfg, meta, job.seed)
+    log.info("%s: %s with %d parameters, %d training rows", job.name, job.cfg.arch, count_parameters(model),
              sum(train.block_sizes))
-    inputs = {"name": name, "config": cfg.model_dump(), "seed": seed, "prepared": meta.fingerprint,
-              "model_args": args, "processes": world.size, **(resume_inputs or {})}
-    result = fit(model, cfg, train, val, seed, kd, name=name, on_epoch=on_epoch, buffer_rows=buffer_rows,
-                 resume=Resume.make(resume, name, inputs), world=world)
-    if world.is_main:
-        _save_outputs(model_out, history_out, result, args, cfg, seed, meta, info, world)
+    inputs = {"name": job.name, "config": job.cfg.model_dump(), "seed": job.seed, "prepared": meta.fingerprint,
+              "model_args": args, "processes": job.world.size, **(resume_inputs or {})}
+    result = fit(model, job, train, val, Resume.make(resume, job.name, inputs))
+    if job.world.is_main:
+        info = out.info | ({"processes": job.world.size} if job.world.distributed else {})
+        save_checkpoint(out.model, result.model, args, config=job.cfg.model_dump(), seed=job.seed,
+                        epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, history=result.history,
+                        class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **info)
+        write_csv(out.history, result.history)
     return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
             "parameters": count_parameters(result.model), "history": result.history,
             "model": result.model, "example": val[0][:5]}
-
-
-def _save_outputs(model_out: str | Path, history_out: str | Path, result: TrainResult, args: dict,
-                  cfg: ModelTrainConfig, seed: int, meta: data.PreparedMeta, info: dict, world: World) -> None:
-    if world.distributed:
-        info = info | {"processes": world.size}
-    save_checkpoint(
-        model_out, result.model, args,
-        config=cfg.model_dump(), seed=seed, epoch=result.best_epoch, val_accuracy=result.best_val_accuracy,
-        history=result.history, class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **info,
-    )
-    write_csv(history_out, result.history)

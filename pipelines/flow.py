@@ -28,12 +28,11 @@ import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed
 
-from distill.cli import BIN, tool_env
 from distill.config import load_params
-from distill.errors import UserError
+from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import bar
-
-STAGE_EXIT_USER_ERROR = 2
+from pipelines import overrides as params_overrides
+from pipelines.tools import BIN, stage_error, tool_env
 
 
 class StageFailed(RuntimeError):
@@ -77,26 +76,6 @@ def exclusive_run(repo_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def apply_overrides(repo_dir: Path, overrides: dict[str, Any]) -> None:
-    """Edit params.yaml the way `dvc exp run -S key=value` does (Hydra override syntax).
-
-    The result is validated; an invalid override leaves params.yaml as it was.
-    """
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-
-    path = repo_dir / "params.yaml"
-    original = path.read_text()
-    try:
-        dvc_apply_overrides(path, [f"{k}={v}" for k, v in overrides.items()])
-        load_params(path)
-    except UserError:
-        path.write_text(original)
-        raise
-    except Exception as exc:  # dvc wraps Hydra's parse and composition errors (an unknown key, say)
-        path.write_text(original)
-        raise UserError(f"{path}: cannot apply overrides {overrides}: {exc}") from None
-
-
 def _retry_unless_user_error(task, task_run, state) -> bool:
     try:
         state.result()
@@ -121,9 +100,8 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
         logger.info(line.rstrip())
     output = "\n".join(lines)
     if proc.wait() != 0:
-        if re.search(rf"exited with {STAGE_EXIT_USER_ERROR}\b", output):
-            reason = next((ln.split("error: ", 1)[1] for ln in lines if "error: " in ln), output[-300:])
-            raise UserError(f"stage {stage}: {reason}")
+        if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
+            raise UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}")
         raise StageFailed(f"stage {stage} failed (dvc exit {proc.returncode}): {output[-500:]}")
     return "ran" if f"Running stage '{stage}'" in output else _reused()
 
@@ -152,7 +130,7 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     with exclusive_run(root):
         if overrides:
-            apply_overrides(root, overrides)
+            params_overrides.apply(root / "params.yaml", overrides)
         load_params(root / "params.yaml")  # bad params fail here, once, before any stage
         order, changed = dvc_plan(root)
         pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
@@ -173,26 +151,15 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
     return outcome
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """["student.temperature=2"] -> {"student.temperature": "2"} (values parsed by Hydra later)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {pair!r}: expected key=value, e.g. student.temperature=2")
-        out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     args = parser.parse_args(argv)
-    return pipeline(overrides=parse_overrides(args.set), force=args.force)
+    return pipeline(overrides=params_overrides.parse(args.set), force=args.force)
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from stages.common import cli_main
 
     raise SystemExit(cli_main(main))

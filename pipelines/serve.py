@@ -27,6 +27,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from stages.common import cli_main
 
     raise SystemExit(cli_main(main))

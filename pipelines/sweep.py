@@ -1,15 +1,17 @@
-"""A sweep fanned out on Dask: one Prefect task per grid point, each one DVC experiment.
+"""The sweep: a grid of params overrides, one Prefect task per point, each one DVC experiment.
 
-The flow runs on prefect-dask's DaskTaskRunner: a LocalCluster started for the run
-(`workers` processes, one thread each) when no address is given, or the running Dask
-scheduler at `address`. Each task runs one point as an ordinary DVC experiment, in a
-private clone of the project that shares its DVC cache (experiments.run_in_clone), and
-pushes it back, so `dvc exp show` lists every point; the stages log to MLflow as in any
-run. The flow then reads each point's metrics from its experiment and returns one
-comparison table (experiments.summary).
+One engine, two runners. By default the points run in this process's thread pool
+(Prefect's ThreadPoolTaskRunner, `workers` points at a time; the work itself is in
+`dvc exp run` subprocesses). With `dask=True` they run on prefect-dask's
+DaskTaskRunner: a LocalCluster started for the run (`workers` processes, one thread
+each), or the running Dask scheduler at `address`. Either way each task runs one
+point as an ordinary DVC experiment, in a private clone of the project that shares
+its DVC cache (experiments.run_in_clone), and pushes it back, so `dvc exp show` lists
+every point; the stages log to MLflow as in any run. The flow then reads each point's
+metrics from its experiment and returns one comparison table (experiments.summary).
 
-    python -m pipelines.sweep --set student.temperature=1,2,4                      # LocalCluster, 2 workers
-    python -m pipelines.sweep --set student.temperature=1,2,4 --workers 3
+    python -m pipelines.sweep --set student.temperature=1,2,4                      # 1 point at a time, here
+    python -m pipelines.sweep --set student.temperature=1,2,4 --dask --workers 3   # LocalCluster, 3 workers
     python -m pipelines.sweep --set student.temperature=1,2,4 --address tcp://scheduler:8786
 """
 
@@ -25,17 +27,22 @@ import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect_dask import DaskTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from distill import experiments
 from distill.errors import UserError
+from pipelines import experiments, overrides
 
 # Passed from the submitting process to each task: a Dask worker elsewhere has its own environment.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 
 
-def task_runner(address: str | None = None, workers: int = 2) -> DaskTaskRunner:
-    """The Dask scheduler at `address`, or a LocalCluster of `workers` processes, one thread each."""
+def task_runner(workers: int = 1, dask: bool = False, address: str | None = None) -> TaskRunner:
+    """Where the points run: `workers` threads here; with `dask`, a LocalCluster of `workers`
+    processes (one thread each); with `address`, the Dask scheduler there."""
+    if not dask and not address:
+        return ThreadPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
@@ -44,20 +51,27 @@ def task_runner(address: str | None = None, workers: int = 2) -> DaskTaskRunner:
                                           "dashboard_address": "127.0.0.1:8787"})
 
 
+def _where() -> dict:
+    """The Dask worker and scheduler running this task; empty in a thread pool."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()  # raises outside a Dask worker
+    except (ImportError, ValueError):
+        return {}
+    return {"worker": worker.address, "scheduler": worker.scheduler.address}
+
+
 @task(cache_policy=NO_CACHE)  # every call is a run; DVC decides what it reuses
 def run_point(repo_dir: str, name: str, overrides: dict[str, str], baseline: str, patch: bytes,
               env: dict[str, str]) -> dict:
-    """One grid point: one DVC experiment, run where Dask placed this task (experiments.run_in_clone)."""
-    from distributed import get_worker
-
+    """One grid point: one DVC experiment, run where the task runner placed this task (experiments.run_in_clone)."""
     logger = get_run_logger()
-    worker = get_worker()  # raises outside a Dask worker
     started = time.time()
     rev = experiments.run_in_clone(Path(repo_dir), name, overrides, baseline, patch, log=logger.info,
                                    extra_env=env)
-    return {"name": name, "overrides": overrides, "rev": rev, "worker": worker.address,
-            "scheduler": worker.scheduler.address, "pid": os.getpid(), "started": started,
-            "finished": time.time()}
+    return {"name": name, "overrides": overrides, "rev": rev, "pid": os.getpid(), "started": started,
+            "finished": time.time(), **_where()}
 
 
 @flow(name="distill-sweep", task_runner=task_runner())
@@ -65,7 +79,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
     """Run every point as a parallel task; return {"summary": markdown table, "points": [where each ran]}.
 
     The task runner is chosen by the caller (run_sweep: `sweep_flow.with_options(task_runner=...)`);
-    by default a LocalCluster of 2 workers.
+    by default one point at a time in this process.
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     names = [experiments.point_name(prefix, point) for point in points]
@@ -90,39 +104,42 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
             failed.append(str(outcome) if isinstance(outcome, UserError) else f"{name}: {outcome!r}")
     table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["name"])) for p in done])
     logger = get_run_logger()
-    logger.info("sweep of %d points on Dask:\n%s", len(points), table)
+    logger.info("sweep of %d points:\n%s", len(points), table)
     if failed:
         raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
                         + "; ".join(failed))
     return {"summary": table, "points": done}
 
 
-def run_sweep(axes: dict[str, list[str]], address: str | None = None, workers: int = 2, prefix: str = "sweep",
-              repo_dir: str | None = None) -> dict:
-    """The grid over `axes`, every point checked first, then sweep_flow on the chosen Dask task runner."""
+def run_sweep(axes: dict[str, list[str]], workers: int = 1, dask: bool = False, address: str | None = None,
+              prefix: str = "sweep", repo_dir: str | None = None) -> dict:
+    """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner."""
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     points = experiments.grid(axes)
     for point in points:
-        experiments.check_point(root, point)  # a bad point fails here, before any cluster starts
+        overrides.check(root, point)  # a bad point fails here, before any runner starts
     if workers < 1:
         raise UserError(f"workers = {workers}: at least 1")
-    return sweep_flow.with_options(task_runner=task_runner(address, workers))(
+    return sweep_flow.with_options(task_runner=task_runner(workers, dask, address))(
         points=points, prefix=prefix, repo_dir=str(root))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2", help="an axis of the grid")
-    parser.add_argument("--address", help="a running Dask scheduler (default: a LocalCluster for this run)")
-    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+    parser.add_argument("--workers", type=int, help="points at a time (default 1; with --dask: local workers, 2)")
+    parser.add_argument("--dask", action="store_true", help="run the points on a LocalCluster of Dask workers")
+    parser.add_argument("--address", help="run the points on the running Dask scheduler at this address")
     parser.add_argument("--prefix", default="sweep", help="experiment name prefix")
     args = parser.parse_args(argv)
-    result = run_sweep(experiments.parse_axes(args.set), args.address, args.workers, args.prefix)
+    dask = args.dask or bool(args.address)
+    result = run_sweep(overrides.parse(args.set, several=True), args.workers or (2 if dask else 1), dask,
+                       args.address, args.prefix)
     print(result["summary"])
     return result
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from stages.common import cli_main
 
     raise SystemExit(cli_main(main))

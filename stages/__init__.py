@@ -1,1 +1,1 @@
-"""DVC stages: one module per stage in dvc.yaml, each a thin command line over distill.steps."""
+"""DVC stages: one module per stage in dvc.yaml, each a thin command line over the library (distill/)."""

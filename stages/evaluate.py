@@ -10,9 +10,10 @@ and the student's registration (with the alias only if it passes `registry.*`).
 
 from pathlib import Path
 
-from distill import evaluation, tracking
-from distill.cli import cli_main, stage_parser
+from distill import evaluation, report, tracking
 from distill.config import load_params
+from distill.io import write_text
+from stages.common import cli_main, stage_parser
 
 
 def main(argv=None) -> dict:
@@ -31,12 +32,16 @@ def main(argv=None) -> dict:
     checkpoints = {name: getattr(args, name) for name in evaluation.MODELS}
     logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
     with tracking.stage_run("evaluate", params.tracking, logged, args.receipt) as run:
-        result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints, args.metrics, args.compare,
-                                     args.predictions, args.reliability, args.report, args.figures)
+        result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints)
+        evaluation.write_outputs(result, args.metrics, args.predictions, args.reliability)
+        write_text(args.compare, report.compare_table(result.metrics))
+        report.write_report(result, args.report, args.figures)
         artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability,
                                        args.report, args.figures)]
-        result |= tracking.log_evaluation(run, result, result["run_ids"], params.registry, artifacts)
-    return result
+        tracking.log_evaluation(run, result.metrics, result.run_ids, artifacts)
+        passed = evaluation.passes_gate(result.metrics["student"], params.registry)
+        registered = tracking.register_student(result.run_ids["student"], params.registry, passed)
+    return result.metrics | {"run_ids": result.run_ids} | registered
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 """
 
 from distill import data, tracking
-from distill.cli import cli_main, stage_parser
 from distill.config import load_params
+from stages.common import cli_main, stage_parser
 
 
 def main(argv=None) -> dict:

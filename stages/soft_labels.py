@@ -6,8 +6,8 @@
 """
 
 from distill import softlabels, tracking
-from distill.cli import cli_main, stage_parser
 from distill.config import load_params
+from stages.common import cli_main, stage_parser
 
 
 def main(argv=None) -> dict:

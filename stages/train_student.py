@@ -10,8 +10,8 @@ Distributed training as in train_teacher (`distributed.nproc`, or under torchrun
 from pathlib import Path
 
 from distill import distributed, training
-from distill.cli import cli_main, training_parser
 from distill.config import load_params
+from stages.common import cli_main, training_parser
 
 
 def main(argv=None) -> dict:
@@ -24,9 +24,9 @@ def main(argv=None) -> dict:
         logged = {"seed": params.seed, "student": params.student.model_dump(),
                   "distributed": params.distributed.model_dump()}
         with distributed.stage_run(world, "train_student", params.tracking, logged, args.receipt) as run:
-            result = training.train_student(params.student, params.seed, args.prepared, args.soft_labels,
-                                            args.model, args.history, on_epoch=run.log_epoch,
-                                            info={"mlflow_run_id": run.run_id}, resume=params.resume, world=world)
+            job = training.TrainJob(params.student, params.seed, "student", on_epoch=run.log_epoch, world=world)
+            out = training.Outputs(Path(args.model), Path(args.history), {"mlflow_run_id": run.run_id})
+            result = training.train_student(job, args.prepared, args.soft_labels, out, params.resume)
             lineage = result["soft_labels"]
             run.set_tags({"distill.teacher_run_id": lineage["teacher_run_id"],
                           "distill.soft_labels_run_id": lineage["soft_labels_run_id"]})

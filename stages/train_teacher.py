@@ -7,9 +7,11 @@ processes (distill/distributed.py); rank 0 writes the outputs.
         --model models/teacher.pt --history reports/train/teacher.csv --receipt reports/runs/train_teacher.json
 """
 
+from pathlib import Path
+
 from distill import distributed, training
-from distill.cli import cli_main, training_parser
 from distill.config import load_params
+from stages.common import cli_main, training_parser
 
 
 def main(argv=None) -> dict:
@@ -21,9 +23,9 @@ def main(argv=None) -> dict:
         logged = {"seed": params.seed, "teacher": params.teacher.model_dump(),
                   "distributed": params.distributed.model_dump()}
         with distributed.stage_run(world, "train_teacher", params.tracking, logged, args.receipt) as run:
-            result = training.train_on_labels(params.teacher, params.seed, args.prepared, args.model, args.history,
-                                              name="teacher", on_epoch=run.log_epoch,
-                                              info={"mlflow_run_id": run.run_id}, resume=params.resume, world=world)
+            job = training.TrainJob(params.teacher, params.seed, "teacher", on_epoch=run.log_epoch, world=world)
+            out = training.Outputs(Path(args.model), Path(args.history), {"mlflow_run_id": run.run_id})
+            result = training.train_on_labels(job, args.prepared, out, params.resume)
             run.log_training(result, args.model)
         return result
 

@@ -1,21 +1,28 @@
-"""Shared fixtures: tiny params, a throw-away copy of the repo, and stage runners."""
+"""Shared fixtures: tiny params, a throw-away copy of the repo, the tiny pipeline built
+once per test session (tests get private copies of it), and stage runners."""
 
 from __future__ import annotations
 
 import copy
 import importlib
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from distill.scratch import BIN, GIT_IDENTITY, PROJECT_DIR as REPO, env as subprocess_env, git_commit
-from distill.scratch import make_scratch_project
+from pipelines.tools import BIN
+from scratch import GIT_IDENTITY, PROJECT_DIR as REPO, env as subprocess_env, git_commit
+from scratch import make_scratch_project
 
 __all__ = ["BIN", "GIT_IDENTITY", "REPO", "git_commit", "subprocess_env"]
+
+ALL_STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 
 # Small enough that the whole pipeline runs in seconds, big enough to learn something.
 TINY_PARAMS = {
@@ -104,6 +111,38 @@ def _mlflow_uris_do_not_leak():
 def project(tmp_path: Path) -> Path:
     """A copy of the project's code in a fresh git repo with DVC initialised, tiny params."""
     return make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+
+
+def dvc(project: Path, *args: str) -> str:
+    """`dvc args` in `project`; its output (a failure fails the test, with DVC's words)."""
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def repro(project: Path, *args: str) -> set[str]:
+    """Run `dvc repro` and return the names of the stages that ran."""
+    return set(re.findall(r"Running stage '(\w+)'", dvc(project, "repro", *args)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """The tiny pipeline built once per test session: `dvc repro` ran every stage in a scratch
+    copy, and the result (dvc.lock, metrics) is committed on top of the scratch commit.
+    Tests never change it: they take a copy (`built_project`)."""
+    root = make_scratch_project(tmp_path_factory.mktemp("tiny-pipeline") / "project",
+                                yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    assert repro(root) == set(ALL_STAGES)
+    git_commit(root, "built")
+    return root
+
+
+@pytest.fixture
+def built_project(tiny_pipeline: Path, tmp_path: Path) -> Path:
+    """A private copy of the built tiny pipeline: git history, DVC cache and outputs included;
+    `dvc status` calls it up to date."""
+    return Path(shutil.copytree(tiny_pipeline, tmp_path / "built", symlinks=True))
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from distill.io import pid_alive
-from distill.scratch import BIN, env as subprocess_env
+from pipelines.tools import BIN
+from scratch import env as subprocess_env
 
 PG_USER = "distill"
 

@@ -21,19 +21,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_PARAMS, run_pipeline_in_process, subprocess_env, tiny_params, write_params
+from conftest import TINY_PARAMS, subprocess_env, tiny_params, write_params
 from distill.io import file_sha256
-from distill.scratch import make_scratch_project
 
 OUTPUT_DIRS = ("data", "models", "reports")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = make_scratch_project(tmp_path_factory.mktemp("bad") / "project",
-                                yaml.safe_dump(TINY_PARAMS, sort_keys=False))
-    run_pipeline_in_process(root)
-    return root
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -206,10 +197,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, stage, breakage, named", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_by_name_without_traceback_or_changed_outputs(built, tmp_path, name, stage, breakage,
-                                                                            named):
+def test_bad_input_is_refused_by_name_without_traceback_or_changed_outputs(tiny_pipeline, tmp_path, name, stage,
+                                                                            breakage, named):
     root = tmp_path / "project"
-    shutil.copytree(built, root, symlinks=True)
+    shutil.copytree(tiny_pipeline, root, symlinks=True)  # the session's build, never changed itself
     breakage(root)
     before = snapshot(root)
     result = run_stage(root, stage)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
-from distill.experiments import metrics
+from pipelines.experiments import metrics
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,8 @@ import torch
 import yaml
 
 from conftest import run_stage_in_process, subprocess_env, tiny_params, write_params
-from distill.distributed import World
 from distill.rows import Batches, InMemoryRows
-from distill.scratch import make_scratch_project
+from scratch import make_scratch_project
 from test_rows import CountingRows
 
 # 2 processes against 1 with the same global batch: the same rows meet the same
@@ -47,7 +46,8 @@ def _shares_on_rank(rank: int, port: int, out: dict) -> None:
     """One of two gloo ranks: this rank's shares of a KD batch loss, and its gradient."""
     import torch.distributed as dist
 
-    from distill.training import Distillation, _global_batch_shares
+    from distill.losses import Distillation
+    from distill.training import _rank_shares
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -56,7 +56,7 @@ def _shares_on_rank(rank: int, port: int, out: dict) -> None:
         kd = Distillation(temperature=2.0, alpha=0.7)
         idx = torch.arange(len(y))[rank::2]
         logits = model(x[idx])
-        shares = _global_batch_shares(kd(logits, teacher[idx], y[idx]), y[idx], logits, kd, World(rank, 2))
+        shares = _rank_shares(kd(logits, teacher[idx], y[idx]), y[idx], logits, kd)
         shares["loss"].backward()
         grad = model.weight.grad.clone()
         dist.all_reduce(grad)
@@ -84,7 +84,7 @@ def test_rank_shares_of_the_loss_and_gradient_add_up_to_the_whole_batch():
     import torch.multiprocessing as mp
 
     from servers import free_port
-    from distill.training import Distillation
+    from distill.losses import Distillation
 
     with mp.Manager() as manager:
         out = manager.dict()

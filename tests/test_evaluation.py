@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from distill.evaluation import compare_table, expected_calibration_error, gap_closed, quality_metrics
+from distill.config import RegistryConfig
+from distill.evaluation import expected_calibration_error, gap_closed, passes_gate, quality_metrics
+from distill.report import COLUMNS, compare_table
 
 
 def test_gap_closed_is_the_share_of_the_teacher_baseline_gap():
@@ -34,9 +36,29 @@ def test_quality_metrics_of_a_perfect_copy_of_the_teacher():
     assert m["entropy"] == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)), rel=1e-5)
 
 
-def test_the_comparison_table_has_a_row_per_model_and_the_headline():
-    row = dict(test_accuracy=0.9, nll=0.3, ece=0.01, teacher_agreement=0.9, kl_from_teacher=0.1, entropy=0.2,
-               params=1000, checkpoint_bytes=5000, latency_ms_b1=0.1, latency_ms_batch=1.0)
-    table = compare_table({"teacher": row, "student": row, "baseline": row, "gap_closed": 0.5})
-    assert "| teacher |" in table and "| student |" in table and "| baseline |" in table
-    assert "50.0%" in table
+def row(accuracy: float, params: int, latency: float) -> dict:
+    return dict(test_accuracy=accuracy, nll=1 - accuracy, ece=0.01, teacher_agreement=accuracy, kl_from_teacher=0.1,
+                entropy=0.2, params=params, checkpoint_bytes=4 * params, latency_ms_b1=latency,
+                latency_ms_batch=10 * latency)
+
+
+def test_the_comparison_table_puts_each_models_numbers_in_its_row_under_the_right_heading():
+    metrics = {"teacher": row(0.9, 147_000, 0.75), "student": row(0.85, 8_000, 0.25),
+               "baseline": row(0.7, 8_000, 0.5), "gap_closed": 0.75}
+    lines = compare_table(metrics).splitlines()
+    headings = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert headings == ["model", *(heading for _, heading, _, _ in COLUMNS)]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:5]}
+    assert list(cells) == ["teacher", "student", "baseline"]
+    column = {heading: i + 1 for i, (_, heading, _, _) in enumerate(COLUMNS)}
+    assert cells["teacher"][column["test accuracy"]] == "90.00%"
+    assert cells["student"][column["test accuracy"]] == "85.00%"
+    assert cells["baseline"][column["parameters"]] == "8,000"
+    assert cells["student"][column["ms at batch 1"]] == "0.250"
+    assert lines[-1].endswith(": 75.0%")
+
+
+@pytest.mark.parametrize("accuracy, latency, passed", [(0.95, 10.0, True), (0.9499, 1.0, False), (0.99, 10.01, False)])
+def test_the_registry_gate_needs_both_accuracy_and_speed(accuracy, latency, passed):
+    gate = RegistryConfig(min_test_accuracy=0.95, max_latency_ms_b1=10.0)
+    assert passes_gate({"test_accuracy": accuracy, "latency_ms_b1": latency}, gate) is passed

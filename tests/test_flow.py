@@ -7,37 +7,33 @@ import subprocess
 import pytest
 import yaml
 
+import conftest
 from conftest import BIN, REPO, subprocess_env
 from distill.errors import UserError
 
-ALL_STAGES = ["prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"]
+ALL_STAGES = list(conftest.ALL_STAGES)
 
 
 def ran(outcome: dict) -> set[str]:
     return {stage for stage, result in outcome.items() if result == "ran"}
 
 
-def test_the_flow_runs_every_stage_then_reuses_them_then_reruns_only_what_an_override_touches(project, flow_module):
-    first = flow_module.pipeline(repo_dir=str(project))
-    assert list(first) == ALL_STAGES, "one task per DVC stage, in dependency order"
-    assert ran(first) == set(ALL_STAGES)
-
-    second = flow_module.pipeline(repo_dir=str(project))
-    assert ran(second) == set() and set(second.values()) == {"reused"}
-
-    third = flow_module.pipeline(overrides={"student.temperature": 2}, repo_dir=str(project))
-    assert ran(third) == {"train_student", "evaluate"}
+def test_the_flow_has_a_task_per_stage_in_order_applies_an_override_and_reuses_what_dvc_cached(built_project,
+                                                                                                flow_module):
+    project = built_project  # built by dvc repro; which change reruns what is tests/test_pipeline.py's
+    outcome = flow_module.pipeline(overrides={"student.temperature": 2}, repo_dir=str(project))
+    assert list(outcome) == ALL_STAGES, "one task per DVC stage, in dependency order"
+    assert ran(outcome) == {"train_student", "evaluate"}
+    assert {outcome[s] for s in ALL_STAGES if s not in ("train_student", "evaluate")} == {"reused"}
     assert yaml.safe_load((project / "params.yaml").read_text())["student"]["temperature"] == 2
-
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=subprocess_env(),
                             capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
 
 
 @pytest.mark.slow
-def test_force_reruns_every_stage(project, flow_module):
-    flow_module.pipeline(repo_dir=str(project))
-    assert ran(flow_module.pipeline(force=True, repo_dir=str(project))) == set(ALL_STAGES)
+def test_force_reruns_every_stage(built_project, flow_module):
+    assert ran(flow_module.pipeline(force=True, repo_dir=str(built_project))) == set(ALL_STAGES)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -10,7 +10,7 @@ from distill import progress
 from distill.config import ModelTrainConfig
 from distill.models import build_model, model_args
 from distill.rows import InMemoryRows
-from distill.training import fit
+from distill.training import TrainJob, fit
 
 
 class Terminal(io.StringIO):
@@ -38,7 +38,7 @@ def tiny_fit():
     y = (x[:, 0] > 0).astype(np.int64)
     cfg = ModelTrainConfig(arch="mlp", hidden=[8], epochs=2, batch_size=64, lr=0.01)
     model = build_model(model_args(cfg, 6, 2))
-    return fit(model, cfg, InMemoryRows(x, y), (x[:64], y[:64]), seed=0, name="tiny")
+    return fit(model, TrainJob(cfg, seed=0, name="tiny"), InMemoryRows(x, y), (x[:64], y[:64]))
 
 
 def test_training_shows_epochs_and_batches_when_forced(monkeypatch, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from distill import data, training
 from distill.config import DataConfig, ResumeConfig, StudentConfig
 from distill.models import load_checkpoint
 from distill.rows import InMemoryRows
-from distill.scratch import make_scratch_project
+from scratch import make_scratch_project
 
 
 def stage_cmd(root: Path, stage: str) -> list[str]:
@@ -51,7 +50,7 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
                 raise Interrupted
 
         model = training.initial_model(cfg, meta, 0)
-        return training.fit(model, cfg, rows, (val.x, val.y), 0, on_epoch=on_epoch, resume=resume)
+        return training.fit(model, training.TrainJob(cfg, 0, on_epoch=on_epoch), rows, (val.x, val.y), resume)
 
     reference = run()
     resume = training.Resume.make(ResumeConfig(every_epochs=2, dir=str(tmp_path / "resume")), "s", {"k": 1})
@@ -138,16 +137,17 @@ def test_soft_labels_killed_mid_write_leave_no_partial_parquet_and_the_rerun_cle
 # ---------------------------------------------------------------- determinism
 
 
-def test_the_same_params_and_seed_give_identical_metrics_and_artifacts(tmp_path):
+def test_the_same_params_and_seed_give_identical_metrics_and_artifacts(tiny_pipeline, tmp_path):
+    """A second build, in this process, against the session's build by `dvc repro` (a process per stage)."""
+    root = make_scratch_project(tmp_path / "again", yaml.safe_dump(tiny_params(), sort_keys=False))
+    run_pipeline_in_process(root)
     runs = []
-    for name in ("a", "b"):
-        root = make_scratch_project(tmp_path / name, yaml.safe_dump(tiny_params(), sort_keys=False))
-        run_pipeline_in_process(root)
-        metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    for built in (tiny_pipeline, root):
+        metrics = json.loads((built / "reports" / "metrics.json").read_text())
         for model in ("teacher", "student", "baseline"):
             for key in [k for k in metrics[model] if k.startswith("latency")]:
                 del metrics[model][key]  # wall-clock timings, the one thing allowed to differ
-        runs.append((root, metrics))
+        runs.append((built, metrics))
     (a, metrics_a), (b, metrics_b) = runs
     assert metrics_a == metrics_b
     soft = [f"data/soft_labels/{p.name}" for p in sorted((a / "data/soft_labels").iterdir())]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import BIN, TINY_PARAMS, git_commit, subprocess_env, tiny_params, write_params
-from distill.scratch import make_scratch_project
+from scratch import make_scratch_project
 
 pytestmark = pytest.mark.slow
 

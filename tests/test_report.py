@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from distill import report
-from distill.evaluation import gap_closed, reliability_bins
+from distill.evaluation import Evaluation, gap_closed, reliability_bins
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -22,7 +22,7 @@ def model_metrics(accuracy: float, params: int, latency: float) -> dict:
             "latency_ms_b1": latency, "latency_ms_batch": 10 * latency}
 
 
-def inputs(teacher=0.9, student=0.85, baseline=0.7) -> report.ReportInputs:
+def inputs(teacher=0.9, student=0.85, baseline=0.7) -> Evaluation:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 300)
     predictions, bins, histories = {}, {}, {}
@@ -35,11 +35,11 @@ def inputs(teacher=0.9, student=0.85, baseline=0.7) -> report.ReportInputs:
     metrics = {"teacher": model_metrics(teacher, 50_000, 2.0), "student": model_metrics(student, 5_000, 0.5),
                "baseline": model_metrics(baseline, 5_000, 0.5)}
     metrics["gap_closed"] = gap_closed(teacher, student, baseline)
-    return report.ReportInputs(metrics, histories, labels, predictions, bins, CLASSES)
+    return Evaluation(metrics, histories, labels, predictions, bins, CLASSES, described="3 classes")
 
 
 def test_report_has_headline_table_and_every_figure(tmp_path):
-    out = report.write_report(inputs(), tmp_path / "report.html", tmp_path / "figures", "3 classes")
+    out = report.write_report(inputs(), tmp_path / "report.html", tmp_path / "figures")
     page = (tmp_path / "report.html").read_text()
     # the headline: (0.85 - 0.7) / (0.9 - 0.7) = 75 % of the gap, 10x fewer parameters, both latencies
     assert out["headline"].startswith("Distillation closed 75% of the teacher-baseline gap")

@@ -27,8 +27,8 @@ def sets(tmp_path_factory):
     prepared = tmp / "prepared"
     data.prepare(DataConfig(source="synthetic", num_samples=400, transfer_size=300), prepared)
     teacher = tmp / "teacher.pt"
-    training.train_on_labels(TeacherConfig(arch="mlp", hidden=[16], epochs=1, batch_size=64), 0, prepared, teacher,
-                             tmp / "teacher.csv", name="teacher")
+    job = training.TrainJob(TeacherConfig(arch="mlp", hidden=[16], epochs=1, batch_size=64), 0, "teacher")
+    training.train_on_labels(job, prepared, training.Outputs(teacher, tmp / "teacher.csv"))
     results = {}
     for name, shard_rows in (("one", 1_000_000), ("sharded", SHARD_ROWS)):
         cfg = SoftLabelsConfig(batch_size=64, shard_rows=shard_rows)
@@ -96,7 +96,8 @@ def test_a_student_streams_from_shards_exactly_as_from_one_shard(sets):
     rows = softlabels.StudentRows(prepared, sets["sharded"], sets["meta"])
     assert sum(rows.block_sizes) > cfg.shuffle_buffer  # so the rows are streamed, not held in memory
     assert any(start // SHARD_ROWS != (stop - 1) // SHARD_ROWS for start, stop in rows.bounds)  # blocks span shards
-    runs = {name: training.train_student(cfg, 0, prepared, sets[name], tmp / f"{name}.pt", tmp / f"{name}.csv")
+    runs = {name: training.train_student(training.TrainJob(cfg, 0, "student"), prepared, sets[name],
+                                         training.Outputs(tmp / f"{name}.pt", tmp / f"{name}.csv"))
             for name in ("one", "sharded")}
     assert runs["sharded"]["history"] == runs["one"]["history"]
     for a, b in zip(runs["sharded"]["model"].state_dict().values(), runs["one"]["model"].state_dict().values(),
@@ -179,14 +180,14 @@ def test_a_shard_of_another_set_or_in_another_place_is_refused(sets, tmp_path):
     refused(folder, sets, str(folder / "part-00001.parquet"), "not shard 1")
 
 
-def test_a_foreign_parquet_as_a_shard_and_the_older_one_file_layout_are_refused(sets, tmp_path):
+def test_a_foreign_parquet_as_a_shard_and_a_folder_without_provenance_are_refused(sets, tmp_path):
     folder = damaged(sets, tmp_path)
     pq.write_table(pq.read_table(sets["prepared"] / "train.parquet"), folder / "part-00000.parquet")
     refused(folder, sets, str(folder / "part-00000.parquet"), "no provenance metadata")
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     shutil.copy(sets["one"] / "part-00000.parquet", legacy / "soft_labels.parquet")
-    refused(legacy, sets, str(legacy), "older layout")
+    refused(legacy, sets, str(legacy / "provenance.json"), "not found; run the soft_labels stage first")
     empty = tmp_path / "empty"
     empty.mkdir()
     refused(empty, sets, str(empty / "provenance.json"), "not found")

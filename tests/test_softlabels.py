@@ -9,8 +9,9 @@ import torch
 from distill import data, softlabels, training
 from distill.config import DataConfig, SoftLabelsConfig, TeacherConfig
 from distill.errors import UserError
+from distill.losses import Distillation
 from distill.io import file_sha256
-from distill.models import load_checkpoint
+from distill.models import load_checkpoint, predict_logits
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def prepared_and_teacher(tmp_path):
     data.prepare(DataConfig(source="synthetic", num_samples=400, transfer_size=300), prepared)
     teacher = tmp_path / "teacher.pt"
     cfg = TeacherConfig(arch="mlp", hidden=[16], epochs=1, batch_size=64)
-    training.train_on_labels(cfg, 0, prepared, teacher, tmp_path / "teacher.csv", name="teacher")
+    training.train_on_labels(training.TrainJob(cfg, 0, "teacher"), prepared, training.Outputs(teacher, tmp_path / "teacher.csv"))
     return prepared, teacher
 
 
@@ -27,7 +28,7 @@ def teacher_logits(teacher, prepared) -> tuple[np.ndarray, np.ndarray]:
     model, _ = load_checkpoint(teacher)
     parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
     x = torch.from_numpy(np.concatenate([p.x for p in parts]))
-    return np.concatenate([p.ids for p in parts]), training.predict_logits(model, x).numpy()
+    return np.concatenate([p.ids for p in parts]), predict_logits(model, x).numpy()
 
 
 def test_float32_soft_labels_round_trip_exactly(tmp_path, prepared_and_teacher):
@@ -165,17 +166,20 @@ def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(
     meta = data.read_meta(prepared)
     softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig())
     cfg = StudentConfig(arch="mlp", hidden=[8], epochs=3, batch_size=32, lr=0.01)
-    stored = training.train_student(cfg, 0, prepared, tmp_path / "soft", tmp_path / "s.pt", tmp_path / "s.csv")
+    stored = training.train_student(training.TrainJob(cfg, 0, "student"), prepared, tmp_path / "soft",
+                                    training.Outputs(tmp_path / "s.pt", tmp_path / "s.csv"))
     # the same training from arrays in memory: identical history
     parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
     _, logits = teacher_logits(teacher, prepared)
     rows = InMemoryRows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), logits)
     model = training.initial_model(cfg, meta, 0)
     val = data.read_split(prepared, "val")
-    direct = training.fit(model, cfg, rows, (val.x, val.y), 0, training.Distillation(cfg.temperature, cfg.alpha))
+    direct = training.fit(model, training.TrainJob(cfg, 0, distillation=Distillation(cfg.temperature, cfg.alpha)), rows,
+                          (val.x, val.y))
     assert stored["history"] == direct.history
     # streamed through a buffer smaller than the rows: the loss still falls
     small = cfg.model_copy(update={"shuffle_buffer": 100})
-    streamed = training.train_student(small, 0, prepared, tmp_path / "soft", tmp_path / "t.pt", tmp_path / "t.csv")
+    streamed = training.train_student(training.TrainJob(small, 0, "student"), prepared, tmp_path / "soft",
+                                      training.Outputs(tmp_path / "t.pt", tmp_path / "t.csv"))
     losses = [row["train_loss"] for row in streamed["history"]]
     assert losses[-1] < losses[0]

@@ -5,6 +5,8 @@ import pytest
 
 from distill import data, training
 from distill.config import DataConfig, StudentConfig
+from distill.losses import Distillation
+from distill.models import predict_logits
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ CFG = StudentConfig(arch="mlp", hidden=[32], epochs=4, batch_size=32, lr=0.01)
 
 
 def train(prepared, tmp_path, seed, name="a"):
-    return training.train_on_labels(CFG, seed, prepared, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", name=name)
+    return training.train_on_labels(training.TrainJob(CFG, seed, name), prepared,
+                                    training.Outputs(tmp_path / f"{name}.pt", tmp_path / f"{name}.csv"))
 
 
 def test_the_same_seed_gives_the_same_numbers(prepared, tmp_path):
@@ -48,14 +51,14 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
     train(prepared, tmp_path, seed=0, name="teacher")
     teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
     meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
-    stored = training.predict_logits(teacher, torch.from_numpy(split.x)).numpy()
+    stored = predict_logits(teacher, torch.from_numpy(split.x)).numpy()
     histories = {}
     for mode, rows, kd in [
-        ("offline", InMemoryRows(split.x, split.y, stored), training.Distillation(4.0, 0.9)),
-        ("online", InMemoryRows(split.x, split.y), training.Distillation(4.0, 0.9, teacher=teacher)),
+        ("offline", InMemoryRows(split.x, split.y, stored), Distillation(4.0, 0.9)),
+        ("online", InMemoryRows(split.x, split.y), Distillation(4.0, 0.9, teacher=teacher)),
     ]:
         student = training.initial_model(CFG, meta, 0)
-        result = training.fit(student, CFG, rows, (val.x, val.y), 0, kd)
+        result = training.fit(student, training.TrainJob(CFG, 0, distillation=kd), rows, (val.x, val.y))
         histories[mode] = result.history
         assert len(result.timings) == CFG.epochs and all(t.seconds > 0 for t in result.timings)
     for off, on in zip(histories["offline"], histories["online"]):
@@ -72,13 +75,14 @@ def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_p
     train(prepared, tmp_path, seed=0, name="teacher")
     teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
     meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
-    logits = training.predict_logits(teacher, torch.from_numpy(split.x)).numpy()
+    logits = predict_logits(teacher, torch.from_numpy(split.x)).numpy()
     cfg = StudentConfig(arch="mlp", hidden=[32], epochs=4, batch_size=32, lr=0.01, loss="dkd",
                         dkd_target_weight=1.0, dkd_nontarget_weight=8.0)
-    distillation = training.Distillation.of(cfg)
+    distillation = Distillation.of(cfg)
     assert distillation.loss == "dkd" and distillation.loss_options == {"target_weight": 1.0, "nontarget_weight": 8.0}
     student = training.initial_model(cfg, meta, 0)
-    result = training.fit(student, cfg, InMemoryRows(split.x, split.y, logits), (val.x, val.y), 0, distillation)
+    job = training.TrainJob(cfg, 0, distillation=distillation)
+    result = training.fit(student, job, InMemoryRows(split.x, split.y, logits), (val.x, val.y))
     assert {"train_tckd", "train_nckd", "train_kd", "train_ce"} <= set(result.history[0])
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_accuracy > 0.5

@@ -53,7 +53,8 @@ def prepared_with_soft_labels(tmp_path):
     data.prepare(DataConfig(source="synthetic", num_samples=600, transfer_size=400,
                             synthetic={"n_features": 12, "n_classes": 3, "hidden": 8}), prepared)
     teacher = TeacherConfig(arch="mlp", hidden=[32], epochs=3, batch_size=32, lr=0.01)
-    training.train_on_labels(teacher, 0, prepared, tmp_path / "teacher.pt", tmp_path / "teacher.csv", name="teacher")
+    training.train_on_labels(training.TrainJob(teacher, 0, "teacher"), prepared,
+                             training.Outputs(tmp_path / "teacher.pt", tmp_path / "teacher.csv"))
     softlabels.dump(tmp_path / "teacher.pt", prepared, tmp_path / "soft", SoftLabelsConfig())
     return prepared, tmp_path / "soft"
 
@@ -64,8 +65,8 @@ def student(arch: str, **kwargs) -> StudentConfig:
 
 def test_a_student_given_by_import_path_trains_saves_and_reloads(tmp_path, user_module, prepared_with_soft_labels):
     prepared, soft = prepared_with_soft_labels
-    result = training.train_student(student(f"{user_module}:gated", width=16), 0, prepared, soft,
-                                    tmp_path / "student.pt", tmp_path / "student.csv")
+    result = training.train_student(training.TrainJob(student(f"{user_module}:gated", width=16)), prepared, soft,
+                                    training.Outputs(tmp_path / "student.pt", tmp_path / "student.csv"))
     assert result["best_val_accuracy"] > 0.5
     assert result["parameters"] == 2 * (12 * 16 + 16) + (16 * 3 + 3)
     model, ckpt = load_checkpoint(tmp_path / "student.pt")
@@ -86,7 +87,8 @@ def test_a_bad_user_model_is_refused_before_training(tmp_path, user_module, prep
                                                       message):
     prepared, soft = prepared_with_soft_labels
     with pytest.raises(UserError, match=None) as err:
-        training.train_student(student(arch, **kwargs), 0, prepared, soft, tmp_path / "s.pt", tmp_path / "s.csv")
+        training.train_student(training.TrainJob(student(arch, **kwargs)), prepared, soft,
+                               training.Outputs(tmp_path / "s.pt", tmp_path / "s.csv"))
     assert message in str(err.value) and arch in str(err.value)
     assert not (tmp_path / "s.pt").exists()
 

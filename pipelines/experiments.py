@@ -1,11 +1,10 @@
-"""DVC experiments: a grid of params.yaml overrides, queued, run, and read back.
+"""DVC experiments: a grid of params.yaml overrides, each point run and read back.
 
-A sweep is a set of ordinary DVC experiments (`dvc exp run --queue -S key=value`),
-so `dvc exp show`, `dvc exp apply` and `dvc exp push` work on it as on any other;
-DVC's run cache means a point that changes only student keys reruns only the
-student and evaluate stages. Fanned out on Dask (pipelines/sweep.py), each point is one
+A sweep is a set of ordinary DVC experiments, so `dvc exp show`, `dvc exp apply` and
+`dvc exp push` work on it as on any other; DVC's run cache means a point that changes
+only student keys reruns only the student and evaluate stages. Each point is one
 `dvc exp run` in a private clone of the project (run_in_clone), pushed back as an
-experiment of the project.
+experiment of the project; pipelines/sweep.py runs the points, locally or on Dask.
 """
 
 from __future__ import annotations
@@ -16,27 +15,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from distill.cli import BIN, tool_env
-from distill.config import load_params
 from distill.errors import UserError
-
-env = tool_env  # DVC starts its queue workers and stage commands from PATH
-
-
-def parse_axes(pairs: list[str]) -> dict[str, list[str]]:
-    """["student.temperature=1,2,4", "student.alpha=0.5,0.9"] -> {key: [values]}."""
-    axes: dict[str, list[str]] = {}
-    for pair in pairs:
-        key, sep, values = pair.partition("=")
-        items = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key or not items:
-            raise UserError(f"--set {pair!r}: expected key=value[,value...], e.g. student.temperature=1,2,4")
-        axes[key.strip()] = items
-    if not axes:
-        raise UserError("a sweep needs at least one --set key=v1,v2")
-    return axes
+from distill.evaluation import MODELS
+from distill.io import git_head
+from pipelines.tools import BIN, stage_error, tool_env
 
 
 def grid(axes: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -45,57 +30,10 @@ def grid(axes: dict[str, list[str]]) -> list[dict[str, str]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
-def check_point(root: Path, overrides: dict[str, str]) -> None:
-    """Apply `overrides` to a copy of params.yaml as DVC would and validate it (params.yaml untouched)."""
-    from dvc.utils.hydra import apply_overrides
-
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "params.yaml"
-        shutil.copy(root / "params.yaml", copy)
-        try:
-            apply_overrides(copy, [f"{k}={v}" for k, v in overrides.items()])
-        except Exception as exc:  # dvc wraps Hydra's errors (an unknown key, say)
-            raise UserError(f"params.yaml: cannot apply {overrides}: {exc}") from None
-        try:
-            load_params(copy)
-        except UserError as exc:
-            raise UserError(f"{overrides}: {str(exc).removeprefix(str(copy) + ': ')}") from None
-
-
 def point_name(prefix: str, overrides: dict[str, str]) -> str:
     """A readable experiment name, valid as a git ref: sweep-temperature2-alpha0.5."""
     parts = [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in overrides.items()]
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join([prefix, *parts]))
-
-
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True, env=env())
-    if result.returncode:
-        raise UserError(f"dvc {' '.join(args)} failed: {(result.stderr or result.stdout).strip()[-500:]}")
-    return result
-
-
-def queue(root: Path, name: str, overrides: dict[str, str]) -> None:
-    """Queue one experiment (replacing an earlier one of the same name)."""
-    subprocess.run([str(BIN / "dvc"), "exp", "remove", name], cwd=root, capture_output=True, env=env())
-    dvc(root, "exp", "run", "--queue", "--name", name, *itertools.chain.from_iterable(
-        ("-S", f"{k}={v}") for k, v in overrides.items()))
-
-
-def run_queued(root: Path, jobs: int = 1) -> None:
-    """Run every queued experiment, `jobs` at a time, wait for them, then stop the queue's workers.
-
-    The output goes to a file, not a pipe: DVC's queue workers outlive the command and
-    would hold a pipe open.
-    """
-    with tempfile.TemporaryFile("w+") as log:
-        code = subprocess.call([str(BIN / "dvc"), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=root,
-                               stdout=log, stderr=subprocess.STDOUT, env=env())
-        subprocess.call([str(BIN / "dvc"), "queue", "stop"], cwd=root, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, env=env())
-        if code:
-            log.seek(0)
-            raise UserError(f"dvc exp run --run-all failed: {log.read().strip()[-500:]}")
 
 
 def metrics(root: Path, name: str, path: str = "reports/metrics.json") -> dict:
@@ -104,7 +42,7 @@ def metrics(root: Path, name: str, path: str = "reports/metrics.json") -> dict:
                           capture_output=True, text=True, check=True).stdout.split()
     matches = [r for r in refs if r.endswith(f"/{name}")]
     if not matches:
-        raise UserError(f"experiment {name} has no result; see `dvc queue logs {name}`")
+        raise UserError(f"experiment {name} has no result in this repository; see the sweep's log for its error")
     shown = subprocess.run(["git", "show", f"{matches[-1]}:{path}"], cwd=root, capture_output=True, text=True,
                            check=True).stdout
     return json.loads(shown)
@@ -113,12 +51,12 @@ def metrics(root: Path, name: str, path: str = "reports/metrics.json") -> dict:
 def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
     """Markdown: one row per experiment, its overrides, and the three models' test accuracy."""
     keys = list(rows[0][1]) if rows else []
-    head = ["experiment", *keys, "student acc", "baseline acc", "teacher acc", "gap closed"]
+    head = ["experiment", *keys, *(f"{model} acc" for model in MODELS), "gap closed"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, overrides, m in rows:
         gap = m.get("gap_closed")
         cells = [name, *(overrides[k] for k in keys),
-                 *(f"{100 * m[model]['test_accuracy']:.2f}" for model in ("student", "baseline", "teacher")),
+                 *(f"{100 * m[model]['test_accuracy']:.2f}" for model in MODELS),
                  "n/a" if gap is None else f"{100 * gap:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -127,21 +65,23 @@ def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
 def workspace_state(root: Path) -> tuple[str, bytes]:
     """The commit checked out at `root` and the uncommitted changes to tracked files, as a binary patch:
     what `dvc exp run --queue` would take from the workspace (untracked files are left out, as there)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    head = git_head(root)
+    if head is None:
+        raise UserError(f"{root}: not a git repository with a commit; a sweep runs DVC experiments, which need one")
     patch = subprocess.run(["git", "diff", "--binary", "HEAD"], cwd=root, capture_output=True, check=True)
-    return head.stdout.strip(), patch.stdout
+    return head, patch.stdout
 
 
 def remove(root: Path, name: str) -> None:
     """Remove the experiment `name` if there is one (a sweep replaces its earlier points)."""
-    subprocess.run([str(BIN / "dvc"), "exp", "remove", name], cwd=root, capture_output=True, env=env())
+    subprocess.run([str(BIN / "dvc"), "exp", "remove", name], cwd=root, capture_output=True, env=tool_env())
 
 
 CLONES = Path(".dvc") / "tmp" / "exps" / "clones"
 
 
 def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str, patch: bytes = b"",
-                 log=lambda line: None, extra_env: dict[str, str] | None = None) -> str:
+                 log: Callable[[str], None] = lambda line: None, extra_env: dict[str, str] | None = None) -> str:
     """Run one experiment in a private clone of the project, push it back as `name`; return its commit.
 
     Several `dvc exp run --temp` in one repository collide on DVC's repository lock (and
@@ -156,7 +96,7 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
     base = root / CLONES
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
-    run_env = env() | (extra_env or {})
+    run_env = tool_env(**(extra_env or {}))
 
     def step(*cmd: str, stdin: bytes | None = None, cwd: Path = work) -> str:
         result = subprocess.run(cmd, cwd=cwd, input=stdin, capture_output=True, env=run_env)
@@ -179,16 +119,14 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
                *itertools.chain.from_iterable(("-S", f"{k}={v}") for k, v in overrides.items())]
         proc = subprocess.Popen(cmd, cwd=work, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        errors, last = [], ""
+        lines = []
         for line in proc.stdout:
             log(line.rstrip())
-            last = line.strip() or last
-            if "error: " in line.lower():
-                errors.append(line.strip())
+            lines.append(line.strip())
         if proc.wait():
-            # a stage's own one-sentence error ("... distill error: ...") says most, then DVC's
-            stage_errors = [e.split("error: ", 1)[1] for e in errors if "error: " in e]
-            raise UserError(f"{name}: dvc exp run failed: {(stage_errors or errors or [last])[0]}")
+            # a stage's own one-sentence error says most, then DVC's last non-empty line
+            reason = stage_error(lines) or next((ln for ln in reversed(lines) if ln), "no output")
+            raise UserError(f"{name}: dvc exp run failed: {reason}")
         step(str(BIN / "dvc"), "exp", "push", "--no-cache", "--force", "origin", name)
         return _exp_rev(work, name)
     finally:

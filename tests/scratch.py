@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from distill.cli import BIN, tool_env  # noqa: F401  (BIN re-exported for tests and benchmarks)
+from pipelines.tools import tool_env
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 GIT_IDENTITY = ["-c", "user.name=distill", "-c", "user.email=distill@localhost"]
@@ -24,7 +24,7 @@ def project_files(root: Path = PROJECT_DIR) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    """The environment for dvc and stage subprocesses (cli.tool_env), without DISTILL_DEBUG:
+    """The environment for dvc and stage subprocesses (pipelines.tools.tool_env), without DISTILL_DEBUG:
     tests read the stages' one-line errors."""
     out = tool_env()
     out.pop("DISTILL_DEBUG", None)

@@ -13,7 +13,6 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from functools import wraps
@@ -21,8 +20,10 @@ from pathlib import Path
 
 import typer
 
-from distill.cli import BIN, EXIT_USER_ERROR, setup_logging
-from distill.errors import UserError
+from distill.errors import UserError, report
+from distill.progress import setup_logging
+from pipelines import overrides
+from pipelines.tools import BIN
 
 
 app = typer.Typer(
@@ -35,17 +36,15 @@ app = typer.Typer(
 
 
 def user_errors(command: Callable) -> Callable:
-    """A UserError ends the command with one line and exit status 2 (DISTILL_DEBUG=1: traceback)."""
+    """A UserError ends the command by the one rule of distill.errors (one line, exit status 2)."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        setup_logging()
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            if os.environ.get("DISTILL_DEBUG"):
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            raise typer.Exit(report(exc, emit=lambda line: typer.echo(line, err=True))) from None
 
     return wrapper
 
@@ -68,10 +67,11 @@ def run(
     Example: distill run --set student.temperature=2
     """
     root = project()
-    from pipelines.flow import parse_overrides, pipeline
+    changes = overrides.parse(set_)
+    overrides.check(root, changes)  # a bad key or value is one line here, before Prefect starts
+    from pipelines.flow import pipeline
 
-    setup_logging()
-    outcome = pipeline(overrides=parse_overrides(set_), force=force, repo_dir=str(root))
+    outcome = pipeline(overrides=changes, force=force, repo_dir=str(root))
     typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
     typer.echo((root / "reports" / "compare.md").read_text())
     typer.echo(f"report: {root / 'reports' / 'report.html'}")
@@ -93,7 +93,7 @@ def compare(
     if rev:
         if len(rev) > 2:
             raise UserError("--rev takes one or two git revisions")
-        from distill.experiments import dvc
+        from pipelines.tools import dvc
 
         typer.echo(dvc(root, "metrics", "diff", *rev, "--md").stdout)
         return
@@ -146,37 +146,20 @@ def sweep(
     dask_address: str | None = typer.Option(None, "--dask-address", metavar="ADDRESS",
                                             help="the same on a running Dask scheduler, e.g. tcp://host:8786"),
 ) -> None:
-    """A grid over params (student keys, say) as DVC experiments, run and summarised: queued
-    (DVC's queue), or with --dask / --dask-address one Prefect task per point on Dask.
+    """A grid over params (student keys, say) as DVC experiments, run and summarised: one Prefect
+    task per point, here (-j at a time) or with --dask / --dask-address on Dask.
 
     Examples: distill sweep -S student.temperature=1,2,4 -S student.alpha=0.5,0.9 |
     distill sweep -S student.temperature=1,2,4 --dask |
     distill sweep -S student.temperature=1,2,4 --dask-address tcp://scheduler:8786
     """
-    from distill import experiments
+    from pipelines.sweep import run_sweep
 
     root = project()
-    if dask or dask_address:
-        from pipelines.sweep import run_sweep
-
-        setup_logging()
-        result = run_sweep(experiments.parse_axes(set_), address=dask_address, workers=jobs or 2, prefix=prefix,
-                           repo_dir=str(root))
-        typer.echo(result["summary"])
-        typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
-        return
-    jobs = jobs or 1
-    points = experiments.grid(experiments.parse_axes(set_))
-    for point in points:
-        experiments.check_point(root, point)  # every point is valid before anything is queued
-    names = [experiments.point_name(prefix, point) for point in points]
-    for name, point in zip(names, points):
-        experiments.queue(root, name, point)
-        typer.echo(f"queued {name}: {point}")
-    typer.echo(f"running {len(points)} experiments, {jobs} at a time ...")
-    experiments.run_queued(root, jobs)
-    rows = [(name, point, experiments.metrics(root, name)) for name, point in zip(names, points)]
-    typer.echo(experiments.summary(rows))
+    dask = dask or bool(dask_address)
+    result = run_sweep(overrides.parse(set_, several=True), workers=jobs or (2 if dask else 1), dask=dask,
+                       address=dask_address, prefix=prefix, repo_dir=str(root))
+    typer.echo(result["summary"])
     typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
 
 
@@ -203,9 +186,15 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
 
     Example: distill ui --port 5000, then open http://127.0.0.1:5000
     """
+    from distill.tracking import artifact_root, tracking_uri
+
     root = project()
-    cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--default-artifact-root", str(root / "mlruns"), "--host", "127.0.0.1", "--port", str(port)]
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"MLFLOW_TRACKING_URI is the server {uri}: its UI is there already; open it in a browser")
+    cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    if (artifacts := artifact_root(root, uri)) is not None:
+        cmd += ["--default-artifact-root", artifacts]
     raise typer.Exit(subprocess.call(cmd))
 
 

@@ -1,0 +1,69 @@
+"""The house rules a newcomer relies on: two layers, one direction, and code small enough to read.
+
+The library (distill/) is importable and testable alone: it never imports the stages,
+the orchestration (pipelines/: the `distill` CLI, flows, sweeps, experiments), the
+tests or the benchmarks. Stages import the library only. Functions stay short
+enough to read in one go.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+ABOVE_THE_LIBRARY = ("stages", "pipelines", "tests", "benchmarks", "scratch", "conftest")
+
+
+def imports(path: Path) -> set[str]:
+    """Every module name `path` imports, at any depth (function-level imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def functions(path: Path) -> list[ast.FunctionDef]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+LIBRARY = sorted((REPO / "distill").glob("*.py"))
+STAGES = sorted((REPO / "stages").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+def test_the_library_never_imports_the_layers_above_it(path):
+    above = sorted(name for name in imports(path) if name.split(".")[0] in ABOVE_THE_LIBRARY)
+    assert not above, f"distill/{path.name} imports {above}"
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
+def test_a_stage_imports_the_library_and_its_own_plumbing_only(path):
+    above = sorted(name for name in imports(path) if name.split(".")[0] in ("pipelines", "tests", "benchmarks"))
+    assert not above, f"stages/{path.name} imports {above}"
+
+
+def test_the_layer_check_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pipelines.flow import pipeline\n    return pipeline\n")
+    assert "pipelines.flow" in imports(module)
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+def test_no_library_function_takes_more_than_eight_parameters(path):
+    for fn in functions(path):
+        args = fn.args
+        count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+        count -= bool(args.args) and args.args[0].arg in ("self", "cls")
+        assert count <= 8, f"distill/{path.name}: {fn.name} takes {count} parameters"
+
+
+def test_the_training_loop_reads_in_one_go():
+    (fit,) = [fn for fn in functions(REPO / "distill" / "training.py") if fn.name == "fit"]
+    assert fit.end_lineno - fit.lineno + 1 <= 60
