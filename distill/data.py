@@ -77,8 +77,14 @@ class PreparedMeta:
 # ---------------------------------------------------------------- sources
 
 
+GENERATED = ("mnist1d", "synthetic")  # the sources that can draw a transfer set
+
+
 def load_source(cfg: DataConfig) -> RawData:
-    """Load the examples of `cfg.source`."""
+    """Load the examples of `cfg.source` (a transfer set only where the source generates one)."""
+    if cfg.transfer_size and cfg.source not in GENERATED:
+        log.info("no transfer set: data.transfer_size applies to the generated sources %s, not '%s'",
+                 ", ".join(GENERATED), cfg.source)
     loaders = {
         "mnist1d": _load_mnist1d,
         "digits": _load_digits,

@@ -99,9 +99,17 @@ def latency_ms(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int)
 
 
 def gap_closed(teacher: float, student: float, baseline: float) -> float | None:
-    """Share of the teacher-baseline gap the student closes; None when there is no gap."""
+    """Share of the teacher-baseline gap the student closes; None when the teacher does not
+    beat the baseline (a tie or worse): then there is no gap, and the ratio would mean nothing."""
     gap = teacher - baseline
-    return None if abs(gap) < 1e-12 else (student - baseline) / gap
+    return None if gap < 1e-12 else (student - baseline) / gap
+
+
+def no_gap_reason(metrics: dict) -> str:
+    """Why there is no gap-closed figure: the teacher ties or loses to the baseline (test accuracy)."""
+    teacher, baseline = (100 * metrics[m]["test_accuracy"] for m in ("teacher", "baseline"))
+    verb = "ties with" if abs(teacher - baseline) < 1e-9 else "does worse than"
+    return f"the teacher ({teacher:.1f}%) {verb} the baseline ({baseline:.1f}%), so there is nothing to distil"
 
 
 def passes_gate(student: dict, registry: RegistryConfig) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from distill.evaluation import MODELS, Evaluation
+from distill.evaluation import MODELS, Evaluation, no_gap_reason
 from distill.io import atomic_path, write_text
 
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
@@ -36,13 +36,14 @@ def headline(metrics: dict) -> str:
     gap = metrics.get("gap_closed")
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     student_ms, teacher_ms = metrics["student"]["latency_ms_b1"], metrics["teacher"]["latency_ms_b1"]
+    cost = (f"The student has {smaller:.1f}x fewer parameters than the teacher and answers one example in "
+            f"{student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms).")
     if gap is None:
-        lead = "Teacher and baseline tie, so there is no gap for distillation to close"
-    else:
-        lead = f"Distillation closed {100 * gap:.0f}% of the teacher-baseline gap"
-    return (f"{lead}: student {acc['student']:.1f}% vs baseline {acc['baseline']:.1f}% vs teacher "
-            f"{acc['teacher']:.1f}% test accuracy. The student has {smaller:.1f}x fewer parameters than the "
-            f"teacher and answers one example in {student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms).")
+        return (f"No gap to close: {no_gap_reason(metrics)}; the student reaches {acc['student']:.1f}%. A stronger "
+                f"teacher (more epochs, a wider model) may change that; until then the baseline is the model to "
+                f"keep. {cost}")
+    return (f"Distillation closed {100 * gap:.0f}% of the teacher-baseline gap: student {acc['student']:.1f}% vs "
+            f"baseline {acc['baseline']:.1f}% vs teacher {acc['teacher']:.1f}% test accuracy. {cost}")
 
 
 def tradeoff_figure(metrics: dict) -> Figure:
@@ -159,6 +160,18 @@ COLUMNS = [  # metric key, heading, format, which direction is better (None: nei
     ("latency_ms_b1", "ms at batch 1", "{:.3f}", "lower"),
     ("latency_ms_batch", "ms at large batch", "{:.3f}", "lower"),
 ]
+# The smallest difference worth marking: rates by 0.1 point, latencies (noisy on a shared
+# machine) by a quarter, everything else by 5 % of the larger value.
+RATES = ("test_accuracy", "teacher_agreement")
+LATENCIES = ("latency_ms_b1", "latency_ms_batch")
+
+
+def matters(key: str, value: float, other: float) -> bool:
+    """Whether `value` and `other` differ by more than noise or rounding for this metric."""
+    if key in RATES:
+        return abs(value - other) >= 0.001
+    relative = 0.25 if key in LATENCIES else 0.05
+    return abs(value - other) > relative * max(abs(value), abs(other))
 
 
 def compare_table(metrics: dict) -> str:
@@ -167,7 +180,7 @@ def compare_table(metrics: dict) -> str:
     for m in MODELS:
         lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt, _ in COLUMNS) + " |")
     gap = metrics.get("gap_closed")
-    shown = "n/a (teacher and baseline tie)" if gap is None else f"{100 * gap:.1f}%"
+    shown = f"n/a ({no_gap_reason(metrics)})" if gap is None else f"{100 * gap:.1f}%"
     return "\n".join(lines) + f"\n\nGap closed by distillation (student - baseline) / (teacher - baseline): {shown}\n"
 
 
@@ -180,7 +193,7 @@ def table_html(metrics: dict) -> str:
         for key, _, fmt, better in COLUMNS:
             value = metrics[m][key]
             mark = ""
-            if m == "student" and better and metrics["baseline"][key] != value:
+            if m == "student" and better and matters(key, value, metrics["baseline"][key]):
                 wins = (value > metrics["baseline"][key]) == (better == "higher")
                 mark = ' class="better"' if wins else ' class="worse"'
             cells.append(f"<td{mark}>{fmt.format(value)}</td>")
@@ -210,8 +223,9 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h2 id="comparison">Comparison (test split)</h2>
 {table}
 <p class="meta">Student cells are green where the student beats the baseline (same architecture, seed and
-budget, trained on the labels alone), red where it does worse. Gap closed = (student - baseline) /
-(teacher - baseline) in test accuracy.</p>
+budget, trained on the labels alone), red where it does worse, unmarked where they differ by less than
+matters (0.1 point of a rate, a quarter of a latency, 5 % of anything else). Gap closed = (student -
+baseline) / (teacher - baseline) in test accuracy, when the teacher beats the baseline.</p>
 {figures}
 </body></html>
 """

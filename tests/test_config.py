@@ -42,10 +42,19 @@ def test_a_bad_value_is_refused_naming_the_key_and_value(tmp_path, key, value, e
     assert str(path) in str(err.value)
 
 
-def test_a_file_source_without_a_path_is_refused(tmp_path):
-    path = write_params(tmp_path / "params.yaml", tiny_params(**{"data.source": "csv", "data.transfer_size": 0}))
-    with pytest.raises(UserError, match="data.path is required"):
+def test_a_file_source_without_a_path_is_refused_in_one_short_sentence(tmp_path):
+    path = write_params(tmp_path / "params.yaml", tiny_params(**{"data.source": "csv"}))
+    with pytest.raises(UserError, match="data.path is required") as err:
         load_params(path)
+    assert "{" not in str(err.value) and len(str(err.value)) < len(str(path)) + 150  # not the whole section
+
+
+def test_your_own_file_needs_only_its_source_path_and_label_column(tmp_path):
+    # the committed params ask for a transfer set of the generated data: a file source just has none
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["data"]["transfer_size"] > 0
+    raw["data"] |= {"source": "csv", "path": "data/raw/wine.csv", "label_column": "cultivar"}
+    assert load_params(write_params(tmp_path / "params.yaml", raw)).data.source == "csv"
 
 
 def test_a_missing_or_broken_params_file_is_one_sentence(tmp_path):

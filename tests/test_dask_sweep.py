@@ -51,7 +51,7 @@ def test_a_two_point_sweep_runs_as_parallel_dask_tasks_and_both_results_reach_ml
     git_commit(project, "tracking on, pipeline run")
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    result = run_sweep({"student.temperature": ["2", "8"]}, workers=2, repo_dir=str(project))
+    result = run_sweep({"student.temperature": ["2", "8"]}, workers=2, dask=True, repo_dir=str(project))
 
     # one comparison with both points
     rows = [line.split(" | ") for line in result["summary"].splitlines() if line.startswith("| sweep-")]

@@ -35,6 +35,12 @@ def test_builtin_sources_split_into_disjoint_train_val_test(tmp_path, source):
     assert meta.splits["test"] == pytest.approx(0.2 * total, abs=meta.num_classes)
 
 
+def test_a_source_that_cannot_generate_examples_has_no_transfer_set_whatever_transfer_size_says(tmp_path):
+    meta = data.prepare(DataConfig(source="digits", transfer_size=1000), tmp_path / "prepared")
+    assert set(meta.splits) == {"train", "val", "test"}
+    assert not (tmp_path / "prepared" / "transfer.parquet").exists()
+
+
 def test_mnist1d_keeps_the_published_split_and_adds_an_unlabelled_transfer_set(tmp_path):
     cfg = DataConfig(source="mnist1d", num_samples=1000, transfer_size=200)
     meta = data.prepare(cfg, tmp_path / "prepared")

@@ -60,12 +60,31 @@ def test_report_has_headline_table_and_every_figure(tmp_path):
             assert image.format == "PNG" and image.width > 600 and image.height > 300
 
 
-def test_headline_when_teacher_and_baseline_tie(tmp_path):
-    tie = inputs(teacher=0.8, student=0.8, baseline=0.8)
-    assert tie.metrics["gap_closed"] is None
-    assert report.headline(tie.metrics).startswith("Teacher and baseline tie")
-    report.write_report(tie, tmp_path / "report.html", tmp_path / "figures")
-    assert (tmp_path / "figures" / "confusion.png").is_file()
+@pytest.mark.parametrize("teacher, baseline, verb", [(0.8, 0.8, "ties with"), (0.938, 0.965, "does worse than")])
+def test_a_teacher_that_does_not_beat_the_baseline_gets_no_gap_closed_and_the_headline_says_why(
+        tmp_path, teacher, baseline, verb):
+    losing = inputs(teacher=teacher, student=teacher, baseline=baseline)
+    assert losing.metrics["gap_closed"] is None
+    said = report.headline(losing.metrics)
+    assert said.startswith(f"No gap to close: the teacher ({100 * teacher:.1f}%) {verb} the baseline "
+                           f"({100 * baseline:.1f}%), so there is nothing to distil")
+    assert "closed" not in said and "100%" not in said
+    assert f"n/a (the teacher ({100 * teacher:.1f}%) {verb}" in report.compare_table(losing.metrics)
+    report.write_report(losing, tmp_path / "report.html", tmp_path / "figures")
+    assert said in (tmp_path / "report.html").read_text().replace("&#x27;", "'")
+
+
+def test_only_differences_that_matter_are_marked_better_or_worse():
+    metrics = inputs().metrics
+    baseline = metrics["baseline"] | {"test_accuracy": 0.85, "checkpoint_bytes": 100_000, "latency_ms_b1": 0.5,
+                                      "nll": 0.15, "ece": 0.05}
+    student = baseline | {"test_accuracy": 0.8505, "checkpoint_bytes": 102_000, "latency_ms_b1": 0.6,  # noise
+                          "nll": 0.10, "ece": 0.08}  # 33 % better NLL, 60 % worse ECE: both matter
+    page = report.table_html(metrics | {"student": student, "baseline": baseline})
+    row = re.search(r"<tr><th><span[^>]*></span>student</th>(.*?)</tr>", page).group(1)
+    cells = dict(zip([key for key, _, _, _ in report.COLUMNS], re.findall(r"<td([^>]*)>", row)))
+    assert cells["test_accuracy"] == cells["checkpoint_bytes"] == cells["latency_ms_b1"] == ""
+    assert cells["nll"] == ' class="better"' and cells["ece"] == ' class="worse"'
 
 
 def test_confusion_counts_rows_by_true_class():
