@@ -21,6 +21,7 @@ from distill.errors import UserError
 BUILTIN_ARCHS = ("mlp", "cnn1d")
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:factory
 Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv"]
+RAW_DIR = "data/raw"  # where users put their files; data.path when no file is used
 
 
 class Section(BaseModel):
@@ -52,7 +53,11 @@ class DataConfig(Section):
         "(mnist1d, synthetic) only: the others have no transfer set, whatever this says"
     )
     standardize: bool = True
-    path: str | None = None
+    path: str = Field(
+        RAW_DIR, min_length=1,
+        description="parquet / csv: the file; a DVC dependency of prepare (${data.path}) whatever the source, "
+        "so the generated sources leave it at data/raw, the folder for your files",
+    )
     label_column: str = "label"
     feature_columns: list[str] | None = None
     on_nan: Literal["error", "drop"] = Field(
@@ -62,8 +67,9 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _file_sources_need_a_path(self) -> DataConfig:
-        if self.source in ("parquet", "csv") and not self.path:
-            raise ValueError(f"data.path is required when data.source is '{self.source}'; set it to your file")
+        if self.source in ("parquet", "csv") and Path(self.path) == Path(RAW_DIR):
+            raise ValueError(f"data.path is required when data.source is '{self.source}': set it to your file, "
+                             f"e.g. {RAW_DIR}/yours.{self.source}")
         return self
 
 

@@ -212,11 +212,31 @@ def stage_inputs_sha256(stage: str, params: dict, dvc_yaml: Path = Path("dvc.yam
     import yaml
 
     deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]["deps"] if dvc_yaml.is_file() else []
+    deps = [resolve(dep, dvc_yaml.parent / "params.yaml") for dep in deps]
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for dep in deps:
         digest.update(dep.encode())
         digest.update(tree_sha256(dep).encode() if Path(dep).exists() else b"missing")
     return digest.hexdigest()
+
+
+def resolve(text: str, params_file: Path) -> str:
+    """`text` with each ${section.key} of dvc.yaml's templating replaced by its params.yaml value."""
+    import re
+
+    import yaml
+
+    if "${" not in text:
+        return text
+    raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
+
+    def value(match: re.Match) -> str:
+        node = raw
+        for part in match.group(1).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return str(node)
+
+    return re.sub(r"\$\{\s*([\w.]+)\s*\}", value, text)
 
 
 def _write_receipt(receipt, stage, run_id, experiment_id, pipeline_id) -> None:

@@ -4,7 +4,13 @@ DVC decides what must run; this flow only orders and observes it. Each DVC stage
 is one task, in dependency order. A stage that DVC reports up to date is not run
 and finishes in a `Reused` state; a stage that runs is `dvc repro --single-item`,
 its output streamed into the task's log, so dvc.lock ends exactly as `dvc repro`
-would leave it.
+would leave it. Every run ends with a markdown artifact of the comparison
+(`distill-comparison`), shown on the flow run's page.
+
+A project busy with another pipeline run, or with a `dvc` command holding DVC's
+lock, is refused at once by default; with `wait_for_lock_s` (the nightly deployment
+waits an hour) the flow waits that long, then ends `Skipped` (a cancelled state,
+not a crash) if the project is still busy.
 
     python -m pipelines.flow                                   # like dvc repro
     python -m pipelines.flow --set student.temperature=2       # like dvc exp run -S
@@ -18,6 +24,7 @@ import fcntl
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +33,8 @@ from typing import Any
 import pipelines  # noqa: F401  (project-local Prefect settings, before Prefect is imported)
 import prefect.runtime
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Cancelled, Completed
 
 from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
@@ -35,37 +43,72 @@ from pipelines import overrides as params_overrides
 from pipelines.tools import BIN, stage_error, tool_env
 
 
+POLL_S = 2.0  # how often a waiting run looks at a busy lock again
+COMPARISON_ARTIFACT = "distill-comparison"
+
+
 class StageFailed(RuntimeError):
     """A stage command failed for a reason that may pass on retry (killed, lock held)."""
 
 
-def dvc_plan(repo_dir: Path) -> tuple[list[str], set[str]]:
+class ProjectBusy(UserError):
+    """Another pipeline run, or a dvc command, holds the project's lock."""
+
+
+def dvc_plan(repo_dir: Path, deadline: float = 0.0) -> tuple[list[str], set[str]]:
     """The stage names in dependency order (ties kept in dvc.yaml order), and the names
-    of those `dvc status` reports as changed, from one in-process look at the repo."""
+    of those `dvc status` reports as changed, from one in-process look at the repo; while
+    a dvc command holds DVC's lock, looked at again until `deadline` (time.monotonic)."""
     import networkx as nx
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    with Repo(str(repo_dir)) as repo:
-        position = {stage: i for i, stage in enumerate(repo.index.stages)}
-        # DVC's edges point from a stage to the stages it depends on: reverse them.
-        order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
-        return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+    while True:
+        try:
+            with Repo(str(repo_dir)) as repo:
+                _check_inputs_exist(repo)
+                position = {stage: i for i, stage in enumerate(repo.index.stages)}
+                # DVC's edges point from a stage to the stages it depends on: reverse them.
+                order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
+                return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+        except LockError:
+            if time.monotonic() >= deadline:
+                raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
+                                  "run again when it has finished") from None
+            time.sleep(POLL_S)
+
+
+def _check_inputs_exist(repo) -> None:
+    """Refuse, in one sentence, a dependency that no stage makes and that is not there (the
+    user's data file, say), before DVC fails on it inside a stage."""
+    outs = [out.fs_path for stage in repo.index.stages for out in stage.outs]
+    for stage in repo.index.stages:
+        for dep in stage.deps:
+            made = any(dep.fs_path == out or dep.fs_path.startswith(out + os.sep) for out in outs)
+            if not made and not os.path.exists(dep.fs_path):
+                raise UserError(f"{dep.def_path}: not found, and stage {stage.name} reads it; fix its path in "
+                                "params.yaml (data.path for your data) or create it")
 
 
 @contextmanager
-def exclusive_run(repo_dir: Path) -> Iterator[None]:
-    """Hold the project's pipeline lock for one flow run: a second run started at once in
-    the same checkout is refused with one sentence instead of interleaving its stages."""
+def exclusive_run(repo_dir: Path, deadline: float = 0.0) -> Iterator[None]:
+    """Hold the project's pipeline lock for one flow run. A second run started meanwhile in
+    the same checkout waits until `deadline` (time.monotonic; by default not at all), then
+    is refused with one sentence instead of interleaving its stages."""
     path = repo_dir / ".dvc" / "tmp" / "distill-pipeline.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if this process dies
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"{path}: another pipeline run ({holder}) is running in this checkout; "
-                            "wait for it to finish") from None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if this process dies
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise ProjectBusy(f"{path}: another pipeline run ({holder}) is running in this checkout; "
+                                      "wait for it to finish") from None
+                time.sleep(POLL_S)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
@@ -118,7 +161,8 @@ def _reused():
 
 
 @flow(name="distill-pipeline")
-def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_dir: str | None = None) -> dict:
+def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_dir: str | None = None,
+             wait_for_lock_s: float = 0.0):
     """Run the DVC pipeline; returns {stage: "ran" | "reused"}.
 
     Args:
@@ -126,13 +170,26 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
             `dvc exp run -S` before the run (and left in params.yaml, as DVC does).
         force: rerun every stage even if DVC's cache has it (`dvc repro -f`).
         repo_dir: the project directory (default: this checkout).
+        wait_for_lock_s: how long to wait for a busy project (another run, a dvc command);
+            0 refuses at once with a UserError, more ends the run `Skipped` after the wait.
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
-    with exclusive_run(root):
+    try:
+        return _run(root, overrides, force, time.monotonic() + wait_for_lock_s)
+    except ProjectBusy as exc:
+        if wait_for_lock_s <= 0:
+            raise
+        get_run_logger().warning("skipped after waiting %.0f s: %s", wait_for_lock_s, exc)
+        return Cancelled(name="Skipped", message=f"the project stayed busy for {wait_for_lock_s:.0f} s: {exc}")
+
+
+def _run(root: Path, overrides: dict[str, Any] | None, force: bool, deadline: float) -> dict:
+    """The flow's body: the stages in order, each run or reused, then the comparison artifact."""
+    with exclusive_run(root, deadline):
         if overrides:
             params_overrides.apply(root / "params.yaml", overrides)
         load_params(root / "params.yaml")  # bad params fail here, once, before any stage
-        order, changed = dvc_plan(root)
+        order, changed = dvc_plan(root, deadline)
         pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
         outcome: dict[str, str] = {}
         upstream_ran = False
@@ -148,7 +205,17 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
                 upstream_ran |= outcome[stage] == "ran"
                 progress.update()
     get_run_logger().info("stages: %s", outcome)
+    _comparison_artifact(root, outcome)
     return outcome
+
+
+def _comparison_artifact(root: Path, outcome: dict[str, str]) -> None:
+    """The run's results on its Prefect page: which stages ran, and reports/compare.md."""
+    compare = root / "reports" / "compare.md"
+    stages = ", ".join(f"{stage} {result}" for stage, result in outcome.items())
+    table = compare.read_text() if compare.is_file() else "(no reports/compare.md)"
+    create_markdown_artifact(markdown=f"Stages: {stages}\n\n{table}\nReport: {root / 'reports' / 'report.html'}\n",
+                             key=COMPARISON_ARTIFACT, description="teacher, student and baseline on the test split")
 
 
 def main(argv: list[str] | None = None) -> dict:

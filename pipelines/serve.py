@@ -19,11 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 every day, UTC)")
     parser.add_argument("--name", default="distill-pipeline-served", help="deployment name")
+    parser.add_argument("--wait-for-lock", type=float, default=3600, metavar="SECONDS",
+                        help="how long a run waits for a busy project before it ends Skipped (default 3600)")
     args = parser.parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
         raise UserError("PREFECT_API_URL is not set; start a server (make server) and export "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    pipeline.serve(name=args.name, cron=args.cron)
+    pipeline.serve(name=args.name, cron=args.cron, parameters={"wait_for_lock_s": args.wait_for_lock})
 
 
 if __name__ == "__main__":

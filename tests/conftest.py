@@ -29,7 +29,7 @@ TINY_PARAMS = {
     "seed": 0,
     "data": {
         "source": "synthetic", "seed": 7, "num_samples": 800, "test_fraction": 0.25, "val_fraction": 0.2,
-        "transfer_size": 400, "standardize": True, "path": None, "label_column": "label",
+        "transfer_size": 400, "standardize": True, "path": "data/raw", "label_column": "label",
         "feature_columns": None, "on_nan": "error", "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
     },
     "teacher": {

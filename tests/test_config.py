@@ -7,6 +7,7 @@ from pydantic import BaseModel, ValidationError
 
 from distill.config import DISTILLATION_KEYS, Params, StudentConfig, load_params
 from distill.errors import UserError
+from distill.tracking import resolve
 
 from conftest import REPO, tiny_params, write_params
 
@@ -116,7 +117,8 @@ def test_every_dependency_named_in_dvc_yaml_exists_or_is_an_output():  # code de
     outs = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
     for name, stage in stages.items():
         for dep in stage["deps"]:
-            assert dep in outs or (REPO / dep).is_file(), f"{name}: {dep}"
+            dep = resolve(dep, REPO / "params.yaml")  # ${data.path}: dvc.yaml's templating
+            assert dep in outs or (REPO / dep).exists(), f"{name}: {dep}"
         module = stage["cmd"].split()[2]
         assert f"{module.replace('.', '/')}.py" in stage["deps"], f"{name} must depend on its own stage file"
 

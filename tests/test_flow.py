@@ -3,6 +3,8 @@
 import importlib
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 import yaml
@@ -29,6 +31,54 @@ def test_the_flow_has_a_task_per_stage_in_order_applies_an_override_and_reuses_w
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=subprocess_env(),
                             capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
+    # the run's results on its Prefect page: the stages and the comparison
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get(flow_module.COMPARISON_ARTIFACT)
+    assert artifact.type == "markdown" and "train_student ran" in artifact.data
+    assert (project / "reports" / "compare.md").read_text() in artifact.data
+
+
+def hold_pipeline_lock(flow_module, project, seconds: float) -> threading.Thread:
+    """Another run holding the pipeline lock for `seconds`, in a thread (flock: one holder per open file)."""
+    held = threading.Event()
+
+    def hold():
+        with flow_module.exclusive_run(project):
+            held.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    return thread
+
+
+def test_a_run_that_finds_the_project_busy_waits_for_it_then_runs(built_project, flow_module):
+    started = time.monotonic()
+    holder = hold_pipeline_lock(flow_module, built_project, 3)
+    outcome = flow_module.pipeline(repo_dir=str(built_project), wait_for_lock_s=60)
+    holder.join()
+    assert set(outcome.values()) == {"reused"} and time.monotonic() - started >= 3
+
+
+def test_a_run_that_waits_for_dvcs_own_lock_then_runs(built_project, flow_module):
+    code = ("import sys, time; from dvc.repo import Repo; repo = Repo('.'); repo.lock.lock(); "
+            "print('locked', flush=True); time.sleep(3); repo.lock.unlock()")
+    holder = subprocess.Popen([str(BIN / "python"), "-c", code], cwd=built_project, env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    started = time.monotonic()
+    outcome = flow_module.pipeline(repo_dir=str(built_project), wait_for_lock_s=60)
+    assert holder.wait(timeout=30) == 0 and set(outcome.values()) == {"reused"}
+    assert time.monotonic() - started >= 2  # it waited for the lock (held 3 s from "locked")
+
+
+def test_a_run_still_blocked_after_its_wait_ends_skipped_not_crashed(built_project, flow_module):
+    holder = hold_pipeline_lock(flow_module, built_project, 6)
+    state = flow_module.pipeline(repo_dir=str(built_project), wait_for_lock_s=1, return_state=True)
+    holder.join()
+    assert state.is_cancelled() and state.name == "Skipped" and "another pipeline run" in state.message
 
 
 @pytest.mark.slow
@@ -51,8 +101,8 @@ def test_a_bad_override_fails_once_before_any_stage_and_leaves_params_alone(proj
 def test_a_user_error_inside_a_stage_is_not_retried(project, flow_module):
     (project / "params.yaml").write_text(
         (project / "params.yaml").read_text().replace("source: synthetic", "source: csv")
-        .replace("path: null", "path: missing.csv").replace("transfer_size: 400", "transfer_size: 0"))
-    with pytest.raises(UserError, match="missing.csv: file not found"):
+        .replace("path: data/raw", "path: missing.csv").replace("transfer_size: 400", "transfer_size: 0"))
+    with pytest.raises(UserError, match="missing.csv: not found, and stage prepare reads it"):
         flow_module.pipeline(repo_dir=str(project))
 
 
@@ -79,7 +129,7 @@ def test_prefect_yaml_deploys_the_flow_on_a_valid_cron_schedule(flow_module):
     built = flow_module.pipeline.to_deployment(name=deployment["name"], cron=schedule["cron"],
                                                parameters=deployment["parameters"])
     assert built.schedules[0].schedule.cron == schedule["cron"]
-    assert built.parameters == {"force": False}
+    assert built.parameters == {"force": False, "wait_for_lock_s": 3600}
 
 
 def test_serve_refuses_to_start_without_a_server(monkeypatch):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ALL_STAGES, dvc, git_commit, repro, subprocess_env, tiny_params, write_params
+from conftest import dvc, git_commit, repro, subprocess_env, tiny_params, write_params
 
 METRIC_KEYS = {"test_accuracy", "nll", "ece", "teacher_agreement", "kl_from_teacher", "entropy", "params",
                "checkpoint_bytes", "latency_ms_b1", "latency_ms_batch"}
@@ -66,10 +66,7 @@ def test_a_second_repro_runs_nothing_and_each_change_reruns_exactly_what_it_touc
     with open(project / "distill" / "report.py", "a") as f:
         f.write("\n# a comment is a change to DVC\n")
     assert repro(project) == {"evaluate"}
-
-    write_params(project / "params.yaml", tiny_params(**{"student.temperature": 3.0, "teacher.hidden": [48],
-                                                         "student.epochs": 2, "data.num_samples": 700}))
-    assert repro(project) == set(ALL_STAGES)
+    # a data change reruns everything: tests/test_bring_your_own_data.py (slow) changes the user's file
 
 
 @pytest.mark.parametrize("stage", ["train_student", "evaluate"])
