@@ -28,6 +28,7 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to Prefect's API otherwise
 
 
 def enabled(stream=None) -> bool:

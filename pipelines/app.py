@@ -13,6 +13,9 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from functools import wraps
@@ -25,6 +28,8 @@ from distill.progress import setup_logging
 from pipelines import overrides
 from pipelines.tools import BIN
 
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted command
 
 app = typer.Typer(
     help="Knowledge distillation as a pipeline: teacher -> soft labels -> student, "
@@ -71,10 +76,41 @@ def run(
     overrides.check(root, changes)  # a bad key or value is one line here, before Prefect starts
     from pipelines.flow import pipeline
 
-    outcome = pipeline(overrides=changes, force=force, repo_dir=str(root))
+    previous = signal.signal(signal.SIGINT, _stop_on_interrupt)
+    try:
+        outcome = pipeline(overrides=changes, force=force, repo_dir=str(root))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
     typer.echo((root / "reports" / "compare.md").read_text())
     typer.echo(f"report: {root / 'reports' / 'report.html'}")
+
+
+def _stop_on_interrupt(signum, frame) -> None:
+    """Ctrl-C during `distill run`: one line, every process this run started stopped, exit 130.
+
+    The terminal sends the interrupt to the whole process group: the running stage stops
+    (its outputs are written atomically, so it leaves none half-written, and DVC records
+    nothing for it), and so does Prefect's temporary server, which the flow engine would
+    then retry for a minute to report the crash to. So this process stops the rest itself
+    and exits at once. With PREFECT_API_URL (a server that survives), Prefect records the
+    interrupted run as Crashed first.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        raise KeyboardInterrupt
+    typer.echo("interrupted: the running stage was stopped, and left no half-written output; "
+               "`distill run` again resumes from DVC's cache", err=True)
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(EXIT_INTERRUPTED)
 
 
 @app.command(short_help="teacher / student / baseline side by side")

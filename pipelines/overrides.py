@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from distill.config import load_params
 from distill.errors import UserError
 
@@ -40,6 +42,10 @@ def apply(path: Path, overrides: dict[str, Any]) -> None:
     from dvc.utils.hydra import apply_overrides
 
     original = path.read_text()
+    raw = yaml.safe_load(original) or {}
+    for key, value in overrides.items():
+        if not _has_key(raw, key):
+            raise UserError(f"--set {key}={value}: {path.name} has no key '{key}'; check its spelling")
     try:
         if overrides:
             apply_overrides(path, [f"{k}={v}" for k, v in overrides.items()])
@@ -60,4 +66,15 @@ def check(root: Path, overrides: dict[str, Any]) -> None:
         try:
             apply(copy, overrides)
         except UserError as exc:
-            raise UserError(f"{overrides}: {str(exc).removeprefix(str(copy) + ': ')}") from None
+            said = " ".join(f"{k}={v}" for k, v in overrides.items())
+            raise UserError(f"--set {said}: {str(exc).removeprefix(str(copy) + ': ')}".replace(
+                f"--set {said}: --set ", "--set ")) from None
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True

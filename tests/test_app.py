@@ -89,6 +89,16 @@ def test_run_applies_overrides_runs_the_flow_and_prints_the_comparison(built_pro
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output
 
 
+def test_a_typo_in_set_is_one_line_and_exit_2_before_any_flow_starts(project):
+    started = time.monotonic()
+    result = subprocess.run([str(BIN / "distill"), "run", "--set", "student.temprature=2"], cwd=project,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert lines[0] == "error: --set student.temprature=2: params.yaml has no key 'student.temprature'; check its spelling"
+    assert time.monotonic() - started < 20  # no Prefect server was started (that alone takes 8-20 s)
+
+
 @pytest.mark.slow
 def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(project, flow_module, monkeypatch):
     monkeypatch.chdir(project)
@@ -130,3 +140,47 @@ def test_ui_serves_the_projects_mlflow_store_on_loopback(project):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_distill_run_at_once_with_exit_130_and_nothing_half_written(project):
+    import psutil
+
+    write_params(project / "params.yaml", tiny_params(**{"teacher.epochs": 100_000}))  # far longer than the test
+    env = {k: v for k, v in subprocess_env().items() if k != "PREFECT_API_URL"}  # the temporary server, as by default
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    proc = subprocess.Popen([str(BIN / "distill"), "run"], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    for line in proc.stdout:  # until the teacher is training
+        output.append(line)
+        if "teacher epoch 3/" in line:
+            break
+    group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == proc.pid]
+    assert any("stages.train_teacher" in " ".join(_cmdline(p)) for p in group), "".join(output[-20:])
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    started = time.monotonic()
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and time.monotonic() - started < 20
+    assert "interrupted: the running stage was stopped" in rest and "Traceback" not in rest
+    assert not (project / "models" / "teacher.pt").exists()
+    assert not list((project / "models").glob(".teacher.pt.tmp-*"))
+    psutil.wait_procs(group, timeout=10)
+    assert not [p.pid for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "left running"
+    status = subprocess.run([str(BIN / "dvc"), "status", "train_teacher"], cwd=project, env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert status.returncode == 0  # no lock left behind
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # gone, or a zombie
+        return []
