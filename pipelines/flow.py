@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +38,9 @@ from prefect.states import Cancelled, Completed
 
 from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
-from distill.progress import bar
+from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
-from pipelines.tools import BIN, stage_error, tool_env
+from pipelines.tools import BIN, run_streaming, stage_error, tool_env
 
 
 POLL_S = 2.0  # how often a waiting run looks at a busy lock again
@@ -132,21 +132,32 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
     """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log."""
-    logger = get_run_logger()
     cmd = [str(BIN / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
     # DISTILL_PIPELINE_RUN groups this flow run's stage runs under one MLflow parent run.
     env = tool_env(DISTILL_PIPELINE_RUN=pipeline_run)
-    proc = subprocess.Popen(cmd, cwd=repo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info(line.rstrip())
+    # On a terminal the stage's own output (epoch and batch bars) shows as it comes; its lines
+    # then go to the Prefect UI only, not a second time to the terminal.
+    terminal = progress_shown()
+    logger = _ui_only_logger() if terminal else get_run_logger()
+    code, lines = run_streaming(cmd, repo_dir, env, logger.info, terminal)
     output = "\n".join(lines)
-    if proc.wait() != 0:
+    if code != 0:
         if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
             raise UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}")
-        raise StageFailed(f"stage {stage} failed (dvc exit {proc.returncode}): {output[-500:]}")
+        raise StageFailed(f"stage {stage} failed (dvc exit {code}): {output[-500:]}")
     return "ran" if f"Running stage '{stage}'" in output else _reused()
+
+
+def _ui_only_logger() -> logging.LoggerAdapter:
+    """The task's log in the Prefect UI, without Prefect's copy on the terminal."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("distill.stage_output")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logging.LoggerAdapter(logger, get_run_logger().extra)
 
 
 @task
@@ -193,17 +204,14 @@ def _run(root: Path, overrides: dict[str, Any] | None, force: bool, deadline: fl
         pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
         outcome: dict[str, str] = {}
         upstream_ran = False
-        with bar(len(order), "pipeline", unit="stage") as progress:
-            for stage in order:
-                progress.set_postfix_str(stage)
-                if not force and not upstream_ran and stage not in changed:
-                    state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
-                else:
-                    state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
-                                                                        return_state=True)
-                outcome[stage] = state.result()
-                upstream_ran |= outcome[stage] == "ran"
-                progress.update()
+        for stage in order:
+            if not force and not upstream_ran and stage not in changed:
+                state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
+            else:
+                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
+                                                                    return_state=True)
+            outcome[stage] = state.result()
+            upstream_ran |= outcome[stage] == "ran"
     get_run_logger().info("stages: %s", outcome)
     _comparison_artifact(root, outcome)
     return outcome

@@ -1,17 +1,19 @@
-"""The command-line tools the orchestration runs (dvc, git, mlflow, torchrun), and how
-to read what a failed stage said.
+"""The command-line tools the orchestration runs (dvc, git, mlflow, torchrun), their
+output as it comes, and how to read what a failed stage said.
 
 Tools are run by path from this interpreter's bin folder, and that folder is put first
 on PATH for what they start themselves (DVC runs stage commands and queue workers
-from PATH).
+from PATH). On a terminal a stage runs on a pseudo-terminal of its own, so its progress
+bars are drawn, and its output reaches the user's terminal as it is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from distill.errors import UserError
@@ -35,3 +37,59 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 def stage_error(lines: Iterable[str]) -> str | None:
     """The one-sentence error a stage printed ("... error: <sentence>"), from a dvc command's output lines."""
     return next((line.split("error: ", 1)[1].strip() for line in lines if "error: " in line), None)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes: not for a log line
+
+
+def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str], on_line: Callable[[str], object],
+                  terminal: bool = False) -> tuple[int, list[str]]:
+    """Run `cmd`, calling `on_line` with each line of its output (stdout and stderr); its exit
+    status and the lines. With `terminal`, the command writes to a pseudo-terminal (its progress
+    bars show) and everything it writes is passed on to this process's stderr as it comes;
+    `on_line` then gets each line as it last stood (a bar's final state, without escape codes)."""
+    if not terminal:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            on_line(lines[-1])
+        return proc.wait(), lines
+    import pty
+
+    leader, follower = pty.openpty()
+    _same_size_as_this_terminal(follower)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    lines, pending = [], b""
+    try:
+        while chunk := _read(leader):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                # a terminal ends lines with \r\n; a bar redraws itself after a bare \r: keep its last state
+                lines.append(ANSI.sub("", raw.decode(errors="replace").rstrip("\r").split("\r")[-1]).rstrip())
+                on_line(lines[-1])
+    finally:
+        os.close(leader)
+    return proc.wait(), lines
+
+
+def _same_size_as_this_terminal(fd: int) -> None:
+    """Give a new pseudo-terminal this terminal's size: one of 0 x 0 draws no progress bar."""
+    import fcntl
+    import shutil
+    import struct
+    import termios
+
+    columns, rows = shutil.get_terminal_size()
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def _read(fd: int) -> bytes:
+    """The next bytes a pseudo-terminal holds; b"" once the command has closed it."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: every writer has gone
+        return b""

@@ -53,3 +53,23 @@ def test_training_prints_no_bar_off_a_terminal(monkeypatch, capsys):
     monkeypatch.delenv(progress.ENV, raising=False)  # pytest's captured stderr is not a terminal
     tiny_fit()
     assert "batch/s" not in capsys.readouterr().err
+
+
+def test_on_a_terminal_a_stage_draws_its_bars_on_a_pseudo_terminal_of_this_terminals_size(capfdbinary, monkeypatch):
+    import sys
+
+    from pipelines.tools import run_streaming, tool_env
+
+    child = ("import shutil, sys; from tqdm import tqdm; print(sys.stderr.isatty(), *shutil.get_terminal_size()); "
+             "[None for _ in tqdm(range(3), desc='rows', file=sys.stderr)]")
+    monkeypatch.setenv("COLUMNS", "97")  # this terminal's size, as shutil reads it
+    monkeypatch.setenv("LINES", "31")
+    env = {k: v for k, v in tool_env().items() if k not in ("COLUMNS", "LINES")}  # the child asks its terminal
+    seen: list[str] = []
+    code, lines = run_streaming([sys.executable, "-c", child], ".", env, seen.append, terminal=True)
+    assert code == 0 and seen == lines
+    assert lines[0] == "True 97 31"  # a terminal, of this terminal's size: a 0 x 0 one draws no bar
+    assert any(line.startswith("rows: 100%") and "3/3" in line for line in lines)  # the bar's last state
+    assert b"\r" in capfdbinary.readouterr().err  # passed on as drawn, redraws and all
+    code, lines = run_streaming([sys.executable, "-c", child], ".", env, seen.append, terminal=False)
+    assert code == 0 and lines[0].startswith("False")
