@@ -40,6 +40,7 @@ class Evaluation:
     reliability: dict[str, list[dict]]  # per model: reliability_bins rows
     class_names: list[str]
     run_ids: dict[str, str | None] = field(default_factory=dict)  # per model: its training run in MLflow
+    configs: dict[str, dict] = field(default_factory=dict)  # per model: its config (arch, widths, temperature...)
     described: str = ""  # one line: the test data and the runs
 
 
@@ -150,7 +151,8 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
         metrics=metrics, histories={name: ckpt.get("history", []) for name, (_, ckpt) in models.items()},
         labels=test.y, predictions={name: lg.argmax(1).numpy() for name, lg in logits.items()},
         reliability={name: reliability_bins(lg.softmax(1), y, cfg.ece_bins) for name, lg in logits.items()},
-        class_names=meta.class_names, run_ids=run_ids, described=described)
+        class_names=meta.class_names, run_ids=run_ids, described=described,
+        configs={name: ckpt.get("config", {}) for name, (_, ckpt) in models.items()})
 
 
 def write_outputs(result: Evaluation, metrics_out: str | Path, predictions_out: str | Path,

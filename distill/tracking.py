@@ -26,13 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distill.config import RegistryConfig, TrackingConfig
+from distill.config import DISTILLATION_KEYS, RegistryConfig, TrackingConfig
 from distill.errors import UserError
 from distill.io import git_head, tree_sha256, write_json
 
 TAG_PIPELINE_RUN = "distill.pipeline_run"
 TAG_STAGE = "distill.stage"
 TAG_MODEL_URI = "distill.model_uri"
+# The MLflow UI opens an experiment of this kind on its runs (training), not on the GenAI overview.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Fail fast against an unreachable server instead of retrying for minutes (set when a run starts).
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
@@ -249,9 +251,12 @@ def _experiment_id(name: str, root: Path, uri: str) -> str:
     import mlflow
 
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_root(root, uri))
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_root(root, uri), tags=EXPERIMENT_TAGS)
+    if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _parent_run(experiment_id: str, pipeline_id: str) -> str:
@@ -269,19 +274,26 @@ def _parent_run(experiment_id: str, pipeline_id: str) -> str:
     return run.info.run_id
 
 
-def log_evaluation(run: StageRun, metrics: dict, run_ids: dict[str, str | None], artifacts: list[Path]) -> None:
-    """Evaluate's logging: one child run per model under the same metric keys, the
-    gap closed on the stage run, and the report files as artifacts (nothing when tracking is off)."""
+def log_evaluation(run: StageRun, result, artifacts: list[Path]) -> None:
+    """Evaluate's logging: one child run per model (an evaluation.Evaluation's metrics under the
+    same keys, and the model's own config as params, so MLflow's compare view lines up arch,
+    widths, temperature and alpha beside the numbers), the gap closed on the stage run, and
+    the report files as artifacts (nothing when tracking is off)."""
     if not run.run_id:
         return
     import mlflow
 
+    metrics = result.metrics
     experiment_id = mlflow.active_run().info.experiment_id
-    for role, model_run in run_ids.items():
+    for role, model_run in result.run_ids.items():
         with mlflow.start_run(run_name=f"evaluate {role}", nested=True, experiment_id=experiment_id,
                               tags={TAG_STAGE: "evaluate", "distill.model_role": role,
                                     "distill.model_run_id": str(model_run),
                                     TAG_PIPELINE_RUN: run.pipeline_id}):
+            config = dict(result.configs.get(role, {}))
+            if role == "baseline":  # trained with the student's config, but no distillation key applies to it
+                config = {k: v for k, v in config.items() if k not in DISTILLATION_KEYS}
+            mlflow.log_params({"role": role} | flatten(config))
             mlflow.log_metrics({k: float(v) for k, v in metrics[role].items()})
     if metrics.get("gap_closed") is not None:
         run.log_metrics({"gap_closed": metrics["gap_closed"]})

@@ -118,14 +118,22 @@ def _stop_on_interrupt(signum, frame) -> None:
 def compare(
     rev: list[str] = typer.Option([], "--rev", help="git revision (one: against the workspace; two: between them)"),
     run_id: list[str] = typer.Option([], "--run", help="MLflow run id (give two)"),
+    exps: bool = typer.Option(False, "--exps", help="every DVC experiment (sweep points too), key columns only"),
 ) -> None:
-    """Teacher, student and baseline side by side: the latest run, two git revisions or two MLflow runs.
+    """Teacher, student and baseline side by side: the latest run, two git revisions, two MLflow
+    runs, or every DVC experiment.
 
-    Examples: distill compare | distill compare --rev HEAD~1 --rev HEAD | distill compare --run ID1 --run ID2
+    Examples: distill compare | distill compare --rev HEAD~1 --rev HEAD | distill compare --run ID1 --run ID2 |
+    distill compare --exps
     """
     root = project()
-    if rev and run_id:
-        raise UserError("give --rev or --run, not both")
+    if sum(map(bool, (rev, run_id, exps))) > 1:
+        raise UserError("give one of --rev, --run and --exps")
+    if exps:
+        from pipelines.tools import dvc
+
+        typer.echo(dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout)
+        return
     if rev:
         if len(rev) > 2:
             raise UserError("--rev takes one or two git revisions")
@@ -142,8 +150,14 @@ def compare(
     typer.echo(path.read_text())
 
 
+# `dvc exp show` with every column collapses to "..." on most terminals: the ones a comparison needs
+EXP_COLUMNS = (r"^(Experiment|Created|(teacher|student|baseline)\.(test_accuracy|params|latency_ms_b1)|gap_closed"
+               r"|student\.(arch|temperature|alpha|loss|epochs)|teacher\.(arch|epochs)|seed)$")
+
+
 def compare_runs(run_ids: list[str]) -> str:
-    """Markdown: the metrics of two MLflow runs side by side, with the difference."""
+    """Markdown: the metrics of two MLflow runs side by side, with the difference, then the
+    params in which they differ (temperature, alpha, arch, ...)."""
     if len(run_ids) != 2:
         raise UserError("--run takes exactly two MLflow run ids")
     from mlflow.exceptions import MlflowException
@@ -159,11 +173,16 @@ def compare_runs(run_ids: list[str]) -> str:
         except MlflowException:
             raise UserError(f"MLflow run {run_id} not found in {client.tracking_uri}") from None
     a, b = (r.data.metrics for r in runs)
-    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
+    names = [f"{r.info.run_name or 'run'} {r.info.run_id[:8]}" for r in runs]  # two "evaluate student" runs differ
     lines = [f"| metric | {names[0]} | {names[1]} | difference |", "|---|---|---|---|"]
     for key in sorted(set(a) | set(b)):
         diff = f"{b[key] - a[key]:+.4g}" if key in a and key in b else ""
         lines.append(f"| {key} | {_number(a.get(key))} | {_number(b.get(key))} | {diff} |")
+    pa, pb = (r.data.params for r in runs)
+    differing = sorted(k for k in set(pa) | set(pb) if pa.get(k) != pb.get(k))
+    if differing:
+        lines += ["", f"| param | {names[0]} | {names[1]} |", "|---|---|---|"]
+        lines += [f"| {k} | {pa.get(k, '')} | {pb.get(k, '')} |" for k in differing]
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
         report.write_report(result, args.report, args.figures)
         artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability,
                                        args.report, args.figures)]
-        tracking.log_evaluation(run, result.metrics, result.run_ids, artifacts)
+        tracking.log_evaluation(run, result, artifacts)
         passed = evaluation.passes_gate(result.metrics["student"], params.registry)
         registered = tracking.register_student(result.run_ids["student"], params.registry, passed)
     return result.metrics | {"run_ids": result.run_ids} | registered

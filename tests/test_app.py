@@ -50,6 +50,13 @@ def test_compare_prints_the_latest_comparison_and_diffs_git_revisions(built_proj
     assert result.exit_code == 0 and "| student |" in result.output and "Gap closed" in result.output
     result = runner.invoke(app, ["compare", "--rev", "HEAD~1"])  # the scratch commit, before the build: no metrics
     assert result.exit_code == 0 and "student.test_accuracy" in result.output
+    result = runner.invoke(app, ["compare", "--exps"])  # DVC's experiments, key columns only
+    assert result.exit_code == 0, result.output
+    head = result.output.splitlines()[0]
+    for column in ("Experiment", "student.test_accuracy", "baseline.test_accuracy", "gap_closed",
+                   "student.temperature", "student.alpha"):
+        assert column in head, column
+    assert "checkpoint_bytes" not in head and "ece" not in head and "…" not in result.output
     (built_project / "reports" / "compare.md").unlink()
     result = runner.invoke(app, ["compare"])
     assert result.exit_code == 2 and "run the pipeline first" in result.output
@@ -60,8 +67,9 @@ def test_compare_two_mlflow_runs_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     ids = []
-    for name, acc in (("a", 0.9), ("b", 0.95)):
-        with mlflow.start_run(run_name=name) as run:
+    for temperature, acc in ((2.0, 0.9), (4.0, 0.95)):
+        with mlflow.start_run(run_name="evaluate student") as run:  # the same name, as two pipelines' runs have
+            mlflow.log_params({"temperature": temperature, "arch": "cnn1d"})
             mlflow.log_metrics({"test_accuracy": acc, "nll": 0.3})
             ids.append(run.info.run_id)
     project = tmp_path / "p"
@@ -72,6 +80,8 @@ def test_compare_two_mlflow_runs_side_by_side(tmp_path, monkeypatch):
     result = runner.invoke(app, ["compare", "--run", ids[0], "--run", ids[1]])
     assert result.exit_code == 0, result.output
     assert "| test_accuracy | 0.9 | 0.95 | +0.05 |" in result.output
+    assert f"| metric | evaluate student {ids[0][:8]} | evaluate student {ids[1][:8]} | difference |" in result.output
+    assert "| temperature | 2.0 | 4.0 |" in result.output and "| arch |" not in result.output  # params that differ
     missing = runner.invoke(app, ["compare", "--run", ids[0], "--run", "0" * 32])
     assert missing.exit_code == 2 and "not found" in missing.output
 

@@ -59,6 +59,7 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny")
     assert experiment is not None
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     runs = stage_runs(client, experiment.experiment_id)
     assert set(runs) == STAGES and all(len(r) == 1 for r in runs.values())
     first = {stage: r[0] for stage, r in runs.items()}
@@ -89,8 +90,13 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     receipt = json.loads((project / "reports/runs/train_teacher.json").read_text())
     assert receipt["run_id"] == teacher_id
 
-    # evaluate: teacher, student and baseline under the same metric keys
+    # evaluate: teacher, student and baseline under the same metric keys, each with its own config as params
     assert_evaluate_children(client, experiment.experiment_id, first["evaluate"].info.run_id)
+    children = {r.data.tags["distill.model_role"]: r.data.params for r in client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{first['evaluate'].info.run_id}'")}
+    assert children["student"]["temperature"] == "4.0" and children["student"]["arch"] == "mlp"
+    assert children["teacher"]["hidden"] == "[64]" and "temperature" not in children["teacher"]
+    assert children["baseline"]["role"] == "baseline" and "temperature" not in children["baseline"]
     artifacts = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id)}
     assert {"compare.md", "metrics.json", "reliability", "report.html", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(first["evaluate"].info.run_id, "figures")}
