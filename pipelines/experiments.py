@@ -62,6 +62,13 @@ def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def one_line(name: str, m: dict) -> str:
+    """A finished point in one line: the three test accuracies and the gap closed."""
+    gap = m.get("gap_closed")
+    return (f"{name}: " + ", ".join(f"{model} {100 * m[model]['test_accuracy']:.2f}%" for model in MODELS)
+            + (", no gap to close" if gap is None else f", gap closed {100 * gap:.1f}%"))
+
+
 def workspace_state(root: Path) -> tuple[str, bytes]:
     """The commit checked out at `root` and the uncommitted changes to tracked files, as a binary patch:
     what `dvc exp run --queue` would take from the workspace (untracked files are left out, as there)."""

@@ -26,7 +26,7 @@ import pipelines  # noqa: F401  (project-local Prefect settings, before Prefect 
 import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from distill.errors import UserError
@@ -94,16 +94,21 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
             str(root), name, point, baseline, patch, env | {"DISTILL_PIPELINE_RUN": f"prefect-{flow_run}-{name}"})
         for name, point in zip(names, points)
     ]
-    wait(futures)
+    logger = get_run_logger()
+    logger.info("sweep of %d points: %s", len(points), ", ".join(names))
     done, failed = [], []
-    for name, future in zip(names, futures):
+    for finished, future in enumerate(as_completed(futures), 1):  # each point's result as soon as it is in
+        name = names[futures.index(future)]
         outcome = future.result(raise_on_failure=False)
         if future.state.is_completed():
             done.append(outcome)
+            logger.info("[%d/%d] %s", finished, len(points),
+                        experiments.one_line(name, experiments.metrics(root, name)))
         else:
             failed.append(str(outcome) if isinstance(outcome, UserError) else f"{name}: {outcome!r}")
+            logger.warning("[%d/%d] %s failed: %s", finished, len(points), name, failed[-1])
+    done.sort(key=lambda p: names.index(p["name"]))
     table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["name"])) for p in done])
-    logger = get_run_logger()
     logger.info("sweep of %d points:\n%s", len(points), table)
     if failed:
         raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "

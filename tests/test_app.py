@@ -110,8 +110,12 @@ def test_a_typo_in_set_is_one_line_and_exit_2_before_any_flow_starts(project):
 
 
 @pytest.mark.slow
-def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(project, flow_module, monkeypatch):
+def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(project, flow_module, monkeypatch,
+                                                                                 caplog):
+    import logging
+
     monkeypatch.chdir(project)
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")
     refused = runner.invoke(app, ["sweep", "-S", "student.alpha=0.5,9"])
     assert refused.exit_code == 2 and "student.alpha = 9" in refused.output
     result = runner.invoke(app, ["sweep", "-S", "student.temperature=1,4"])
@@ -121,6 +125,22 @@ def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--csv"], cwd=project, env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
     assert "sweep-temperature1" in shown and "sweep-temperature4" in shown
+    # each point's result was said as it finished, before the table
+    finished = [r.getMessage() for r in caplog.records if r.name == "prefect.flow_runs"
+                and r.getMessage().startswith("[")]
+    assert [m.split("] ")[0] for m in finished] == ["[1/2", "[2/2"]
+    assert {m.split("] ")[1].split(":")[0] for m in finished} == {"sweep-temperature1", "sweep-temperature4"}
+    assert all("student" in m and "baseline" in m and "teacher" in m for m in finished)
+
+
+def test_a_finished_sweep_point_is_one_line():
+    from pipelines.experiments import one_line
+
+    m = {"teacher": {"test_accuracy": 0.975}, "student": {"test_accuracy": 0.972},
+         "baseline": {"test_accuracy": 0.909}, "gap_closed": 0.955}
+    assert one_line("sweep-temperature2", m) == ("sweep-temperature2: teacher 97.50%, student 97.20%, "
+                                                 "baseline 90.90%, gap closed 95.5%")
+    assert one_line("p", m | {"gap_closed": None}).endswith("no gap to close")
 
 
 def test_serve_needs_a_prefect_server(project, monkeypatch):
