@@ -36,8 +36,9 @@ def headline(metrics: dict) -> str:
     gap = metrics.get("gap_closed")
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     student_ms, teacher_ms = metrics["student"]["latency_ms_b1"], metrics["teacher"]["latency_ms_b1"]
-    cost = (f"The student has {smaller:.1f}x fewer parameters than the teacher and answers one example in "
-            f"{student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms).")
+    size = (f"{smaller:.1f}x fewer parameters than the teacher" if smaller >= 1
+            else f"{1 / smaller:.1f}x the teacher's parameters")  # a student larger than its teacher happens
+    cost = f"The student has {size} and answers one example in {student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms)."
     if gap is None:
         return (f"No gap to close: {no_gap_reason(metrics)}; the student reaches {acc['student']:.1f}%. A stronger "
                 f"teacher (more epochs, a wider model) may change that; until then the baseline is the model to "

@@ -237,10 +237,12 @@ def serve(
 @app.command(short_help="the MLflow UI on 127.0.0.1")
 @user_errors
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
-    """The MLflow UI over this project's runs, on 127.0.0.1 (Ctrl-C stops it).
+    """The MLflow UI over this project's runs, on 127.0.0.1 (Ctrl-C stops it); prints the link that
+    opens the project's experiment on its runs.
 
-    Example: distill ui --port 5000, then open http://127.0.0.1:5000
+    Example: distill ui --port 5000, then open the link it prints
     """
+    from distill.config import load_params
     from distill.tracking import artifact_root, tracking_uri
 
     root = project()
@@ -250,7 +252,21 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     if (artifacts := artifact_root(root, uri)) is not None:
         cmd += ["--default-artifact-root", artifacts]
+    typer.echo(f"open {experiment_link(uri, load_params(root / 'params.yaml').tracking.experiment, port)}")
     raise typer.Exit(subprocess.call(cmd))
+
+
+def experiment_link(uri: str, experiment: str, port: int) -> str:
+    """The UI address that opens `experiment` on its runs: MLflow 3.17 opens on its GenAI overview
+    unless the link asks for the model-training view."""
+    base = f"http://127.0.0.1:{port}"
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(uri).get_experiment_by_name(experiment) if not uri.startswith("sqlite:") or Path(
+        uri.removeprefix("sqlite:///")).is_file() else None
+    if found is None:
+        return f"{base}  (no runs of experiment '{experiment}' yet: run the pipeline first)"
+    return f"{base}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
 @app.command(short_help="check params.yaml alone")

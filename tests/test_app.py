@@ -155,7 +155,7 @@ def test_ui_serves_the_projects_mlflow_store_on_loopback(project):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(BIN / "python"), "-m", "pipelines.app", "ui", "--port", str(port)], cwd=project,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     try:
         deadline, status = time.monotonic() + 90, None
@@ -167,9 +167,22 @@ def test_ui_serves_the_projects_mlflow_store_on_loopback(project):
                 time.sleep(0.5)
         assert status == 200
         assert (project / "mlflow.db").exists()
+        said = proc.stdout.readline()
+        assert said.startswith(f"open http://127.0.0.1:{port}") and "no runs of experiment 'tiny' yet" in said
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_ui_link_opens_the_experiment_on_its_runs_not_the_genai_overview(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.app import experiment_link
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = MlflowClient(uri).create_experiment("tiny")
+    assert experiment_link(uri, "tiny", 5000) == (f"http://127.0.0.1:5000/#/experiments/{experiment_id}"
+                                                  "?workflowType=machine_learning")
 
 
 @pytest.mark.slow

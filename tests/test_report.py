@@ -70,6 +70,8 @@ def test_a_teacher_that_does_not_beat_the_baseline_gets_no_gap_closed_and_the_he
                            f"({100 * baseline:.1f}%), so there is nothing to distil")
     assert "closed" not in said and "100%" not in said
     assert f"n/a (the teacher ({100 * teacher:.1f}%) {verb}" in report.compare_table(losing.metrics)
+    bigger = losing.metrics | {"student": losing.metrics["student"] | {"params": 100_000}}  # teacher: 50,000
+    assert "The student has 2.0x the teacher's parameters" in report.headline(bigger)
     report.write_report(losing, tmp_path / "report.html", tmp_path / "figures")
     assert said in (tmp_path / "report.html").read_text().replace("&#x27;", "'")
 
