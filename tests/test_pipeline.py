@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import dvc, git_commit, repro, subprocess_env, tiny_params, write_params
+from conftest import BIN, dvc, git_commit, repro, subprocess_env, tiny_params, write_params
 
 METRIC_KEYS = {"test_accuracy", "nll", "ece", "teacher_agreement", "kl_from_teacher", "entropy", "params",
                "checkpoint_bytes", "latency_ms_b1", "latency_ms_batch"}
@@ -38,6 +38,14 @@ def test_the_built_pipeline_has_every_output_and_metrics_that_show_learning(buil
     shown = (project / "plots/index.html").read_text()
     for name in FIGURES:
         assert f"{name}.png" in shown, name
+    # each training curve is drawn once, in one plot, a colour per model (DVC colours by revision by default)
+    plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=project, env=subprocess_env(),
+                                      capture_output=True, text=True, check=True).stdout)["data"]
+    assert not [name for name in plots if name.startswith("reports/train/")]
+    (curves,) = plots["Validation accuracy by epoch"]
+    assert curves["content"]["encoding"]["color"]["field"] == "filename"
+    assert {row["filename"] for row in curves["content"]["data"]["values"]} == {"teacher.csv", "student.csv",
+                                                                                 "baseline.csv"}
 
 
 def test_a_second_repro_runs_nothing_and_each_change_reruns_exactly_what_it_touches(built_project):
