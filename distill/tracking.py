@@ -304,13 +304,14 @@ def log_evaluation(run: StageRun, result, artifacts: list[Path]) -> None:
             mlflow.log_artifact(str(path))
 
 
-def register_student(student_run: str | None, registry: RegistryConfig, passed: bool) -> dict:
+def register_student(run: StageRun, student_run: str | None, registry: RegistryConfig, passed: bool) -> dict:
     """Register the student's model, tagged with the quality gate's verdict (evaluation.passes_gate);
     give the new version the alias only if it passed.
 
-    Returns {"registered_version": ..., "gate_passed": ...} (None, None when the student was not tracked).
+    Returns {"registered_version": ..., "gate_passed": ...}: (None, None) when this evaluate run is
+    not tracked (tracking off now, whatever the checkpoint recorded) or the student was not.
     """
-    if not student_run:
+    if not run.run_id or not student_run:
         return {"registered_version": None, "gate_passed": None}
     import mlflow
     from mlflow.tracking import MlflowClient

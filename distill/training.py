@@ -295,7 +295,8 @@ def train_student(job: TrainJob, prepared_dir: str | Path, soft_labels_dir: str 
     The distillation loss and the shuffle buffer come from the job's (student) config; the
     rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
     """
-    job = replace(job, distillation=job.distillation or Distillation.of(job.cfg), buffer_rows=job.cfg.shuffle_buffer)
+    job = replace(job, name="student", distillation=job.distillation or Distillation.of(job.cfg),
+                  buffer_rows=job.cfg.shuffle_buffer)
     meta = data.read_meta(prepared_dir)
     rows = softlabels.StudentRows(prepared_dir, soft_labels_dir, meta)
     val = data.read_split(prepared_dir, "val")

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,18 +59,35 @@ def dvc_plan(repo_dir: Path, deadline: float = 0.0) -> tuple[list[str], set[str]
     """The stage names in dependency order (ties kept in dvc.yaml order), and the names
     of those `dvc status` reports as changed, from one in-process look at the repo; while
     a dvc command holds DVC's lock, looked at again until `deadline` (time.monotonic)."""
+    return _waiting_for_dvc(repo_dir, deadline, _plan)
+
+
+def _plan(repo) -> tuple[list[str], set[str]]:
     import networkx as nx
+
+    _check_inputs_exist(repo)
+    position = {stage: i for i, stage in enumerate(repo.index.stages)}
+    # DVC's edges point from a stage to the stages it depends on: reverse them.
+    order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
+    return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+
+
+def _dvc_lock_free(repo) -> None:
+    """Take DVC's lock and give it back: raises LockError while a dvc command holds it."""
+    with repo.lock:
+        pass
+
+
+def _waiting_for_dvc(repo_dir: Path, deadline: float, look: Callable):
+    """`look(repo)` on the open DVC repository; while a dvc command holds DVC's lock, again every
+    POLL_S seconds until `deadline`, then ProjectBusy."""
     from dvc.lock import LockError
     from dvc.repo import Repo
 
     while True:
         try:
             with Repo(str(repo_dir)) as repo:
-                _check_inputs_exist(repo)
-                position = {stage: i for i, stage in enumerate(repo.index.stages)}
-                # DVC's edges point from a stage to the stages it depends on: reverse them.
-                order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
-                return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+                return look(repo)
         except LockError:
             if time.monotonic() >= deadline:
                 raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
@@ -130,9 +147,11 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
-def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str):
-    """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log."""
-    cmd = [str(BIN / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
+def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str, wait_for_lock: bool = False):
+    """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log; with
+    `wait_for_lock`, DVC waits for a lock another dvc command holds instead of failing."""
+    cmd = [str(BIN / "dvc"), *(["--wait-for-lock"] if wait_for_lock else []), "repro", "--single-item", stage,
+           *(["--force"] if force else [])]
     # DISTILL_PIPELINE_RUN groups this flow run's stage runs under one MLflow parent run.
     env = tool_env(DISTILL_PIPELINE_RUN=pipeline_run)
     # On a terminal the stage's own output (epoch and batch bars) shows as it comes; its lines
@@ -186,7 +205,7 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     try:
-        return _run(root, overrides, force, time.monotonic() + wait_for_lock_s)
+        return _run(root, overrides, force, wait_for_lock_s)
     except ProjectBusy as exc:
         if wait_for_lock_s <= 0:
             raise
@@ -194,13 +213,22 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
         return Cancelled(name="Skipped", message=f"the project stayed busy for {wait_for_lock_s:.0f} s: {exc}")
 
 
-def _run(root: Path, overrides: dict[str, Any] | None, force: bool, deadline: float) -> dict:
+def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float) -> dict:
     """The flow's body: the stages in order, each run or reused, then the comparison artifact."""
+    deadline = time.monotonic() + wait_s
     with exclusive_run(root, deadline):
+        params = root / "params.yaml"
+        _waiting_for_dvc(root, deadline, _dvc_lock_free)  # before params.yaml changes, not after
+        original = params.read_text()
         if overrides:
-            params_overrides.apply(root / "params.yaml", overrides)
-        load_params(root / "params.yaml")  # bad params fail here, once, before any stage
-        order, changed = dvc_plan(root, deadline)
+            params_overrides.apply(params, overrides)
+        load_params(params)  # bad params fail here, once, before any stage
+        try:
+            order, changed = dvc_plan(root, deadline)
+        except ProjectBusy:
+            params.write_text(original)  # nothing ran: the run leaves params.yaml as it found it
+            raise
+        wait = wait_s > 0  # a run that waits for a busy project waits at every stage too
         pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
         outcome: dict[str, str] = {}
         upstream_ran = False
@@ -208,7 +236,7 @@ def _run(root: Path, overrides: dict[str, Any] | None, force: bool, deadline: fl
             if not force and not upstream_ran and stage not in changed:
                 state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
             else:
-                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run,
+                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run, wait,
                                                                     return_state=True)
             outcome[stage] = state.result()
             upstream_ran |= outcome[stage] == "ran"

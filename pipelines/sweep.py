@@ -102,8 +102,11 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
         outcome = future.result(raise_on_failure=False)
         if future.state.is_completed():
             done.append(outcome)
-            logger.info("[%d/%d] %s", finished, len(points),
-                        experiments.one_line(name, experiments.metrics(root, name)))
+            try:
+                said = experiments.one_line(name, experiments.metrics(root, name))
+            except (UserError, KeyError, ValueError) as exc:  # the table at the end says it again, or fails
+                said = f"{name}: finished, but its metrics could not be read yet ({exc})"
+            logger.info("[%d/%d] %s", finished, len(points), said)
         else:
             failed.append(str(outcome) if isinstance(outcome, UserError) else f"{name}: {outcome!r}")
             logger.warning("[%d/%d] %s failed: %s", finished, len(points), name, failed[-1])

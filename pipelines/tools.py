@@ -58,22 +58,36 @@ def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str], on_line:
     import pty
 
     leader, follower = pty.openpty()
-    _same_size_as_this_terminal(follower)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
-    os.close(follower)
-    lines, pending = [], b""
+    proc, lines, pending = None, [], b""
     try:
+        _same_size_as_this_terminal(follower)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+        os.close(follower)
+        follower = None
         while chunk := _read(leader):
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
             *complete, pending = (pending + chunk).split(b"\n")
             for raw in complete:
-                # a terminal ends lines with \r\n; a bar redraws itself after a bare \r: keep its last state
-                lines.append(ANSI.sub("", raw.decode(errors="replace").rstrip("\r").split("\r")[-1]).rstrip())
+                lines.append(_last_state(raw))
                 on_line(lines[-1])
+        if pending.strip():  # a last line without a newline
+            lines.append(_last_state(pending))
+            on_line(lines[-1])
+        return proc.wait(), lines
     finally:
-        os.close(leader)
-    return proc.wait(), lines
+        for fd in (leader, follower):
+            if fd is not None:
+                os.close(fd)
+        if proc is not None and proc.poll() is None:  # interrupted here: the command does not outlive us
+            proc.terminate()
+            proc.wait()
+
+
+def _last_state(raw: bytes) -> str:
+    """A terminal line as it last stood: a terminal ends lines with \\r\\n, and a bar redraws
+    itself after a bare \\r; escape codes removed."""
+    return ANSI.sub("", raw.decode(errors="replace").rstrip("\r").split("\r")[-1]).rstrip()
 
 
 def _same_size_as_this_terminal(fd: int) -> None:
@@ -83,7 +97,10 @@ def _same_size_as_this_terminal(fd: int) -> None:
     import struct
     import termios
 
-    columns, rows = shutil.get_terminal_size()
+    try:
+        columns, rows = os.get_terminal_size(sys.stderr.fileno())  # where the output is shown
+    except OSError:
+        columns, rows = shutil.get_terminal_size()
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
 

@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
                                        args.report, args.figures)]
         tracking.log_evaluation(run, result, artifacts)
         passed = evaluation.passes_gate(result.metrics["student"], params.registry)
-        registered = tracking.register_student(result.run_ids["student"], params.registry, passed)
+        registered = tracking.register_student(run, result.run_ids["student"], params.registry, passed)
     return result.metrics | {"run_ids": result.run_ids} | registered
 
 

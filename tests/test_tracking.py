@@ -173,3 +173,15 @@ def test_the_inputs_fingerprint_follows_deps_and_params(tmp_path, monkeypatch):
     assert stage_inputs_sha256("s", {"p": 2}) != first
     Path("a.txt").write_text("two")
     assert stage_inputs_sha256("s", {"p": 1}) != first
+
+
+def test_with_tracking_off_evaluate_registers_nothing_even_for_a_student_trained_with_it_on(monkeypatch):
+    import mlflow
+
+    from distill.config import RegistryConfig
+    from distill.tracking import StageRun, register_student
+
+    monkeypatch.setattr(mlflow, "register_model", lambda *a, **k: pytest.fail("registered with tracking off"))
+    untracked = StageRun(None, "standalone-1")  # the evaluate stage's run with tracking.enabled: false
+    assert register_student(untracked, "a" * 32, RegistryConfig(), passed=True) == {"registered_version": None,
+                                                                                  "gate_passed": None}
