@@ -84,14 +84,26 @@ def _waiting_for_dvc(repo_dir: Path, deadline: float, look: Callable):
     from dvc.lock import LockError
     from dvc.repo import Repo
 
+    def attempt():
+        with Repo(str(repo_dir)) as repo:
+            return look(repo)
+
+    try:
+        return _until(deadline, attempt, LockError)
+    except LockError:
+        raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
+                          "run again when it has finished") from None
+
+
+def _until(deadline: float, attempt: Callable, busy: type[Exception]):
+    """`attempt()` until it stops raising `busy`, every POLL_S seconds; past `deadline` (time.monotonic)
+    the last `busy` is raised."""
     while True:
         try:
-            with Repo(str(repo_dir)) as repo:
-                return look(repo)
-        except LockError:
+            return attempt()
+        except busy:
             if time.monotonic() >= deadline:
-                raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
-                                  "run again when it has finished") from None
+                raise
             time.sleep(POLL_S)
 
 
@@ -115,17 +127,13 @@ def exclusive_run(repo_dir: Path, deadline: float = 0.0) -> Iterator[None]:
     path = repo_dir / ".dvc" / "tmp" / "distill-pipeline.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if this process dies
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    raise ProjectBusy(f"{path}: another pipeline run ({holder}) is running in this checkout; "
-                                      "wait for it to finish") from None
-                time.sleep(POLL_S)
+        try:  # the lock is released by the OS if its holder dies
+            _until(deadline, lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB), BlockingIOError)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ProjectBusy(f"{path}: another pipeline run ({holder}) is running in this checkout; "
+                              "wait for it to finish") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
