@@ -26,7 +26,7 @@ import typer
 from distill.errors import UserError, report
 from distill.progress import setup_logging
 from pipelines import overrides
-from pipelines.tools import BIN
+from pipelines.tools import BIN, dvc
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted command
@@ -130,15 +130,11 @@ def compare(
     if sum(map(bool, (rev, run_id, exps))) > 1:
         raise UserError("give one of --rev, --run and --exps")
     if exps:
-        from pipelines.tools import dvc
-
         typer.echo(dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout)
         return
     if rev:
         if len(rev) > 2:
             raise UserError("--rev takes one or two git revisions")
-        from pipelines.tools import dvc
-
         typer.echo(dvc(root, "metrics", "diff", *rev, "--md").stdout)
         return
     if run_id:
@@ -211,9 +207,8 @@ def sweep(
     from pipelines.sweep import run_sweep
 
     root = project()
-    dask = dask or bool(dask_address)
-    result = run_sweep(overrides.parse(set_, several=True), workers=jobs or (2 if dask else 1), dask=dask,
-                       address=dask_address, prefix=prefix, repo_dir=str(root))
+    result = run_sweep(overrides.parse(set_, several=True), workers=jobs, dask=dask, address=dask_address,
+                       prefix=prefix, repo_dir=str(root))
     typer.echo(result["summary"])
     typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
 

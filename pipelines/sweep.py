@@ -119,10 +119,14 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
     return {"summary": table, "points": done}
 
 
-def run_sweep(axes: dict[str, list[str]], workers: int = 1, dask: bool = False, address: str | None = None,
+def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool = False, address: str | None = None,
               prefix: str = "sweep", repo_dir: str | None = None) -> dict:
-    """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner."""
+    """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner:
+    `workers` points at a time here (default 1), or on Dask with `dask` or an `address` (default 2
+    local workers)."""
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
+    dask = dask or bool(address)
+    workers = (2 if dask else 1) if workers is None else workers
     points = experiments.grid(axes)
     for point in points:
         overrides.check(root, point)  # a bad point fails here, before any runner starts
@@ -140,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--address", help="run the points on the running Dask scheduler at this address")
     parser.add_argument("--prefix", default="sweep", help="experiment name prefix")
     args = parser.parse_args(argv)
-    dask = args.dask or bool(args.address)
-    result = run_sweep(overrides.parse(args.set, several=True), args.workers or (2 if dask else 1), dask,
+    result = run_sweep(overrides.parse(args.set, several=True), args.workers, args.dask,
                        args.address, args.prefix)
     print(result["summary"])
     return result
