@@ -264,6 +264,38 @@ def experiment_link(uri: str, experiment: str, port: int) -> str:
     return f"{base}/#/experiments/{found.experiment_id}?workflowType=machine_learning"
 
 
+@app.command("catch-up", short_help="record the runs a tracking failure left waiting")
+@user_errors
+def catch_up() -> None:
+    """Record in MLflow the stage runs a broken, busy or unreachable store left in .mlflow-pending/
+    (tracking.on_error: warn): each becomes a complete run, with its params, metrics, files and
+    model, in the store configured now; the journals recorded are removed.
+
+    Example: distill catch-up   (after moving a corrupt mlflow.db aside, or restarting the server)
+    """
+    from distill import tracking
+    from distill.models import load_checkpoint
+
+    root = tracking.project_root()
+    done = tracking.catch_up(root, lambda path: load_checkpoint(path)[0], on_each=typer.echo)
+    typer.echo(f"{len(done)} run(s) recorded" if done else f"nothing waits in {tracking.PENDING_DIR}/")
+
+
+@app.command(short_help="make a copied or moved project's MLflow store its own")
+@user_errors
+def relocate() -> None:
+    """Point the project's own MLflow store (mlflow.db) at this folder's mlruns/, after the project
+    was copied or moved: until then the pipeline writes no artifacts (they would land in the old
+    folder) and its runs wait for `distill catch-up`. Bring mlruns/ along to keep old artifacts.
+
+    Example: cp -r old-project new-project && cd new-project && distill relocate && distill catch-up
+    """
+    from distill import tracking
+
+    changed = tracking.relocate(tracking.project_root())
+    typer.echo(f"mlflow.db now keeps its artifacts in ./mlruns ({changed} record(s) updated)")
+
+
 @app.command(short_help="check params.yaml alone")
 @user_errors
 def validate(params: Path = typer.Argument(Path("params.yaml"), help="the params file")) -> None:

@@ -141,7 +141,7 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
 
 
 def test_an_unreachable_tracking_server_is_a_clear_error_within_seconds(project):
-    write_params(project / "params.yaml", tiny_params(**{"tracking.enabled": True}))
+    write_params(project / "params.yaml", tiny_params(**{"tracking.enabled": True, "tracking.on_error": "fail"}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the with block ends
