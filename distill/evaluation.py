@@ -156,14 +156,16 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
 
 
 def write_outputs(result: Evaluation, metrics_out: str | Path, predictions_out: str | Path,
-                  reliability_dir: str | Path) -> None:
-    """metrics.json, the per-example predictions CSV and one reliability CSV per model, atomically."""
+                  reliability_dir: str | Path, curves_dir: str | Path) -> None:
+    """metrics.json, the per-example predictions CSV, and one reliability CSV and one training
+    curve (the checkpoint's per-epoch history) per model, atomically."""
     write_json(metrics_out, result.metrics)
     write_csv(predictions_out, prediction_rows(result.labels, result.predictions, result.class_names))
-    with atomic_path(reliability_dir) as tmp:
-        tmp.mkdir()
-        for name, rows in result.reliability.items():
-            write_csv(tmp / f"{name}.csv", rows)
+    for folder, tables in ((reliability_dir, result.reliability), (curves_dir, result.histories)):
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for name, rows in tables.items():
+                write_csv(tmp / f"{name}.csv", rows)
 
 
 def _check_lineage(checkpoints: dict, models: dict, meta: data.PreparedMeta) -> None:

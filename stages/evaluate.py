@@ -5,7 +5,8 @@ and the student's registration (with the alias only if it passes `registry.*`).
         --teacher models/teacher.pt --student models/student.pt --baseline models/baseline.pt \
         --metrics reports/metrics.json --compare reports/compare.md \
         --predictions reports/predictions.csv --reliability reports/reliability \
-        --report reports/report.html --figures reports/figures --receipt reports/runs/evaluate.json
+        --report reports/report.html --figures reports/figures --curves reports/curves \
+        --receipt reports/runs/evaluate.json
 """
 
 from pathlib import Path
@@ -27,17 +28,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--reliability", required=True, help="directory of reliability-diagram CSVs")
     parser.add_argument("--report", required=True, help="HTML report to write")
     parser.add_argument("--figures", required=True, help="directory of the report's PNG figures")
+    parser.add_argument("--curves", required=True, help="directory of each model's per-epoch CSV (plot data)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     checkpoints = {name: getattr(args, name) for name in evaluation.MODELS}
     logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
     with tracking.stage_run("evaluate", params.tracking, logged, args.receipt) as run:
         result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints)
-        evaluation.write_outputs(result, args.metrics, args.predictions, args.reliability)
+        evaluation.write_outputs(result, args.metrics, args.predictions, args.reliability, args.curves)
         write_text(args.compare, report.compare_table(result.metrics))
         report.write_report(result, args.report, args.figures)
         artifacts = [Path(p) for p in (args.metrics, args.compare, args.predictions, args.reliability,
-                                       args.report, args.figures)]
+                                       args.report, args.figures, args.curves)]
         tracking.log_evaluation(run, result, artifacts)
         passed = evaluation.passes_gate(result.metrics["student"], params.registry)
         registered = tracking.register_student(run, result.run_ids["student"], params.registry, passed)

@@ -41,11 +41,26 @@ def test_the_built_pipeline_has_every_output_and_metrics_that_show_learning(buil
     # each training curve is drawn once, in one plot, a colour per model (DVC colours by revision by default)
     plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=project, env=subprocess_env(),
                                       capture_output=True, text=True, check=True).stdout)["data"]
-    assert not [name for name in plots if name.startswith("reports/train/")]
+    assert not [name for name in plots if name.startswith(("reports/train/", "reports/curves/"))]
     (curves,) = plots["Validation accuracy by epoch"]
     assert curves["content"]["encoding"]["color"]["field"] == "filename"
     assert {row["filename"] for row in curves["content"]["data"]["values"]} == {"teacher.csv", "student.csv",
                                                                                  "baseline.csv"}
+
+
+def test_plots_and_metrics_diff_against_head_work_in_a_fresh_clone_without_a_dvc_pull(tiny_pipeline, tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(tiny_pipeline), str(clone)], check=True, env=subprocess_env())
+    result = subprocess.run([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], cwd=clone, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "failed to load" not in result.stderr, result.stderr
+    shown = json.loads(result.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    (curves,) = shown["data"]["Validation accuracy by epoch"]
+    assert {row["filename"] for row in curves["content"]["data"]["values"]} == {"teacher.csv", "student.csv",
+                                                                                 "baseline.csv"}
+    assert {"reports/predictions.csv", "reports/figures/training.png"} <= set(shown["data"])
+    assert "student.test_accuracy" in dvc(clone, "metrics", "show")
 
 
 def test_a_second_repro_runs_nothing_and_each_change_reruns_exactly_what_it_touches(built_project):
