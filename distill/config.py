@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distill.errors import UserError
 
 BUILTIN_ARCHS = ("mlp", "cnn1d")
+AUTO_ARCH = "auto"  # the built-in arch that suits the data: cnn1d on a signal, mlp on a table
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:factory
 Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv"]
 RAW_DIR = "data/raw"  # where users put their files; data.path when no file is used
@@ -49,8 +50,16 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     transfer_size: int = Field(
-        0, ge=0, description="extra unlabeled examples for the teacher to label; generated sources "
-        "(mnist1d, synthetic) only: the others have no transfer set, whatever this says"
+        0, ge=0, description="extra unlabeled examples for the teacher to label: the generated sources "
+        "(mnist1d, synthetic) draw them; the tables (csv, parquet, digits) synthesise them from train "
+        "with `augment`"
+    )
+    augment: Literal["munge", "none"] = Field(
+        "munge", description="tables: how the transfer set is made from train; munge = Bucilua et al. 2006 "
+        "(each row's features swapped with its nearest neighbour's, jittered); none = no transfer set"
+    )
+    augment_copies: int = Field(
+        20, ge=0, description="tables: synthetic rows per train row (at most transfer_size in all)"
     )
     standardize: bool = True
     path: str = Field(
@@ -76,7 +85,8 @@ class DataConfig(Section):
 class ModelTrainConfig(Section):
     """A network and the budget it is trained with; shared by teacher and student."""
 
-    arch: str = Field("mlp", description="mlp | cnn1d | package.module:factory (your own nn.Module)")
+    arch: str = Field("mlp", description="auto | mlp | cnn1d | package.module:factory (your own nn.Module); "
+                      "auto = cnn1d on a signal (mnist1d), mlp on a table")
     arch_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for an import-path factory"
     )
@@ -85,6 +95,13 @@ class ModelTrainConfig(Section):
     kernel_size: int = Field(5, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     epochs: int = Field(20, gt=0)
+    min_steps: int = Field(
+        0, ge=0, description="optimizer steps at the least: a small data set gets more epochs than `epochs` "
+        "(epochs run = max(epochs, ceil(min_steps / batches per epoch)))"
+    )
+    patience: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a better checkpoint on val; null = never"
+    )
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -99,16 +116,16 @@ class ModelTrainConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch_or_import_path(cls, arch: str) -> str:
-        if arch not in BUILTIN_ARCHS and not re.match(IMPORT_PATH, arch):
-            raise ValueError("must be mlp, cnn1d, or an import path package.module:factory to your own model")
+        if arch not in (AUTO_ARCH, *BUILTIN_ARCHS) and not re.match(IMPORT_PATH, arch):
+            raise ValueError("must be auto, mlp, cnn1d, or an import path package.module:factory to your own model")
         return arch
 
     @model_validator(mode="after")
     def _cnn_needs_channels(self) -> ModelTrainConfig:
-        if self.arch_kwargs and self.arch in BUILTIN_ARCHS:
+        if self.arch_kwargs and self.arch in (AUTO_ARCH, *BUILTIN_ARCHS):
             raise ValueError(f"arch_kwargs is for an import-path arch; '{self.arch}' reads hidden, channels, ...")
-        if self.arch == "cnn1d" and not self.channels:
-            raise ValueError("arch 'cnn1d' needs at least one entry in channels")
+        if self.arch in ("cnn1d", AUTO_ARCH) and not self.channels:
+            raise ValueError(f"arch '{self.arch}' needs at least one entry in channels")
         return self
 
 
@@ -181,6 +198,10 @@ class TrackingConfig(Section):
 
     enabled: bool = True
     experiment: str = Field("distill", min_length=1)
+    on_error: Literal["warn", "fail"] = Field(
+        "warn", description="a store that fails: warn = the stage completes and its record waits in "
+        ".mlflow-pending/ for `distill catch-up`; fail = the stage stops (exit 2), its outputs kept"
+    )
 
 
 class RegistryConfig(Section):

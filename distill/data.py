@@ -65,6 +65,12 @@ class PreparedMeta:
     class_names: list[str]
     splits: dict[str, int]
     fingerprint: str  # sha256 over the prepared directory
+    source: str = "csv"
+
+    @property
+    def signal(self) -> bool:
+        """Whether the features are an ordered signal (convolutions make sense), not a table's columns."""
+        return self.source in SIGNALS
 
     @property
     def num_classes(self) -> int:
@@ -78,13 +84,11 @@ class PreparedMeta:
 
 
 GENERATED = ("mnist1d", "synthetic")  # the sources that can draw a transfer set
+SIGNALS = ("mnist1d",)  # the sources whose features are an ordered signal, not a table's columns
 
 
 def load_source(cfg: DataConfig) -> RawData:
     """Load the examples of `cfg.source` (a transfer set only where the source generates one)."""
-    if cfg.transfer_size and cfg.source not in GENERATED:
-        log.info("no transfer set: data.transfer_size applies to the generated sources %s, not '%s'",
-                 ", ".join(GENERATED), cfg.source)
     loaders = {
         "mnist1d": _load_mnist1d,
         "digits": _load_digits,
@@ -232,9 +236,36 @@ def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray
     if missing:
         raise UserError(f"data: class '{class_names[missing[0]]}' is in the test split but not in train; add rows")
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (x_test, y_test)}
-    if raw.x_transfer is not None:
-        splits["transfer"] = (raw.x_transfer, np.full(len(raw.x_transfer), -1))
+    x_transfer, synthetic = raw.x_transfer, min(cfg.transfer_size, cfg.augment_copies * len(train_idx))
+    if x_transfer is None and synthetic and cfg.source not in GENERATED and cfg.augment == "munge":
+        x_transfer = munge(splits["train"][0], synthetic, rng)
+        log.info("synthesised %d transfer rows from %d train rows (data.augment: munge)", synthetic, len(train_idx))
+    if x_transfer is not None:
+        splits["transfer"] = (x_transfer, np.full(len(x_transfer), -1))
     return splits, class_names
+
+
+def munge(x: np.ndarray, rows: int, rng: np.random.Generator, swap: float = 0.5, spread: float = 1.0) -> np.ndarray:
+    """`rows` synthetic rows like `x`, by MUNGE (Bucilua, Caruana, Niculescu-Mizil 2006, "Model
+    Compression"): each new row starts as a train row e; each feature, with probability `swap`,
+    is replaced by that of e's nearest neighbour e' (distance on features scaled to unit
+    variance), drawn from a normal around it with standard deviation |e - e'| / `spread`.
+    The teacher labels these rows, so the student sees the teacher's function between the
+    train rows, not only at them. Deterministic for a given `rng` state.
+    """
+    scale = x.std(axis=0)
+    z = x / np.where(scale > 0, scale, 1.0)
+    nearest = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), 1024):  # pairwise distances a block of rows at a time
+        block = z[start:start + 1024]
+        d = (block ** 2).sum(1)[:, None] - 2 * block @ z.T + (z ** 2).sum(1)[None, :]
+        d[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf
+        nearest[start:start + len(block)] = d.argmin(axis=1)
+    base = rng.integers(0, len(x), size=rows)
+    e, other = x[base], x[nearest[base]]
+    swapped = rng.random(e.shape) < swap
+    jitter = rng.normal(size=e.shape) * np.abs(e - other) / spread
+    return np.where(swapped, other + jitter, e).astype(x.dtype)
 
 
 def _check_class_sizes(y: np.ndarray, class_names: list[str]) -> None:
@@ -304,6 +335,7 @@ def read_meta(prepared_dir: str | Path) -> PreparedMeta:
         class_names=meta["class_names"],
         splits=meta["splits"],
         fingerprint=tree_sha256(prepared_dir),
+        source=meta["source"],
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import BUILTIN_ARCHS, ModelTrainConfig
+from distill.config import AUTO_ARCH, BUILTIN_ARCHS, ModelTrainConfig
 from distill.errors import UserError
 from distill.io import atomic_path
 
@@ -80,13 +80,15 @@ class CNN1d(nn.Module):
 BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d)))  # the names are config's, so params validate without torch
 
 
-def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int) -> dict[str, Any]:
-    """The keyword arguments that rebuild a model, as stored in its checkpoint."""
-    args: dict[str, Any] = {"arch": cfg.arch, "num_features": num_features, "num_classes": num_classes}
-    if cfg.arch not in BUILTIN:
+def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signal: bool = False) -> dict[str, Any]:
+    """The keyword arguments that rebuild a model, as stored in its checkpoint. `signal`: the
+    features are an ordered signal (arch auto takes cnn1d), not the columns of a table (mlp)."""
+    arch = ("cnn1d" if signal else "mlp") if cfg.arch == AUTO_ARCH else cfg.arch
+    args: dict[str, Any] = {"arch": arch, "num_features": num_features, "num_classes": num_classes}
+    if arch not in BUILTIN:
         return args | {"kwargs": dict(cfg.arch_kwargs)}
     args |= {"hidden": list(cfg.hidden), "dropout": cfg.dropout}
-    if cfg.arch == "cnn1d":
+    if arch == "cnn1d":
         args |= {"channels": list(cfg.channels), "kernel_size": cfg.kernel_size}
     return args
 

@@ -66,6 +66,7 @@ class TrainResult:
     model: nn.Module
     best_epoch: int
     best_val_accuracy: float
+    best_val_loss: float = float("inf")
     history: list[dict[str, float]] = field(default_factory=list)
     timings: list[EpochTiming] = field(default_factory=list)  # not in the history: it varies run to run
 
@@ -117,7 +118,8 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
     batches = Batches(train, cfg.batch_size, job.buffer_rows, world.rank, world.size)
     val_x, val_y = torch.as_tensor(val[0]), torch.as_tensor(val[1])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * batches.steps_per_epoch)
+    epochs = planned_epochs(cfg, batches.steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * batches.steps_per_epoch)
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
     if job.distillation is not None and job.distillation.teacher is not None:
         job.distillation.teacher.eval()
@@ -125,19 +127,28 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
     net = DistributedDataParallel(model) if world.distributed else model
     for row in best.history if job.on_epoch else ():  # a resumed run reports the epochs it picked up, too
         job.on_epoch(row)
-    with bar(cfg.epochs * batches.steps_per_epoch, job.name, unit="batch", initial=done * batches.steps_per_epoch,
+    with bar(epochs * batches.steps_per_epoch, job.name, unit="batch", initial=done * batches.steps_per_epoch,
              disable=not world.is_main) as progress:
-        for epoch in range(done + 1, cfg.epochs + 1):
+        for epoch in range(done + 1, epochs + 1):
             sums, timing = train_epoch(net, batches, gen, (opt, sched), job, progress)
             row = _epoch_row(epoch, sums, model, val_x, val_y, job.distillation is not None)
-            _record(best, model, row, timing, job)
-            progress.set_postfix_str(f"epoch {epoch}/{cfg.epochs} val_accuracy {row['val_accuracy']:.4f}")
-            if resume and world.is_main and epoch % resume.every == 0 and epoch < cfg.epochs:
+            _record(best, model, row, timing, job, epochs)
+            progress.set_postfix_str(f"epoch {epoch}/{epochs} val_accuracy {row['val_accuracy']:.4f}")
+            if cfg.patience and epoch - best.best_epoch >= cfg.patience:
+                log.info("%s: stopping after epoch %d, no better checkpoint on val for %d epochs (patience)",
+                         job.name, epoch, cfg.patience)
+                break
+            if resume and world.is_main and epoch % resume.every == 0 and epoch < epochs:
                 _save(resume, epoch, model, opt, sched, gen, best)
     if resume and world.is_main:
         resume.path.unlink(missing_ok=True)
     best.model.eval()
     return best
+
+
+def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
+    """`cfg.epochs`, or more when that many epochs of `steps_per_epoch` fall short of `cfg.min_steps`."""
+    return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
 
 def train_epoch(net: nn.Module, batches: Batches, gen: torch.Generator, optim: tuple, job: TrainJob,
@@ -178,15 +189,19 @@ def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_
     return distillation(logits, teacher_logits, y)
 
 
-def _record(best: TrainResult, model: nn.Module, row: dict[str, float], timing: EpochTiming, job: TrainJob) -> None:
-    """Add an epoch to the history and the tracker, keep the model if it is the best on val, log a line."""
+def _record(best: TrainResult, model: nn.Module, row: dict[str, float], timing: EpochTiming, job: TrainJob,
+            epochs: int) -> None:
+    """Add an epoch to the history and the tracker, keep the model if it is the best on val (the
+    highest accuracy; among equal accuracies, as happen on a small val split, the lowest loss), log
+    a line."""
     best.history.append(row)
     best.timings.append(timing)
     if job.on_epoch:
         job.on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
-    if row["val_accuracy"] > best.best_val_accuracy:
-        best.model, best.best_epoch, best.best_val_accuracy = copy.deepcopy(model), row["epoch"], row["val_accuracy"]
-    log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", job.name, row["epoch"], job.cfg.epochs,
+    if (row["val_accuracy"], -row["val_loss"]) > (best.best_val_accuracy, -best.best_val_loss):
+        best.model, best.best_epoch = copy.deepcopy(model), row["epoch"]
+        best.best_val_accuracy, best.best_val_loss = row["val_accuracy"], row["val_loss"]
+    log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", job.name, row["epoch"], epochs,
              row["train_loss"], row["val_accuracy"])
 
 
@@ -219,7 +234,7 @@ def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, b
         "key": resume.key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
         "best_model": best.model.state_dict(), "best_epoch": best.best_epoch,
-        "best_val_accuracy": best.best_val_accuracy, "history": best.history,
+        "best_val_accuracy": best.best_val_accuracy, "best_val_loss": best.best_val_loss, "history": best.history,
     }
     with atomic_path(resume.path) as tmp:
         torch.save(state, tmp)
@@ -248,6 +263,7 @@ def _restore(resume: Resume, model, opt, sched, gen: torch.Generator, best: Trai
                     name, resume.path, type(exc).__name__)
         return 0
     best.best_epoch, best.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
+    best.best_val_loss = state["best_val_loss"]
     best.history = list(state["history"])
     log.info("%s: resuming after epoch %d from %s", name, state["epoch"], resume.path)
     return state["epoch"]
@@ -314,7 +330,7 @@ def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> 
     """The untrained model of `cfg` for the prepared data, its weights fixed by `seed`, checked
     on a dummy batch (an import-path model with the wrong shapes stops here)."""
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = build_model(model_args(cfg, meta.num_features, meta.num_classes))
+    model = build_model(model_args(cfg, meta.num_features, meta.num_classes, meta.signal))
     check_model(model, meta.num_features, meta.num_classes, cfg.arch)
     return model
 
@@ -322,7 +338,7 @@ def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> 
 def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tuple, out: Outputs,
                     resume: ResumeConfig | None, resume_inputs: dict | None = None) -> dict:
     """Train, then (rank 0 only, under torchrun) save the best checkpoint and the history."""
-    args = model_args(job.cfg, meta.num_features, meta.num_classes)
+    args = model_args(job.cfg, meta.num_features, meta.num_classes, meta.signal)
     model = initial_model(job.cfg, meta, job.seed)
     log.info("%s: %s with %d parameters, %d training rows", job.name, job.cfg.arch, count_parameters(model),
              sum(train.block_sizes))

@@ -29,24 +29,24 @@ TINY_PARAMS = {
     "seed": 0,
     "data": {
         "source": "synthetic", "seed": 7, "num_samples": 800, "test_fraction": 0.25, "val_fraction": 0.2,
-        "transfer_size": 400, "standardize": True, "path": "data/raw", "label_column": "label",
+        "transfer_size": 400, "augment": "munge", "augment_copies": 20, "standardize": True, "path": "data/raw", "label_column": "label",
         "feature_columns": None, "on_nan": "error", "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
     },
     "teacher": {
         "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [64], "dropout": 0.0,
-        "epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
+        "epochs": 4, "min_steps": 0, "patience": None, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0,
     },
     "soft_labels": {"dtype": "float32", "top_k": None, "batch_size": 256, "shard_rows": 300},  # 3 shards
     "student": {
         "arch": "mlp", "arch_kwargs": {}, "channels": [4], "kernel_size": 3, "hidden": [8], "dropout": 0.0,
-        "epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
+        "epochs": 3, "min_steps": 0, "patience": None, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0, "temperature": 4.0, "alpha": 0.9,
         "loss": "kd", "dkd_target_weight": 1.0, "dkd_nontarget_weight": 8.0, "shuffle_buffer": 131072,
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     "resume": {"every_epochs": 1, "dir": ".resume"},
     "distributed": {"nproc": 1, "backend": "auto"},
     # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.
-    "tracking": {"enabled": False, "experiment": "tiny"},
+    "tracking": {"enabled": False, "experiment": "tiny", "on_error": "warn"},
     "registry": {"model_name": "tiny-student", "alias": "champion", "min_test_accuracy": 0.0,
                  "max_latency_ms_b1": 1000.0},
 }

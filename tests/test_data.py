@@ -35,8 +35,33 @@ def test_builtin_sources_split_into_disjoint_train_val_test(tmp_path, source):
     assert meta.splits["test"] == pytest.approx(0.2 * total, abs=meta.num_classes)
 
 
-def test_a_source_that_cannot_generate_examples_has_no_transfer_set_whatever_transfer_size_says(tmp_path):
-    meta = data.prepare(DataConfig(source="digits", transfer_size=1000), tmp_path / "prepared")
+def test_a_table_gets_a_munge_transfer_set_made_from_train_capped_and_repeatable(tmp_path):
+    cfg = DataConfig(source="digits", transfer_size=100_000, augment_copies=3)
+    meta = data.prepare(cfg, tmp_path / "a")
+    transfer, train = data.read_split(tmp_path / "a", "transfer"), data.read_split(tmp_path / "a", "train")
+    assert meta.splits["transfer"] == 3 * meta.splits["train"] and (transfer.y == -1).all()
+    # new rows, not copies of train rows, but within the range of each train feature
+    assert not (transfer.x[:, None, :] == train.x[None, :50, :]).all(axis=2).any()
+    assert (transfer.x >= train.x.min(0) - 1e-5).mean() > 0.95 and (transfer.x <= train.x.max(0) + 1e-5).mean() > 0.95
+    data.prepare(cfg, tmp_path / "b")
+    assert np.array_equal(data.read_split(tmp_path / "b", "transfer").x, transfer.x)  # same seed, same rows
+    capped = data.prepare(cfg.model_copy(update={"transfer_size": 100}), tmp_path / "c")
+    assert capped.splits["transfer"] == 100
+
+
+def test_munge_swaps_features_with_the_nearest_neighbour(tmp_path):
+    x = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0]])
+    rows = data.munge(x, 2000, np.random.default_rng(0))
+    # every synthetic row stays near its pair of neighbours, never between the two far clusters
+    near_origin = (np.abs(rows) < 4).all(axis=1)
+    near_ten = (np.abs(rows - 10) < 4).all(axis=1)
+    assert (near_origin | near_ten).mean() > 0.97 and 0.3 < near_origin.mean() < 0.7
+    assert len(np.unique(rows, axis=0)) > 1000
+
+
+@pytest.mark.parametrize("update", [{"augment": "none"}, {"transfer_size": 0}, {"augment_copies": 0}])
+def test_a_table_has_no_transfer_set_when_augmentation_is_off(tmp_path, update):
+    meta = data.prepare(DataConfig(**{"source": "digits", "transfer_size": 1000} | update), tmp_path / "prepared")
     assert set(meta.splits) == {"train", "val", "test"}
     assert not (tmp_path / "prepared" / "transfer.parquet").exists()
 

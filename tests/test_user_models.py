@@ -94,8 +94,8 @@ def test_a_bad_user_model_is_refused_before_training(tmp_path, user_module, prep
 
 
 @pytest.mark.parametrize("arch, kwargs, message", [
-    ("resnet", {}, "must be mlp, cnn1d, or an import path"),
-    ("my_nets.gated", {}, "must be mlp, cnn1d, or an import path"),
+    ("resnet", {}, "must be auto, mlp, cnn1d, or an import path"),
+    ("my_nets.gated", {}, "must be auto, mlp, cnn1d, or an import path"),
     ("mlp", {"width": 3}, "arch_kwargs is for an import-path arch"),
 ])
 def test_the_arch_key_takes_a_builtin_name_or_an_import_path(arch, kwargs, message):
