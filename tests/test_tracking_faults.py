@@ -128,6 +128,7 @@ def test_with_on_error_fail_a_corrupt_store_stops_the_stage_in_one_sentence_befo
     assert not (tmp_path / "out" / "model.pt").exists()  # stopped before the work, nothing half-written
 
 
+@pytest.mark.slow
 def test_a_store_corrupted_between_two_stages_of_dvc_repro(built_project):
     project = built_project
     write_params(project / "params.yaml", tiny_params(**{"tracking.enabled": True}))
@@ -184,6 +185,7 @@ def read_only_folder(tmp_path: Path) -> Path:
     pytest.skip("no read-only folder for root on this machine")
 
 
+@pytest.mark.slow
 def test_a_read_only_mlruns_folder_loses_no_work(tmp_path):
     (tmp_path / "mlruns").symlink_to(read_only_folder(tmp_path), target_is_directory=True)
     code, err = finish(stage(tmp_path, "warn"))
@@ -227,6 +229,7 @@ def test_a_tracking_server_killed_mid_stage_loses_no_work(tmp_path):
         assert old.info.status == "FAILED" and old.data.tags["distill.superseded_by"]
 
 
+@pytest.mark.slow
 def test_a_copied_project_writes_no_artifact_into_the_original_and_relocate_makes_it_its_own(tmp_path):
     original = tmp_path / "original"
     original.mkdir()
