@@ -47,8 +47,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill import data, softlabels, training  # noqa: E402
-from distill.config import Params, SoftLabelsConfig, StudentConfig, load_params  # noqa: E402
+from distill import data, device, softlabels, training  # noqa: E402
+from distill.config import Params, RuntimeConfig, SoftLabelsConfig, StudentConfig, load_params  # noqa: E402
 from distill.losses import Distillation  # noqa: E402
 from distill.models import load_checkpoint, predict_logits  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402
@@ -187,7 +187,8 @@ def test_accuracy(model: torch.nn.Module, prepared: Path) -> float:
 def train_student(cfg: StudentConfig, seed: int, prepared: Path, rows, distillation) -> training.TrainResult:
     model = training.initial_model(cfg, data.read_meta(prepared), seed)
     val = data.read_split(prepared, "val")
-    job = training.TrainJob(cfg, seed, "student", distillation=distillation, buffer_rows=cfg.shuffle_buffer)
+    job = training.TrainJob(cfg, seed, "student", distillation=distillation, buffer_rows=cfg.shuffle_buffer,
+                            world=training.World(device=RUNTIME["device"]), precision=RUNTIME["precision"])
     return training.fit(model, job, rows, (val.x, val.y))
 
 
@@ -323,7 +324,7 @@ def dump_throughput(project: Project, tmp: Path, repeats: int = 3) -> dict:
                 teacher(x[j : j + cfg.batch_size])
         bare.append(time.perf_counter() - start)
         start = time.perf_counter()
-        softlabels.dump(p.root / "models" / "teacher.pt", p.prepared, tmp / f"dump{i}", cfg)
+        softlabels.dump(p.root / "models" / "teacher.pt", p.prepared, tmp / f"dump{i}", cfg, **dump_runtime())
         stage.append(time.perf_counter() - start)
     bare_rps, stage_rps = len(x) / statistics.median(bare), len(x) / statistics.median(stage)
     return {"rows": len(x), "batch_size": cfg.batch_size, "bare_inference_rows_per_s": bare_rps,
@@ -341,7 +342,7 @@ def storage_formats(name: str, prepared: Path, teacher_path: Path, student: Stud
     entries = {}
     for fmt, cfg in formats.items():
         print(f"storage: {name} {fmt} ...", flush=True)
-        softlabels.dump(teacher_path, prepared, out / fmt, cfg)
+        softlabels.dump(teacher_path, prepared, out / fmt, cfg, **dump_runtime())
         result = train_student(student, seed, prepared, softlabels.StudentRows(prepared, out / fmt, meta),
                                Distillation.of(student))
         entries[fmt] = storage_entry(out / fmt, rows, test_accuracy(result.model, prepared))
@@ -367,7 +368,8 @@ def storage(project: Project, tmp: Path) -> dict:
     prepared = tmp / "hundred" / "prepared"
     data.prepare(big.data, prepared)
     print("storage: 100-class teacher ...", flush=True)
-    training.train_on_labels(training.TrainJob(big.teacher, 0, "teacher"), prepared,
+    training.train_on_labels(training.TrainJob(big.teacher, 0, "teacher", world=training.World(device=RUNTIME["device"]),
+                                               precision=RUNTIME["precision"]), prepared,
                              training.Outputs(tmp / "hundred" / "teacher.pt", tmp / "hundred" / "t.csv"))
     datasets["synthetic_100_classes"] = storage_formats("synthetic_100_classes", prepared, tmp / "hundred" / "teacher.pt", big.student, 0, 10,
                                                         tmp / "hundred")
@@ -458,14 +460,26 @@ def data_loading(project: Project, tmp: Path) -> dict:
 # ------------------------------------------------------------ main
 
 
+# Where the library's steps run in this benchmark (--device, --precision); recorded with every figure.
+RUNTIME: dict = {"device": torch.device("cpu"), "precision": "fp32"}
+
+
+def dump_runtime() -> dict:
+    return {"device": RUNTIME["device"], "precision": RUNTIME["precision"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="runtime.device for the library's steps (cpu, cuda, auto)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated measures, in this order")
     parser.add_argument("--out", default="benchmarks/results/perf.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other measures of an existing --out file, replace only these")
     args = parser.parse_args()
     chosen = [m for m in MEASURES if m in args.only.split(",")]
+    RUNTIME.update(device=device.resolve(RuntimeConfig(device=args.device, precision=args.precision)),
+                   precision=args.precision)
     results: dict = {}
     walls: dict[str, float] = {}
     torch.set_num_threads(os.cpu_count() or 1)
@@ -479,7 +493,8 @@ def main() -> None:
     report = {
         "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "device": device.describe(RUNTIME["device"], RUNTIME["precision"])},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "summary": summarize(results),
         "measure_wall_s": walls,

@@ -188,8 +188,38 @@ class DistributedConfig(Section):
     distill/distributed.py). Listed in the training stages' DVC params: N processes
     reach the same model as one only to float rounding."""
 
-    nproc: int = Field(1, ge=1, description="training processes on this machine; 1 = no torchrun")
-    backend: Literal["auto", "gloo"] = Field("auto", description="auto: gloo (training runs on the CPU)")
+    nproc: int | Literal["auto"] = Field(
+        1, description="training processes on this machine; 1 = no torchrun; auto = one per visible GPU (1 without)"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl when training on CUDA, gloo on the CPU"
+    )
+
+    @field_validator("nproc")
+    @classmethod
+    def _at_least_one(cls, nproc: int | str) -> int | str:
+        if nproc != "auto" and nproc < 1:
+            raise ValueError("must be auto or at least 1")
+        return nproc
+
+
+class RuntimeConfig(Section):
+    """Where the models run and at what precision (distill/device.py). `device` is read by every
+    stage that runs a model and listed in none: it moves work, not what it computes (a GPU's sums
+    differ from the CPU's only in rounding). `precision` changes the numbers, so the stages that
+    train or label list it, and a change reruns them."""
+
+    device: str = Field("auto", description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast for forward passes and losses; fp16 (with loss scaling) needs a GPU"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return device
 
 
 class TrackingConfig(Section):
@@ -224,6 +254,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     resume: ResumeConfig = ResumeConfig()
     distributed: DistributedConfig = DistributedConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -14,9 +14,9 @@ weighted by its share of the batch's rows (labelled rows, for the cross-entropy)
 the averaged gradient is the global batch's (distill.training). Rank 0 alone writes checkpoints, DVC
 outputs, resume state and MLflow runs; the other ranks only compute.
 
-The backend is `gloo`: training runs on the CPU (its tensors never move to a GPU), so
-`nccl`, which needs CUDA tensors, would fail; `distributed.backend: auto` is there to
-pick `nccl` once training places models on GPUs.
+The backend (`distributed.backend: auto`) is `nccl` when training runs on CUDA (one
+process per GPU: `distributed.nproc: auto` starts one per visible GPU, and each takes
+the GPU of its local rank, distill/device.py), `gloo` on the CPU.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
-from distill.config import DistributedConfig, TrackingConfig
+from distill import device as devices
+from distill.config import DistributedConfig, RuntimeConfig, TrackingConfig
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    device: torch.device = devices.CPU  # where this process trains (runtime.device)
 
     @property
     def is_main(self) -> bool:
@@ -66,51 +69,68 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
-def backend(cfg: DistributedConfig) -> str:
-    """gloo: the training tensors live on the CPU (see the module docstring)."""
-    return "gloo" if cfg.backend == "auto" else cfg.backend
+def backend(cfg: DistributedConfig, device: torch.device) -> str:
+    """nccl for CUDA tensors, gloo for CPU ones (see the module docstring)."""
+    if cfg.backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise UserError(f"distributed.backend nccl needs training on CUDA, but runtime.device resolves to {device}; "
+                        "set distributed.backend: auto or gloo")
+    return cfg.backend
+
+
+def processes(cfg: DistributedConfig) -> int:
+    """`cfg.nproc`; auto: one per visible GPU, or 1 without one."""
+    return (torch.cuda.device_count() or 1) if cfg.nproc == "auto" else cfg.nproc
 
 
 @contextmanager
-def process_group(cfg: DistributedConfig) -> Iterator[World]:
+def process_group(cfg: DistributedConfig, device: torch.device = devices.CPU) -> Iterator[World]:
     """Join torchrun's process group for the block (nothing to join in a single process)."""
     world = current()
     if not world.distributed:
-        yield world
+        yield World(world.rank, world.size, device)
         return
-    dist.init_process_group(backend(cfg))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend(cfg, device))
     if not world.is_main:  # one copy of the log lines is enough
         logging.getLogger("distill").setLevel(logging.WARNING)
     try:
-        yield current()
+        joined = current()
+        yield World(joined.rank, joined.size, device)
     finally:
         dist.destroy_process_group()
 
 
-def launch(cfg: DistributedConfig, module: str, argv: Sequence[str]) -> int:
-    """Run `python -m module argv` under torchrun with `cfg.nproc` processes on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
+def launch(nproc: int, module: str, argv: Sequence[str]) -> int:
+    """Run `python -m module argv` under torchrun with `nproc` processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", module, *argv]
-    log.info("launching %d processes: torchrun --standalone --nproc-per-node=%d -m %s", cfg.nproc, cfg.nproc,
-             module)
+    log.info("launching %d processes: torchrun --standalone --nproc-per-node=%d -m %s", nproc, nproc, module)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
 
 
-def run_stage(cfg: DistributedConfig, module: str, argv: Sequence[str] | None, body: Callable[[World], T]) -> T | dict:
+def run_stage(cfg: DistributedConfig, runtime: RuntimeConfig, module: str, argv: Sequence[str] | None,
+              body: Callable[[World], T]) -> T | dict:
     """A training stage's body, in this process or (nproc > 1, not yet under torchrun) in torchrun's.
 
     Under torchrun the process group is joined around `body(world)`; `body` is given
-    the World so it writes only on rank 0.
+    the World (rank, size, device) so it trains where runtime.device says and writes
+    only on rank 0. A device that is not there stops the stage before any process starts.
     """
-    if cfg.nproc > 1 and not under_torchrun():
-        code = launch(cfg, module, list(sys.argv[1:] if argv is None else argv))
+    device = devices.resolve(runtime)
+    nproc = processes(cfg)
+    if nproc > 1 and not under_torchrun():
+        backend(cfg, device)  # a backend that cannot work on this device: one sentence, before torchrun
+        code = launch(nproc, module, list(sys.argv[1:] if argv is None else argv))
         if code:
-            raise UserError(f"distributed training ({cfg.nproc} processes) failed with exit status {code}; "
+            raise UserError(f"distributed training ({nproc} processes) failed with exit status {code}; "
                             "the first rank's error is printed above")
-        return {"nproc": cfg.nproc}
-    with process_group(cfg) as world:
+        return {"nproc": nproc}
+    with process_group(cfg, device) as world:
         return body(world)
 
 

@@ -10,6 +10,7 @@ results, distill.tracking records them.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import data
+from distill import device as devices
 from distill.config import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json
@@ -85,16 +87,21 @@ def quality_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int) -> float:
-    """Median wall time of one forward pass over a batch, in milliseconds."""
-    model.eval()
-    batch = x[:batch_size]
+def latency_ms(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int,
+               device: torch.device = devices.CPU) -> float:
+    """Median wall time of one forward pass over a batch on `device`, in milliseconds (a GPU's
+    queue is drained before the clock stops)."""
+    model = model.eval() if device.type == "cpu" else copy.deepcopy(model).to(device).eval()
+    batch = x[:batch_size].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         model(batch)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         model(batch)
+        sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -126,8 +133,12 @@ def prediction_rows(labels: np.ndarray, preds: dict[str, np.ndarray], class_name
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path]) -> Evaluation:
-    """Stage step evaluate: test metrics for teacher, student and baseline (nothing written)."""
+def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
+             device: torch.device = devices.CPU) -> Evaluation:
+    """Stage step evaluate: test metrics for teacher, student and baseline (nothing written).
+
+    Metrics and latencies are measured on the CPU, the usual deployment target; with a
+    GPU `device` (runtime.device) its latencies are added as device_latency_ms_*."""
     meta = data.read_meta(prepared_dir)
     test = data.read_split(prepared_dir, "test")
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
@@ -142,6 +153,9 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
             "latency_ms_b1": latency_ms(model, x, 1, cfg.latency_repeats),
             "latency_ms_batch": latency_ms(model, x, cfg.latency_batch_size, cfg.latency_repeats),
         }
+        if device.type != "cpu":
+            metrics[name] |= {f"device_latency_ms_{key}": latency_ms(model, x, size, cfg.latency_repeats, device)
+                              for key, size in (("b1", 1), ("batch", cfg.latency_batch_size))}
     acc = {name: metrics[name]["test_accuracy"] for name in MODELS}
     metrics["gap_closed"] = gap_closed(acc["teacher"], acc["student"], acc["baseline"])
     run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}

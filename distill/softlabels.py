@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distill import device as devices
 from distill.config import SoftLabelsConfig
 from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
@@ -201,12 +202,13 @@ class ShardWriter:
 
 
 def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: SoftLabelsConfig,
-         run_id: str | None = None) -> dict:
+         run_id: str | None = None, device: torch.device = devices.CPU, precision: str = "fp32") -> dict:
     """Stage step soft_labels: run the teacher once over train (+ transfer), write the shards
     and provenance.json.
 
     `run_id` (the MLflow run of this stage) is recorded in the provenance, with the
-    teacher's own run id from its checkpoint.
+    teacher's own run id from its checkpoint. The teacher runs on `device` at `precision`
+    (runtime.*); its logits are copied back to the CPU batch by batch as they are written.
     """
     model, ckpt = load_checkpoint(teacher_path)
     meta = read_meta(prepared_dir)
@@ -226,11 +228,12 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         "shard_rows": cfg.shard_rows,
         "teacher_run_id": ckpt.get("mlflow_run_id"),
         "run_id": run_id,
+        "precision": precision,
     }
     schema = soft_label_schema(meta.num_classes, cfg.dtype, cfg.top_k)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        batches = teacher_batches(model, prepared_dir, schema, cfg.batch_size)
+        batches = teacher_batches(model.to(device), prepared_dir, schema, cfg.batch_size, precision)
         listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
         provenance = header | {"rows": rows, "shards": listed}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
@@ -239,9 +242,11 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
 
 
 def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa.Schema,
-                    batch_size: int) -> Iterator[pa.RecordBatch]:
+                    batch_size: int, precision: str = "fp32") -> Iterator[pa.RecordBatch]:
     """The teacher's logits over the prepared train then transfer rows, one record batch of
-    `schema` per `batch_size` rows, read and computed as they are asked for."""
+    `schema` per `batch_size` rows, read and computed as they are asked for (on the model's
+    device, under `precision`'s autocast; the logits come back as float32 on the CPU)."""
+    device = next(model.parameters()).device
     rows = 0
     for split in LABELLED_SPLITS:
         path = Path(prepared_dir) / f"{split}.parquet"
@@ -252,8 +257,9 @@ def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa
         source = pq.ParquetFile(path, pre_buffer=False)
         with bar(source.metadata.num_rows, f"soft labels ({split})", unit="row", unit_scale=True) as progress:
             for batch in source.iter_batches(batch_size=batch_size):
-                with torch.inference_mode():
-                    logits = model(torch.from_numpy(features(batch))).numpy()
+                with torch.inference_mode(), devices.autocast(device, precision):
+                    x = devices.to_device(torch.from_numpy(features(batch)), device)
+                    logits = model(x).float().cpu().numpy()
                 yield to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch), logits)
                 rows += len(batch)
                 progress.update(len(batch))

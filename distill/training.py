@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill import data, softlabels
+from distill import device as devices
 from distill.config import ModelTrainConfig, ResumeConfig
 from distill.distributed import World
 from distill.io import atomic_path, file_sha256, write_csv
@@ -48,7 +49,8 @@ class TrainJob:
     name: str = "model"  # teacher | student | baseline: log lines, progress bar, resume file
     distillation: Distillation | None = None  # None: cross-entropy on the labelled rows
     buffer_rows: int | None = None  # rows held in memory at once (None: all)
-    world: World = World()  # this process's place under torchrun
+    world: World = World()  # this process's place under torchrun, and its device (runtime.device)
+    precision: str = "fp32"  # runtime.precision: fp32 | bf16 | fp16 (autocast; see distill/device.py)
     on_epoch: Callable[[dict[str, float]], None] | None = None  # each epoch's row plus its timing
 
 
@@ -116,21 +118,25 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
     cfg, world = job.cfg, job.world
     gen = seed_everything(job.seed)
     batches = Batches(train, cfg.batch_size, job.buffer_rows, world.rank, world.size)
-    val_x, val_y = torch.as_tensor(val[0]), torch.as_tensor(val[1])
+    model.to(world.device)
+    val_x, val_y = (torch.as_tensor(v).to(world.device) for v in val)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs = planned_epochs(cfg, batches.steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * batches.steps_per_epoch)
+    scaler = devices.grad_scaler(world.device, job.precision)
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
     if job.distillation is not None and job.distillation.teacher is not None:
-        job.distillation.teacher.eval()
+        job.distillation.teacher.to(world.device).eval()
     done = _restore(resume, model, opt, sched, gen, best, job.name) if resume else 0
-    net = DistributedDataParallel(model) if world.distributed else model
+    net = model
+    if world.distributed:
+        net = DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     for row in best.history if job.on_epoch else ():  # a resumed run reports the epochs it picked up, too
         job.on_epoch(row)
     with bar(epochs * batches.steps_per_epoch, job.name, unit="batch", initial=done * batches.steps_per_epoch,
              disable=not world.is_main) as progress:
         for epoch in range(done + 1, epochs + 1):
-            sums, timing = train_epoch(net, batches, gen, (opt, sched), job, progress)
+            sums, timing = train_epoch(net, batches, gen, (opt, sched, scaler), job, progress)
             row = _epoch_row(epoch, sums, model, val_x, val_y, job.distillation is not None)
             _record(best, model, row, timing, job, epochs)
             progress.set_postfix_str(f"epoch {epoch}/{epochs} val_accuracy {row['val_accuracy']:.4f}")
@@ -142,7 +148,7 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
                 _save(resume, epoch, model, opt, sched, gen, best)
     if resume and world.is_main:
         resume.path.unlink(missing_ok=True)
-    best.model.eval()
+    best.model.cpu().eval()  # checkpoints are saved from the CPU copy: they load on any machine
     return best
 
 
@@ -154,21 +160,25 @@ def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
 def train_epoch(net: nn.Module, batches: Batches, gen: torch.Generator, optim: tuple, job: TrainJob,
                 progress) -> tuple[dict[str, float], EpochTiming]:
     """One pass over the batches: each loss part's mean over the epoch's steps (summed over the
-    ranks under torchrun), and the epoch's timing. `optim` is (optimizer, LR schedule)."""
-    opt, sched = optim
+    ranks under torchrun), and the epoch's timing. `optim` is (optimizer, LR schedule, loss
+    scaler); batches go to the job's device, forward and loss under its precision's autocast."""
+    opt, sched, scaler = optim
+    device = job.world.device
     net.train()
     sums: dict[str, float] = {}
     timing, start = EpochTiming(), time.perf_counter()
-    for x, y, teacher_logits in timed(batches.epoch(gen), timing):
-        logits = net(x)
-        parts = _loss_parts(logits, y, x, teacher_logits, job.distillation)
+    for batch in timed(batches.epoch(gen), timing):
+        x, y, teacher_logits = (devices.to_device(t, device) for t in batch)
+        with devices.autocast(device, job.precision):
+            logits = net(x)
+            parts = _loss_parts(logits, y, x, teacher_logits, job.distillation)
+            if job.world.distributed:
+                parts = _rank_shares(parts, y, logits, job.distillation)
         opt.zero_grad(set_to_none=True)
-        if job.world.distributed:
-            parts = _rank_shares(parts, y, logits, job.distillation)
-            (parts["loss"] * job.world.size).backward()  # DDP averages over ranks; the shares sum
-        else:
-            parts["loss"].backward()
-        opt.step()
+        # DDP averages over ranks; each rank's shares of the batch sum to the batch's loss
+        scaler.scale(parts["loss"] * job.world.size if job.world.distributed else parts["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         progress.update()
         for k, v in parts.items():

@@ -11,7 +11,7 @@ and the student's registration (with the alias only if it passes `registry.*`).
 
 from pathlib import Path
 
-from distill import evaluation, report, tracking
+from distill import device, evaluation, report, tracking
 from distill.config import load_params
 from distill.io import write_text
 from stages.common import cli_main, stage_parser
@@ -32,9 +32,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     checkpoints = {name: getattr(args, name) for name in evaluation.MODELS}
-    logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
+    where = device.resolve(params.runtime)
+    logged = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump(),
+              "runtime": params.runtime.model_dump()}
     with tracking.stage_run("evaluate", params.tracking, logged, args.receipt) as run:
-        result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints)
+        result = evaluation.evaluate(params.evaluate, args.prepared, checkpoints, where)
         evaluation.write_outputs(result, args.metrics, args.predictions, args.reliability, args.curves)
         write_text(args.compare, report.compare_table(result.metrics))
         report.write_report(result, args.report, args.figures)

@@ -5,7 +5,7 @@
         --prepared data/prepared --out data/soft_labels --receipt reports/runs/soft_labels.json
 """
 
-from distill import softlabels, tracking
+from distill import device, softlabels, tracking
 from distill.config import load_params
 from stages.common import cli_main, stage_parser
 
@@ -17,9 +17,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="soft-label directory to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    logged = {"soft_labels": params.soft_labels.model_dump()}
+    where = device.resolve(params.runtime)  # a device that is not there: one sentence, before any work
+    logged = {"soft_labels": params.soft_labels.model_dump(), "runtime": params.runtime.model_dump()}
     with tracking.stage_run("soft_labels", params.tracking, logged, args.receipt) as run:
-        result = softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels, run_id=run.run_id)
+        result = softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels, run_id=run.run_id,
+                                 device=where, precision=params.runtime.precision)
         run.log_metrics({"rows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
                          "bytes_per_row": result["bytes"] / max(result["rows"], 1)})
         run.set_tags({"distill.teacher_run_id": result["teacher_run_id"],

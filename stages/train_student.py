@@ -22,9 +22,10 @@ def main(argv=None) -> dict:
 
     def train(world: distributed.World) -> dict:
         logged = {"seed": params.seed, "student": params.student.model_dump(),
-                  "distributed": params.distributed.model_dump()}
+                  "distributed": params.distributed.model_dump(), "runtime": params.runtime.model_dump()}
         with distributed.stage_run(world, "train_student", params.tracking, logged, args.receipt) as run:
-            job = training.TrainJob(params.student, params.seed, "student", on_epoch=run.log_epoch, world=world)
+            job = training.TrainJob(params.student, params.seed, "student", on_epoch=run.log_epoch, world=world,
+                                     precision=params.runtime.precision)
             out = training.Outputs(Path(args.model), Path(args.history), {"mlflow_run_id": run.run_id})
             result = training.train_student(job, args.prepared, args.soft_labels, out, params.resume)
             lineage = result["soft_labels"]
@@ -36,7 +37,7 @@ def main(argv=None) -> dict:
             run.log_training(result, args.model, mlflow_model=True)
         return result
 
-    return distributed.run_stage(params.distributed, "stages.train_student", argv, train)
+    return distributed.run_stage(params.distributed, params.runtime, "stages.train_student", argv, train)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,16 @@ def main(argv=None) -> dict:
 
     def train(world: distributed.World) -> dict:
         logged = {"seed": params.seed, "teacher": params.teacher.model_dump(),
-                  "distributed": params.distributed.model_dump()}
+                  "distributed": params.distributed.model_dump(), "runtime": params.runtime.model_dump()}
         with distributed.stage_run(world, "train_teacher", params.tracking, logged, args.receipt) as run:
-            job = training.TrainJob(params.teacher, params.seed, "teacher", on_epoch=run.log_epoch, world=world)
+            job = training.TrainJob(params.teacher, params.seed, "teacher", on_epoch=run.log_epoch, world=world,
+                                     precision=params.runtime.precision)
             out = training.Outputs(Path(args.model), Path(args.history), {"mlflow_run_id": run.run_id})
             result = training.train_on_labels(job, args.prepared, out, params.resume)
             run.log_training(result, args.model)
         return result
 
-    return distributed.run_stage(params.distributed, "stages.train_teacher", argv, train)
+    return distributed.run_stage(params.distributed, params.runtime, "stages.train_teacher", argv, train)
 
 
 if __name__ == "__main__":

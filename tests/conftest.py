@@ -45,6 +45,7 @@ TINY_PARAMS = {
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     "resume": {"every_epochs": 1, "dir": ".resume"},
     "distributed": {"nproc": 1, "backend": "auto"},
+    "runtime": {"device": "auto", "precision": "fp32"},
     # MLflow is off here (it costs seconds per stage); tests/test_tracking.py turns it on.
     "tracking": {"enabled": False, "experiment": "tiny", "on_error": "warn"},
     "registry": {"model_name": "tiny-student", "alias": "champion", "min_test_accuracy": 0.0,

@@ -95,9 +95,10 @@ def dvc_stages() -> dict:
     "stage, params",
     [
         ("prepare", {"data"}),
-        ("train_teacher", {"seed", "teacher", "distributed"}),
-        ("soft_labels", {"soft_labels"}),
-        ("train_student", {"seed", "student", "distributed"}),
+        # runtime.precision changes the numbers; runtime.device only where they are computed
+        ("train_teacher", {"seed", "teacher", "distributed", "runtime.precision"}),
+        ("soft_labels", {"soft_labels", "runtime.precision"}),
+        ("train_student", {"seed", "student", "distributed", "runtime.precision"}),
         ("evaluate", {"evaluate", "registry"}),
     ],
 )
@@ -107,7 +108,7 @@ def test_each_stage_lists_exactly_the_params_it_reads(stage, params):
 
 def test_the_baseline_reads_every_student_key_except_the_distillation_ones():
     listed = set(dvc_stages()["train_baseline"]["params"])
-    expected = {"seed", "distributed"} | {f"student.{k}" for k in StudentConfig.model_fields
+    expected = {"seed", "distributed", "runtime.precision"} | {f"student.{k}" for k in StudentConfig.model_fields
                                           if k not in DISTILLATION_KEYS}
     assert listed == expected
 
