@@ -118,6 +118,9 @@ def describe_failure(exc: BaseException, uri: str) -> str:
             why, fix = "is not a readable MLflow database (corrupt or foreign)", f"move {store} aside (a new one is made)"
         elif "locked" in text:
             why, fix = f"stayed locked by another process for {LOCK_WAIT_S:.0f} s", "retry when the other writer is done"
+        elif isinstance(exc, OSError) and exc.filename:  # the artifact folder, not the database
+            return (f"MLflow store {store}: its artifacts folder {_os_reason(exc, text)}; make it writable "
+                    "(or free its disk), or point MLFLOW_TRACKING_URI elsewhere")
         else:
             why, fix = _os_reason(exc, text), "fix the store's files or point MLFLOW_TRACKING_URI elsewhere"
         return f"MLflow store {store} {why}; {fix}"
