@@ -245,6 +245,23 @@ def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray
     return splits, class_names
 
 
+def _nearest_neighbours(x: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """For each row index in `which`, the index of its nearest other row of `x` (features scaled to
+    unit variance); an array over all rows, filled at `which`. Distances are computed a block of
+    rows at a time, about 256 MB each, so memory stays bounded whatever the table's size."""
+    scale = x.std(axis=0)
+    z = x / np.where(scale > 0, scale, 1.0)
+    norms = (z ** 2).sum(1)
+    nearest = np.zeros(len(x), dtype=np.int64)
+    block = max(1, 2 ** 25 // max(len(x), 1))  # 2^25 float64 distances: 256 MB
+    for start in range(0, len(which), block):
+        rows = which[start:start + block]
+        d = norms[rows][:, None] - 2 * z[rows] @ z.T + norms[None, :]
+        d[np.arange(len(rows)), rows] = np.inf
+        nearest[rows] = d.argmin(axis=1)
+    return nearest
+
+
 def munge(x: np.ndarray, rows: int, rng: np.random.Generator, swap: float = 0.5, spread: float = 1.0) -> np.ndarray:
     """`rows` synthetic rows like `x`, by MUNGE (Bucilua, Caruana, Niculescu-Mizil 2006, "Model
     Compression"): each new row starts as a train row e; each feature, with probability `swap`,
@@ -253,15 +270,8 @@ def munge(x: np.ndarray, rows: int, rng: np.random.Generator, swap: float = 0.5,
     The teacher labels these rows, so the student sees the teacher's function between the
     train rows, not only at them. Deterministic for a given `rng` state.
     """
-    scale = x.std(axis=0)
-    z = x / np.where(scale > 0, scale, 1.0)
-    nearest = np.empty(len(x), dtype=np.int64)
-    for start in range(0, len(x), 1024):  # pairwise distances a block of rows at a time
-        block = z[start:start + 1024]
-        d = (block ** 2).sum(1)[:, None] - 2 * block @ z.T + (z ** 2).sum(1)[None, :]
-        d[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf
-        nearest[start:start + len(block)] = d.argmin(axis=1)
     base = rng.integers(0, len(x), size=rows)
+    nearest = _nearest_neighbours(x, np.unique(base))
     e, other = x[base], x[nearest[base]]
     swapped = rng.random(e.shape) < swap
     jitter = rng.normal(size=e.shape) * np.abs(e - other) / spread

@@ -33,7 +33,10 @@ def resolve(cfg: RuntimeConfig) -> torch.device:
             raise UserError(f"runtime.device is '{cfg.device}' but torch sees no CUDA device here "
                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
                             "set runtime.device: auto or cpu")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: a GPU per process
+            if name != "cuda":
+                raise UserError(f"runtime.device '{cfg.device}' names one GPU, but torchrun runs several processes, "
+                                "each on the GPU of its local rank; set runtime.device: cuda or auto")
             name = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
         index = torch.device(name).index or 0
         if index >= torch.cuda.device_count():

@@ -70,18 +70,21 @@ def under_torchrun() -> bool:
 
 
 def backend(cfg: DistributedConfig, device: torch.device) -> str:
-    """nccl for CUDA tensors, gloo for CPU ones (see the module docstring)."""
-    if cfg.backend == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
+    """nccl for CUDA tensors, with gloo beside it for the few CPU tensors the loop all-reduces
+    (row counts, epoch sums); gloo alone on the CPU (see the module docstring)."""
     if cfg.backend == "nccl" and device.type != "cuda":
         raise UserError(f"distributed.backend nccl needs training on CUDA, but runtime.device resolves to {device}; "
                         "set distributed.backend: auto or gloo")
-    return cfg.backend
+    if device.type == "cuda" and cfg.backend in ("auto", "nccl"):
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
-def processes(cfg: DistributedConfig) -> int:
-    """`cfg.nproc`; auto: one per visible GPU, or 1 without one."""
-    return (torch.cuda.device_count() or 1) if cfg.nproc == "auto" else cfg.nproc
+def processes(cfg: DistributedConfig, device: torch.device = devices.CPU) -> int:
+    """`cfg.nproc`; auto: one per visible GPU when training on CUDA, else 1."""
+    if cfg.nproc != "auto":
+        return cfg.nproc
+    return torch.cuda.device_count() if device.type == "cuda" else 1
 
 
 @contextmanager
@@ -122,7 +125,7 @@ def run_stage(cfg: DistributedConfig, runtime: RuntimeConfig, module: str, argv:
     only on rank 0. A device that is not there stops the stage before any process starts.
     """
     device = devices.resolve(runtime)
-    nproc = processes(cfg)
+    nproc = processes(cfg, device)
     if nproc > 1 and not under_torchrun():
         backend(cfg, device)  # a backend that cannot work on this device: one sentence, before torchrun
         code = launch(nproc, module, list(sys.argv[1:] if argv is None else argv))

@@ -93,7 +93,7 @@ def latency_ms(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int,
     queue is drained before the clock stops)."""
     model = model.eval() if device.type == "cpu" else copy.deepcopy(model).to(device).eval()
     batch = x[:batch_size].to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     for _ in range(3):
         model(batch)
     times = []

@@ -341,17 +341,37 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
         yield run
         status = "FINISHED"
     finally:
-        if run.run_id and run.failure is None:
-            try:
-                _retry_locked(lambda: _end_run(status))
-            except Exception as exc:
-                run.fail(exc)
-    pending = _save_journal(root, run, cfg.experiment, tags) if run.failure else None
+        _finish(run, status)
+    waiting = None
+    if run.failure:
+        try:
+            waiting = _save_journal(root, run, cfg.experiment, tags)
+        except OSError as exc:  # a full or read-only project: the outputs are whole, the record is lost
+            log.warning("%s: the record could not be kept for catch-up either (%s)", stage, _os_reason(exc, str(exc)))
     _write_receipt(receipt, {"stage": stage, "run_id": run.run_id, "experiment_id": experiment_id,
                              "pipeline_run": pipeline_id, "recorded": run.failure is None,
-                             "tracking_error": run.failure, "pending": pending})
+                             "tracking_error": run.failure, "pending": waiting})
     if run.failure and cfg.on_error == "fail":
-        raise UserError(f"{run.failure} (outputs saved; `distill catch-up` records this run from {pending})")
+        raise UserError(f"{run.failure} (outputs saved; `distill catch-up` records this run from {waiting}; "
+                        "DVC reruns a failed stage, or `dvc commit` keeps its outputs)")
+
+
+def _finish(run: StageRun, status: str) -> None:
+    """Mark the live run ended in the store (retried by run id while SQLite is locked), and take it
+    off MLflow's stack of active runs in any case (which also stops MLflow's exit hook ending it)."""
+    import mlflow
+
+    if not run.run_id:
+        return
+    if run.failure is None:
+        try:
+            _retry_locked(lambda: mlflow.MlflowClient().set_terminated(run.run_id, status))
+        except Exception as exc:
+            run.fail(exc)
+    try:
+        mlflow.end_run("FAILED" if run.failure else status)  # pops the run, then (again) marks it
+    except Exception:
+        pass
 
 
 def _start(root: Path, uri: str, experiment: str, stage: str, pipeline_id: str, tags: dict) -> tuple[str, str]:
@@ -443,8 +463,8 @@ def catch_up(root: Path, load_model: Callable[[str], Any], on_each: Callable[[st
                 _end_run("FAILED")
             except Exception:
                 pass
-            raise UserError(f"{describe_failure(exc, uri)}; {len(pending(root))} run(s) still wait in "
-                            f"{PENDING_DIR}/") from None
+            why = str(exc) if isinstance(exc, (TrackingFailure, UserError)) else describe_failure(exc, uri)
+            raise UserError(f"{why}; {len(pending(root))} run(s) still wait in {PENDING_DIR}/") from None
         shutil.rmtree(folder)
         done.append(run_id)
         on_each(f"recorded {journal['stage']} (pipeline {journal['pipeline_run']}) as run {run_id}")
@@ -462,22 +482,52 @@ def _replay(folder: Path, journal: dict, root: Path, uri: str, load_model: Calla
         tags = journal["tags"] | {"distill.caught_up": "true"}
         active = mlflow.start_run(experiment_id=experiment_id, run_name=journal["stage"], parent_run_id=parent_id,
                                   nested=True, tags=tags)
+    ids = _id_map(root)
     for op in journal["ops"]:
-        op = dict(op)
-        for key in ("path", "checkpoint"):
-            if key in op and op["op"] != "dataset":
-                op[key] = str(folder / op[key])
-        _retry_locked(lambda: apply(op, load_model=load_model))
+        op = _replayable(op, folder, ids)
+        try:
+            _retry_locked(lambda: apply(op, load_model=load_model))
+        except Exception as exc:
+            if op["op"] not in ("model", "register"):
+                raise
+            # the rest of the record matters more than a model logged or registered late
+            log.warning("%s: %s not recorded (%s: %s)", journal["stage"], op["op"], type(exc).__name__,
+                        str(exc).splitlines()[0][:160] if str(exc) else "")
     mlflow.end_run("FINISHED")
-    old = journal.get("live_run_id")
+    old, new = journal.get("live_run_id"), active.info.run_id
     if old:  # the part recorded before the failure, if the store still has it
+        ids[old] = new
+        write_json(root / PENDING_DIR / ID_MAP, ids)
         try:
             client = mlflow.MlflowClient()
-            client.set_tag(old, "distill.superseded_by", active.info.run_id)
+            client.set_tag(old, "distill.superseded_by", new)
             client.set_terminated(old, "FAILED")
         except Exception:
             pass
-    return active.info.run_id
+    return new
+
+
+ID_MAP = "superseded.json"  # under .mlflow-pending/: live run id -> the complete run catch-up recorded
+
+
+def _id_map(root: Path) -> dict[str, str]:
+    path = root / PENDING_DIR / ID_MAP
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _replayable(op: dict, folder: Path, ids: dict[str, str]) -> dict:
+    """The journal's op with its copied files' paths made absolute, and run ids that catch-up
+    replaced (a half-recorded run) by the complete run's."""
+    op = dict(op)
+    for key in ("path", "checkpoint"):
+        if key in op and op["op"] != "dataset":
+            op[key] = str(folder / op[key])
+    if op["op"] == "register":
+        op["student_run"] = ids.get(op["student_run"], op["student_run"])
+    if op["op"] == "child":
+        model_run = op["tags"].get("distill.model_run_id")
+        op["tags"] = op["tags"] | {"distill.model_run_id": ids.get(model_run, model_run)}
+    return op
 
 
 def stage_inputs_sha256(stage: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> str:
@@ -571,8 +621,9 @@ def relocate(root: Path) -> int:
                 if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone():
                     continue
                 for col in cols:
-                    changed += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE {col} LIKE ?",
-                                           (own, len(old) + 1, old + "%")).rowcount
+                    changed += con.execute(
+                        f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE substr({col}, 1, ?) = ?",
+                        (own, len(old) + 1, len(old), old)).rowcount
     return changed
 
 

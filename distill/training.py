@@ -353,7 +353,7 @@ def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tu
     log.info("%s: %s with %d parameters, %d training rows", job.name, job.cfg.arch, count_parameters(model),
              sum(train.block_sizes))
     inputs = {"name": job.name, "config": job.cfg.model_dump(), "seed": job.seed, "prepared": meta.fingerprint,
-              "model_args": args, "processes": job.world.size, **(resume_inputs or {})}
+              "model_args": args, "processes": job.world.size, "precision": job.precision, **(resume_inputs or {})}
     result = fit(model, job, train, val, Resume.make(resume, job.name, inputs))
     if job.world.is_main:
         info = out.info | ({"processes": job.world.size} if job.world.distributed else {})

@@ -111,3 +111,17 @@ def test_soft_labels_on_cuda_match_the_cpu_ones(prepared, tmp_path):
         return np.stack(pq.read_table(folder / "part-00000.parquet").column("logits").to_numpy(zero_copy_only=False))
 
     assert np.allclose(logits(tmp_path / "cpu"), logits(tmp_path / "gpu"), atol=1e-3)
+
+
+def test_torchrun_backend_and_process_count_follow_the_device():
+    from distill import distributed
+    from distill.config import DistributedConfig
+
+    auto = DistributedConfig(backend="auto", nproc="auto")
+    assert distributed.backend(auto, torch.device("cpu")) == "gloo"
+    # nccl for the CUDA tensors, gloo beside it for the few CPU ones the loop all-reduces
+    assert distributed.backend(auto, torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    with pytest.raises(UserError, match="nccl needs training on CUDA"):
+        distributed.backend(DistributedConfig(backend="nccl"), torch.device("cpu"))
+    assert distributed.processes(auto, torch.device("cpu")) == 1
+    assert distributed.processes(DistributedConfig(nproc=3), torch.device("cpu")) == 3

@@ -247,3 +247,18 @@ def test_a_copied_project_writes_no_artifact_into_the_original_and_relocate_make
     assert result.returncode == 0, result.stderr
     assert_caught_up(copy, f"sqlite:///{copy / 'mlflow.db'}")
     assert sorted(p for p in (original / "mlruns").rglob("*")) == before
+
+
+def test_catch_up_links_to_the_complete_run_that_replaced_a_half_recorded_one(tmp_path):
+    from distill import tracking
+
+    ids = {"old-student": "new-student"}
+    register = tracking._replayable({"op": "register", "student_run": "old-student", "model_name": "m",
+                                     "alias": "a", "passed": True}, tmp_path, ids)
+    child = tracking._replayable({"op": "child", "name": "evaluate student", "params": {}, "metrics": {},
+                                  "tags": {"distill.model_run_id": "old-student", "x": "y"}}, tmp_path, ids)
+    artifact = tracking._replayable({"op": "artifact", "path": "files/003/model.pt", "folder": "checkpoint"},
+                                    tmp_path, ids)
+    assert register["student_run"] == "new-student"
+    assert child["tags"] == {"distill.model_run_id": "new-student", "x": "y"}
+    assert artifact["path"] == str(tmp_path / "files/003/model.pt")
