@@ -235,7 +235,7 @@ CAPTIONS = {
     "tradeoff": "Accuracy against size and latency. Distillation pays when the student sits level with the "
                 "teacher and above the baseline, at the baseline's size and speed.",
     "training": "Validation accuracy and loss by epoch (the checkpoint kept is the epoch with the best "
-                "validation accuracy).",
+                "validation accuracy, the lower loss among equals).",
     "confusion": "Confusion matrices, each row normalised to the true class; numbers are counts.",
     "reliability": "Reliability: accuracy against confidence per bin, each marker's area its share of the "
                    "test rows. On the diagonal, a model's confidence means what it says; below it, the model "
