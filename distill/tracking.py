@@ -222,7 +222,8 @@ class StageRun:
         """Log a torch model as an MLflow model (signature, input example, explicit requirements)
         and tag the run with its URI; a catch-up rebuilds it from `checkpoint`."""
         op = {"op": "model", "checkpoint": str(Path(checkpoint).resolve()), "example": example.tolist()}
-        self._log(op, live=lambda: apply(op, model))
+        self._log(op, live=lambda: _model_or_warn(op, model, self.stage))
+
 
     def log_training(self, result: dict, checkpoint: str | Path, mlflow_model: bool = False) -> None:
         """Final metrics of a training step's result, and its checkpoint file as an artifact.
@@ -240,6 +241,22 @@ class StageRun:
         """Record a file as a dataset input of this run (source path and digest, not the data)."""
         self._log({"op": "dataset", "path": str(Path(path).resolve()), "name": name, "digest": digest[:16],
                    "context": context})
+
+
+def _model_or_warn(op: dict, model, stage: str) -> None:
+    """Log the model; a model that torch cannot export is the model's problem, not the store's:
+    warn and go on recording (the checkpoint artifact is there either way)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        apply(op, model)
+    except (MlflowException, OSError):
+        raise  # the store's: the run goes offline
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3"):
+            raise
+        log.warning("%s: the MLflow model was not logged (%s: %s); the checkpoint artifact is", stage,
+                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
 
 
 def apply(op: dict, model=None, load_model: Callable[[str], Any] | None = None) -> Any:

@@ -262,3 +262,21 @@ def test_catch_up_links_to_the_complete_run_that_replaced_a_half_recorded_one(tm
     assert register["student_run"] == "new-student"
     assert child["tags"] == {"distill.model_run_id": "new-student", "x": "y"}
     assert artifact["path"] == str(tmp_path / "files/003/model.pt")
+
+
+def test_a_model_torch_cannot_export_is_a_warning_not_a_store_failure(tmp_path, monkeypatch, caplog):
+    from distill import tracking
+    from distill.config import TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "_log_torch_model", lambda model, example: (_ for _ in ()).throw(
+        RuntimeError("torch.export could not trace this model")))
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with tracking.stage_run("train_student", TrackingConfig(experiment="faults"), {"p": 1}, "receipt.json") as run:
+        run.log_model(object(), __import__("numpy").zeros((2, 3)), tmp_path / "model.pt")
+        run.log_metrics({"after": 1.0})
+    receipt = json.loads((tmp_path / "receipt.json").read_text())
+    assert receipt["recorded"] is True and run.failure is None
+    assert "the MLflow model was not logged (RuntimeError: torch.export could not trace" in caplog.text
+    (recorded,) = recorded_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert recorded.data.metrics["after"] == 1.0
