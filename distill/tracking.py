@@ -168,14 +168,16 @@ class StageRun:
     names, for `catch_up` to record later. A failure never touches the stage's outputs.
     """
 
-    def __init__(self, run_id: str | None, pipeline_id: str, uri: str = "", stage: str = ""):
+    def __init__(self, run_id: str | None, pipeline_id: str, uri: str = "", stage: str = "",
+                 tracked: bool | None = None, on_error: str = "warn"):
         self.run_id = run_id
         self.pipeline_id = pipeline_id
         self.uri, self.stage = uri, stage
         self.journal: list[dict] = []
         self.failure: str | None = None
-        self.tracked = run_id is not None  # False: tracking off, nothing is journalled either
-        self.on_error = "warn"  # fail: the stage's caller reports the failure, so no warning here
+        # False: tracking off, nothing is journalled either (default: whether there is a run)
+        self.tracked = run_id is not None if tracked is None else tracked
+        self.on_error = on_error  # fail: the stage's caller reports the failure, so no warning here
 
     def fail(self, exc: BaseException) -> None:
         """Go offline: remember why, say so once; later ops are only journalled."""
@@ -341,8 +343,7 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
         os.environ.setdefault(key, value)
     root = project_root()
     uri = tracking_uri(root)
-    run = StageRun(None, pipeline_id, uri, stage)
-    run.tracked, run.on_error = True, cfg.on_error
+    run = StageRun(None, pipeline_id, uri, stage, tracked=True, on_error=cfg.on_error)
     tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown",
             "dvc.inputs_sha256": stage_inputs_sha256(stage, params)}
     experiment_id = None
@@ -430,6 +431,9 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 PENDING_DIR = ".mlflow-pending"  # under the project root: stage records that tracking missed
+# The ops that record a file the stage wrote (copied into the journal), and the key naming it;
+# a dataset op names its source path but records no data.
+FILE_KEYS = {"artifact": "path", "model": "checkpoint"}
 
 
 def _save_journal(root: Path, run: StageRun, experiment: str, tags: dict) -> str:
@@ -442,13 +446,12 @@ def _save_journal(root: Path, run: StageRun, experiment: str, tags: dict) -> str
     files.mkdir(parents=True, exist_ok=True)
     ops = []
     for i, op in enumerate(run.journal):
-        op = dict(op)
-        for key in ("path", "checkpoint"):
-            if key in op and op["op"] != "dataset" and Path(op[key]).exists():
-                copy = files / f"{i:03d}" / Path(op[key]).name  # the name it is logged under
-                copy.parent.mkdir()
-                (shutil.copytree if Path(op[key]).is_dir() else shutil.copy2)(op[key], copy)
-                op[key] = str(copy.relative_to(folder))
+        op, key = dict(op), FILE_KEYS.get(op["op"])
+        if key and Path(op[key]).exists():
+            copy = files / f"{i:03d}" / Path(op[key]).name  # the name it is logged under
+            copy.parent.mkdir()
+            (shutil.copytree if Path(op[key]).is_dir() else shutil.copy2)(op[key], copy)
+            op[key] = str(copy.relative_to(folder))
         ops.append(op)
     write_json(folder / "journal.json", {"stage": run.stage, "experiment": experiment, "tags": tags,
                                          "pipeline_run": run.pipeline_id, "live_run_id": run.run_id,
@@ -535,10 +538,9 @@ def _id_map(root: Path) -> dict[str, str]:
 def _replayable(op: dict, folder: Path, ids: dict[str, str]) -> dict:
     """The journal's op with its copied files' paths made absolute, and run ids that catch-up
     replaced (a half-recorded run) by the complete run's."""
-    op = dict(op)
-    for key in ("path", "checkpoint"):
-        if key in op and op["op"] != "dataset":
-            op[key] = str(folder / op[key])
+    op, key = dict(op), FILE_KEYS.get(op["op"])
+    if key:  # relative: copied into the journal's folder; absolute: left where it was (missing then)
+        op[key] = str(folder / op[key])
     if op["op"] == "register":
         op["student_run"] = ids.get(op["student_run"], op["student_run"])
     if op["op"] == "child":
