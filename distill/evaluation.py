@@ -144,7 +144,8 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
     models = {name: load_checkpoint(checkpoints[name]) for name in MODELS}
     _check_lineage(checkpoints, models, meta)
-    logits = {name: predict_logits(model, x) for name, (model, _) in models.items()}
+    pad_id = (meta.tokens or {}).get("pad_id")  # text: token ids padded with it
+    logits = {name: predict_logits(model, x, pad_id=pad_id) for name, (model, _) in models.items()}
     metrics: dict = {}
     for name, (model, _) in models.items():
         metrics[name] = quality_metrics(logits[name], y, logits["teacher"], cfg.ece_bins) | {

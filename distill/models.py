@@ -1,9 +1,11 @@
 """Networks and self-describing checkpoints.
 
-Models map a batch of feature vectors (N, D) to logits (N, C); losses live in
-distill.losses. Besides the built-in `mlp` and `cnn1d`, `arch` may be an import
-path `package.module:factory` to the user's own model: the factory is called as
-`factory(num_features=D, num_classes=C, **arch_kwargs)`, must return an
+Models map a batch of feature vectors (N, D), or of token ids (N, L) on text, to
+logits (N, C); losses live in distill.losses. Besides the built-in `mlp`, `cnn1d`
+and `textcnn` (and `transformer`, a pretrained Hugging Face encoder with a head:
+distill.pretrained), `arch` may be an import path `package.module:factory` to the
+user's own model: the factory is called as `factory(num_features=D, num_classes=C,
+**arch_kwargs)` (on text also `vocab_size=` and `pad_id=`), must return an
 `nn.Module`, and is checked on a dummy batch before training (`check_model`). A checkpoint is a plain dict (weights, the args that rebuild the
 model, the resolved config, epoch, validation metric, training history and input
 provenance), loadable with `torch.load(weights_only=True)` and `load_checkpoint`.
@@ -77,34 +79,97 @@ class CNN1d(nn.Module):
         return self.head(h.flatten(1))  # (N, C_last * L) -> (N, classes)
 
 
-BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d)))  # the names are config's, so params validate without torch
+def padding_mask(ids: torch.Tensor, pad_id: int, min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids cut to the batch's longest row (at least `min_length`: dynamic padding) and their
+    mask (True on real tokens)."""
+    mask = ids != pad_id
+    length = max(int(mask.sum(1).max()) if len(ids) else 1, min_length)
+    return ids[:, :length].long(), mask[:, :length]
 
 
-def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signal: bool = False) -> dict[str, Any]:
+class TextCNN(nn.Module):
+    """A convolutional sentence classifier (Kim 2014, "Convolutional Neural Networks for Sentence
+    Classification", CNN-rand): token embeddings, one convolution per filter width, ReLU, the
+    maximum over the text of each filter, dropout, a fully connected head. Input: (N, L) token
+    ids, padded with `pad_id` (ignored by the pooling)."""
+
+    def __init__(self, num_classes: int, vocab_size: int, pad_id: int, embedding_dim: int, channels: list[int],
+                 kernel_sizes: list[int], hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.pad_id, self.min_length = pad_id, max(kernel_sizes)
+        self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.convs = nn.ModuleList(nn.Conv1d(embedding_dim, ch, k) for ch, k in zip(channels, kernel_sizes))
+        self.dropout = nn.Dropout(dropout)
+        self.head = MLP(sum(channels), num_classes, hidden, dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, mask = padding_mask(ids, self.pad_id, self.min_length)
+        h = self.embed(ids).transpose(1, 2)  # (N, L) -> (N, E, L)
+        pooled = []
+        for conv in self.convs:
+            a = torch.relu(conv(h))  # (N, channels, L - k + 1)
+            # only windows inside the text count (the first always: a text shorter than the filter),
+            # so a row scores the same whatever the batch it is padded with
+            k = conv.kernel_size[0]
+            valid = mask[:, k - 1 : k - 1 + a.shape[2]].unsqueeze(1) | (torch.arange(a.shape[2], device=a.device) == 0)
+            pooled.append(a.masked_fill(~valid, 0.0).amax(dim=2))
+        return self.head(self.dropout(torch.cat(pooled, dim=1)))  # (N, sum(channels)) -> (N, C)
+
+
+BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d, TextCNN)))  # the names are config's, so params validate without torch
+TRANSFORMER = "transformer"  # a Hugging Face encoder with a head (distill.pretrained); made by teacher.source
+TOKEN_BATCH = 64  # rows per forward pass over token ids (sorted by length, so each pass pads little)
+
+
+def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signal: bool = False,
+               tokens: dict | None = None) -> dict[str, Any]:
     """The keyword arguments that rebuild a model, as stored in its checkpoint. `signal`: the
-    features are an ordered signal (arch auto takes cnn1d), not the columns of a table (mlp)."""
-    arch = ("cnn1d" if signal else "mlp") if cfg.arch == AUTO_ARCH else cfg.arch
+    features are an ordered signal (arch auto takes cnn1d), not the columns of a table (mlp);
+    `tokens` (meta.json's, on text): the inputs are token ids (arch auto takes textcnn)."""
+    auto = "textcnn" if tokens else "cnn1d" if signal else "mlp"
+    arch = auto if cfg.arch == AUTO_ARCH else cfg.arch
+    if (arch == "textcnn") != bool(tokens) and arch in BUILTIN:
+        raise UserError(f"arch {arch} is for {'feature vectors' if tokens else 'text'}; this data is "
+                        f"{'text' if tokens else 'feature vectors'}: use auto, " + ("textcnn" if tokens else "mlp or cnn1d"))
     args: dict[str, Any] = {"arch": arch, "num_features": num_features, "num_classes": num_classes}
+    if tokens:
+        args |= {"vocab_size": tokens["vocab_size"], "pad_id": tokens["pad_id"]}
     if arch not in BUILTIN:
         return args | {"kwargs": dict(cfg.arch_kwargs)}
     args |= {"hidden": list(cfg.hidden), "dropout": cfg.dropout}
     if arch == "cnn1d":
         args |= {"channels": list(cfg.channels), "kernel_size": cfg.kernel_size}
+    if arch == "textcnn":
+        args |= {"channels": list(cfg.channels), "kernel_sizes": list(cfg.kernel_sizes),
+                 "embedding_dim": cfg.embedding_dim}
     return args
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
-    """Instantiate a model from `model_args`."""
+    """Instantiate a model from `model_args` (a checkpoint's), weights untrained."""
     kwargs = dict(args)
     arch = kwargs.pop("arch")
+    if arch == "textcnn":  # reads texts of any length: num_features (the longest) is not its business
+        kwargs.pop("num_features")
     if arch in BUILTIN:
         return BUILTIN[arch](**kwargs)
+    if arch == TRANSFORMER:
+        from distill.pretrained import TransformerClassifier
+
+        return TransformerClassifier.from_args(kwargs)
+    if arch == "torchscript":
+        from distill.pretrained import build_torchscript
+
+        return build_torchscript(kwargs)
     factory = _import_factory(arch)
+    text = {k: kwargs[k] for k in ("vocab_size", "pad_id") if k in kwargs}
     try:
-        model = factory(num_features=kwargs["num_features"], num_classes=kwargs["num_classes"], **kwargs["kwargs"])
+        model = factory(num_features=kwargs["num_features"], num_classes=kwargs["num_classes"], **text,
+                        **kwargs["kwargs"])
     except TypeError as exc:
         raise UserError(f"arch {arch}: the factory refused its arguments ({exc}); it is called as "
-                        "factory(num_features=..., num_classes=..., **arch_kwargs)") from None
+                        "factory(num_features=..., num_classes=..., **arch_kwargs)"
+                        + (" with vocab_size= and pad_id= on text" if text else "")) from None
     if not isinstance(model, nn.Module):
         raise UserError(f"arch {arch}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -123,16 +188,26 @@ def _import_factory(path: str):
     return factory
 
 
-def check_model(model: nn.Module, num_features: int, num_classes: int, arch: str) -> None:
+def dummy_batch(num_features: int, tokens: dict | None = None) -> torch.Tensor:
+    """Two rows of zeros, or on text two rows of token ids (a few real tokens, then padding)."""
+    if tokens is None:
+        return torch.zeros(2, num_features)
+    ids = torch.full((2, num_features), tokens["pad_id"], dtype=torch.int32)
+    ids[:, : min(5, num_features)] = (tokens["pad_id"] + 1) % tokens["vocab_size"]
+    return ids
+
+
+def check_model(model: nn.Module, num_features: int, num_classes: int, arch: str, tokens: dict | None = None) -> None:
     """Run a dummy batch through `model`: (2, num_features) in, (2, num_classes) logits out."""
     was_training = model.training
     model.eval()
+    what = "token ids" if tokens else "features"
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, num_features))
+            out = model(dummy_batch(num_features, tokens))
     except Exception as exc:  # the user's forward can raise anything
         raise UserError(f"arch {arch}: a batch of shape (2, {num_features}) fails in forward "
-                        f"({type(exc).__name__}: {exc}); it must accept (batch, {num_features}) features") from None
+                        f"({type(exc).__name__}: {exc}); it must accept (batch, {num_features}) {what}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
@@ -142,10 +217,20 @@ def check_model(model: nn.Module, num_features: int, num_classes: int, arch: str
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """(N, D) -> (N, C) logits in eval mode."""
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096, pad_id: int | None = None
+                   ) -> torch.Tensor:
+    """(N, D) -> (N, C) logits in eval mode. On token ids (an integer `x`) the rows go through
+    in passes of at most TOKEN_BATCH, sorted by length (`pad_id`: the padding; each pass is cut
+    to its longest row by the model) and put back in order."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    if x.is_floating_point() or not len(x):
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) \
+            else model(x)
+    lengths = (x != (pad_id if pad_id is not None else getattr(model, "pad_id", 0))).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    step = min(batch_size, TOKEN_BATCH)
+    out = torch.cat([model(x[order[i : i + step]]) for i in range(0, len(x), step)])
+    return out[torch.argsort(order)]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -52,7 +52,9 @@ class InMemoryRows:
     """Arrays already in memory, as one block."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, logits: np.ndarray | None = None):
-        self.block = Block(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), logits)
+        x = np.asarray(x)  # token ids stay integers; features are float32
+        self.block = Block(x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False),
+                           np.asarray(y, dtype=np.int64), logits)
 
     @property
     def block_sizes(self) -> list[int]:

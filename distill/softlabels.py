@@ -51,7 +51,7 @@ from distill.config import SoftLabelsConfig
 from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
-from distill.models import load_checkpoint
+from distill.models import load_checkpoint, predict_logits
 from distill.progress import bar
 from distill.rows import Block, ParquetRows
 
@@ -229,11 +229,16 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         "teacher_run_id": ckpt.get("mlflow_run_id"),
         "run_id": run_id,
         "precision": precision,
+        # text: the tokenizer that made the token ids the teacher read (the model's own weights are in
+        # the checkpoint that teacher_sha256 names)
+        "tokenizer_sha256": (meta.tokens or {}).get("tokenizer_sha256"),
+        "vocab_size": (meta.tokens or {}).get("vocab_size"),
     }
     schema = soft_label_schema(meta.num_classes, cfg.dtype, cfg.top_k)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        batches = teacher_batches(model.to(device), prepared_dir, schema, cfg.batch_size, precision)
+        batches = teacher_batches(model.to(device), prepared_dir, schema, cfg.batch_size, precision,
+                                  (meta.tokens or {}).get("pad_id"))
         listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
         provenance = header | {"rows": rows, "shards": listed}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
@@ -242,7 +247,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
 
 
 def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa.Schema,
-                    batch_size: int, precision: str = "fp32") -> Iterator[pa.RecordBatch]:
+                    batch_size: int, precision: str = "fp32", pad_id: int | None = None) -> Iterator[pa.RecordBatch]:
     """The teacher's logits over the prepared train then transfer rows, one record batch of
     `schema` per `batch_size` rows, read and computed as they are asked for (on the model's
     device, under `precision`'s autocast; the logits come back as float32 on the CPU)."""
@@ -259,7 +264,9 @@ def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa
             for batch in source.iter_batches(batch_size=batch_size):
                 with torch.inference_mode(), devices.autocast(device, precision):
                     x = devices.to_device(torch.from_numpy(features(batch)), device)
-                    logits = model(x).float().cpu().numpy()
+                    # token ids go through in length-sorted passes, each cut to its longest row
+                    logits = (model(x) if x.is_floating_point() else predict_logits(model, x, pad_id=pad_id))
+                    logits = logits.float().cpu().numpy()
                 yield to_record_batch(schema, batch.column("id").to_numpy(), split, labels(batch), logits)
                 rows += len(batch)
                 progress.update(len(batch))

