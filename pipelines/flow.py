@@ -56,20 +56,26 @@ class ProjectBusy(UserError):
 
 
 def dvc_plan(repo_dir: Path, deadline: float = 0.0) -> tuple[list[str], set[str]]:
-    """The stage names in dependency order (ties kept in dvc.yaml order), and the names
-    of those `dvc status` reports as changed, from one in-process look at the repo; while
-    a dvc command holds DVC's lock, looked at again until `deadline` (time.monotonic)."""
-    return _waiting_for_dvc(repo_dir, deadline, _plan)
+    """The stage names of `repo_dir`'s dvc.yaml (the project's, or a pipeline folder's such as
+    text/) in dependency order (ties kept in dvc.yaml order), and the names of those `dvc status`
+    reports as changed, from one in-process look at the repo; while a dvc command holds DVC's
+    lock, looked at again until `deadline` (time.monotonic)."""
+    pipeline_file = (Path(repo_dir) / "dvc.yaml").resolve()
+    return _waiting_for_dvc(repo_dir, deadline, lambda repo: _plan(repo, pipeline_file))
 
 
-def _plan(repo) -> tuple[list[str], set[str]]:
+def _plan(repo, pipeline_file: Path) -> tuple[list[str], set[str]]:
     import networkx as nx
 
-    _check_inputs_exist(repo)
-    position = {stage: i for i, stage in enumerate(repo.index.stages)}
+    # only this dvc.yaml's stages: the repository may hold other pipelines (text/dvc.yaml)
+    stages = [stage for stage in repo.index.stages if Path(stage.dvcfile.path).resolve() == pipeline_file]
+    _check_inputs_exist(stages)
+    position = {stage: i for i, stage in enumerate(stages)}
     # DVC's edges point from a stage to the stages it depends on: reverse them.
-    order = nx.lexicographical_topological_sort(repo.index.graph.reverse(), key=position.__getitem__)
-    return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in repo.status()}
+    graph = repo.index.graph.subgraph(stages).reverse()
+    order = nx.lexicographical_topological_sort(graph, key=position.__getitem__)
+    changed = repo.status(targets=[str(pipeline_file)])
+    return [stage.name for stage in order], {name.rsplit(":", 1)[-1] for name in changed}
 
 
 def _dvc_lock_free(repo) -> None:
@@ -107,11 +113,11 @@ def _until(deadline: float, attempt: Callable, busy: type[Exception]):
             time.sleep(POLL_S)
 
 
-def _check_inputs_exist(repo) -> None:
+def _check_inputs_exist(stages: list) -> None:
     """Refuse, in one sentence, a dependency that no stage makes and that is not there (the
     user's data file, say), before DVC fails on it inside a stage."""
-    outs = [out.fs_path for stage in repo.index.stages for out in stage.outs]
-    for stage in repo.index.stages:
+    outs = [out.fs_path for stage in stages for out in stage.outs]
+    for stage in stages:
         for dep in stage.deps:
             made = any(dep.fs_path == out or dep.fs_path.startswith(out + os.sep) for out in outs)
             if not made and not os.path.exists(dep.fs_path):
