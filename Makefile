@@ -29,10 +29,9 @@ run: install
 	python -m pipelines.flow
 	@echo; cat reports/compare.md; echo "report: reports/report.html"
 
-## run-text: the text pipeline (MiniLM fine-tuned on Rotten Tomatoes, distilled into a CNN), then the comparison
+## run-text: the text pipeline in text/ (MiniLM fine-tuned on Rotten Tomatoes, distilled into a CNN), then the comparison
 run-text: install text/minilm
-	cd text && dvc repro
-	@echo; cat text/reports/compare.md; echo "report: text/reports/report.html"
+	cd text && distill run
 
 text/minilm: | install
 	distill minilm text/minilm

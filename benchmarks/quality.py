@@ -167,7 +167,8 @@ def run_text_pipeline(name: str, changes: dict[str, object], seed: int) -> dict:
     seconds = {}
     for stage, spec in stages.items():
         start = time.perf_counter()
-        subprocess.run(spec["cmd"].split(), cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
+        cmd = spec["cmd"].split()
+        subprocess.run([str(BIN / "python"), *cmd[1:]], cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
         seconds[stage] = round(time.perf_counter() - start, 1)
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     return metrics | {"stage_seconds": seconds, "pipeline_seconds": round(sum(seconds.values()), 1)}

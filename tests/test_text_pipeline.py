@@ -6,6 +6,7 @@ bundled MiniLM on a few hundred Rotten Tomatoes reviews (slow)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, git_commit, make_scratch_project, repro, run_pipeline_in_process, run_stage_in_process
+from conftest import REPO, dvc, git_commit, make_scratch_project, repro, run_pipeline_in_process, run_stage_in_process
 from conftest import TINY_PARAMS, write_params
 from distill import text
 from distill.io import file_sha256
@@ -62,25 +63,37 @@ def test_a_tiny_bert_goes_through_every_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_under_dvc_a_temperature_change_reruns_only_the_student_and_evaluate(tmp_path):
+def test_under_dvc_a_temperature_change_reruns_only_the_student_and_evaluate(tmp_path, flow_module, monkeypatch):
     project = make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     root = project / "text"
     make_bert_folder(root / "bert")
     make_reviews(root / "data" / "raw" / "reviews.csv")
-    write_params(root / "params.yaml", tiny_text_params())
+    write_params(root / "params.yaml", tiny_text_params() | {"tracking": {
+        "enabled": True, "experiment": "tiny-text", "on_error": "fail"}})
     git_commit(project, "tiny text pipeline")
     stages = {"prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"}
     assert repro(root) == stages
     assert repro(root) == set(), "a second dvc repro reran stages"
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["student"]["temperature"] = 3.0
-    write_params(root / "params.yaml", params)
-    assert repro(root) == {"train_student", "evaluate"}
+    assert "text/" not in dvc(project, "status"), "the root project sees the text pipeline's stages"
     # the project's one MLflow store, not one per pipeline folder
-    assert not (root / "mlflow.db").exists()
+    assert (project / "mlflow.db").is_file() and not (root / "mlflow.db").exists()
+    # the Prefect flow from the text folder: its own stages, the change applied as dvc exp run -S does
+    from pipelines.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["run", "--set", "student.temperature=3"])
+    assert result.exit_code == 0, result.output
+    ran = set(re.findall(r"(\w+) ran", result.output))
+    assert ran == {"train_student", "evaluate"}, result.output
+    # and as a DVC experiment
+    out = dvc(root, "exp", "run", "-S", "student.temperature=2.5")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"train_student", "evaluate"}
+    params = yaml.safe_load((root / "params.yaml").read_text())
     # a checkpoint teacher: train_teacher trains nothing; the file is a dependency, by hash
     shutil.copy(root / "models" / "teacher.pt", root / "data" / "raw" / "teacher.pt")
     params["teacher"] |= {"source": "checkpoint", "model": "data/raw/teacher.pt"}
+    params["tracking"]["enabled"] = False
     write_params(root / "params.yaml", params)
     assert "train_teacher" in repro(root)
     assert repro(root) == set()
