@@ -45,9 +45,9 @@ class TextConfig(Section):
     and how the text transfer set is made from train (Tang et al. 2019)."""
 
     tokenizer: str = Field(
-        BUNDLED_MODEL, min_length=1,
-        description="a Hugging Face folder with tokenizer.json or vocab.txt (the teacher's), or minilm (bundled); "
-        "a DVC dependency of prepare",
+        RAW_DIR, min_length=1,
+        description="text: a Hugging Face folder with tokenizer.json or vocab.txt (the teacher's), or minilm "
+        "(bundled); a DVC dependency of prepare whatever the data (data/raw when unused)",
     )
     max_length: int = Field(64, ge=8, description="tokens per example at most (longer texts are cut)")
     mask_prob: float = Field(0.1, ge=0, lt=1, description="augment: each word replaced by the mask token")
@@ -63,7 +63,10 @@ class DataConfig(Section):
     num_samples: int | None = Field(
         None, gt=0, description="examples to generate (mnist1d, synthetic); None = source default"
     )
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="held out for test; with groups, one fold of round(1 / fraction) folds of "
+        "whole groups (0.2 -> 1/5, 0.3 -> 1/3)"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1)
     transfer_size: int = Field(
         0, ge=0, description="extra unlabeled examples for the teacher to label: the generated sources "
@@ -110,6 +113,8 @@ class DataConfig(Section):
             raise ValueError("augment munge is for tables; text takes mask_ngram (or auto, or none)")
         if self.augment == "mask_ngram" and not self.is_text:
             raise ValueError("augment mask_ngram is for text; tables take munge (or auto, or none)")
+        if self.is_text and Path(self.text.tokenizer) == Path(RAW_DIR):
+            raise ValueError("data.text.tokenizer is required for text: set it to the teacher's folder (or minilm)")
         if (self.text_column or self.group_column) and self.source not in ("parquet", "csv"):
             raise ValueError(f"text_column and group_column are for csv / parquet files, not '{self.source}'")
         return self

@@ -96,6 +96,10 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
     if encoder.config.vocab_size < tokens["vocab_size"]:
         raise UserError(f"{folder}: the model knows {encoder.config.vocab_size} tokens, the tokenizer "
                         f"{tokens['vocab_size']}; they are not a pair")
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise UserError(f"data.text.max_length = {max_length} is not allowed: {folder} reads at most {positions} "
+                        "tokens; use a smaller max_length")
     model = TransformerClassifier(encoder, num_classes, tokens["pad_id"])
     if trainable_layers is not None:
         freeze_below(model, trainable_layers)
@@ -110,14 +114,17 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
 def freeze_below(model: TransformerClassifier, trainable: int) -> None:
     """Freeze the encoder except its top `trainable` layers (the head always learns)."""
     layers = _layer_list(model.encoder)
+    if trainable > len(layers):
+        raise UserError(f"teacher.trainable_layers = {trainable} is not allowed: the model has {len(layers)} layers; "
+                        "use at most that many, or null for every layer and the embeddings")
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     for layer in list(layers)[len(layers) - trainable:] if trainable else []:
         for p in layer.parameters():
             p.requires_grad_(True)
     learning = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("teacher: top %d of %d layers and the head fine-tuned (%d parameters learn)", min(trainable, len(layers)),
-             len(layers), learning)
+    log.info("teacher: top %d of %d layers and the head fine-tuned (%d parameters learn)", trainable, len(layers),
+             learning)
 
 
 def _layer_list(encoder: nn.Module) -> nn.ModuleList:
@@ -133,8 +140,8 @@ def _layer_list(encoder: nn.Module) -> nn.ModuleList:
 # ---------------------------------------------------------------- a checkpoint teacher
 
 
-def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int,
-                         tokens: dict | None = None) -> tuple[nn.Module, dict, dict]:
+def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int, tokens: dict | None = None,
+                         class_names: list[str] | None = None) -> tuple[nn.Module, dict, dict]:
     """The user's trained model: (model in eval mode, model_args that rebuild it, what the file
     says of itself), checked on a dummy batch of the prepared data's shape."""
     path = Path(path)
@@ -161,14 +168,22 @@ def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int,
             first = str(exc).strip().splitlines()[0]
             raise UserError(f"{path}: its weights do not fit its arch {args['arch']} ({first})") from None
     check_model(model, num_features, num_classes, str(path), tokens)
+    if class_names and info.get("class_names") not in (None, class_names):
+        raise UserError(f"{path}: the teacher's classes are {info['class_names']}, the data's {class_names}; "
+                        "its outputs would be read as the wrong classes")
     return model.eval(), args, info
 
 
 def _checkpoint_parts(path: Path, ckpt: Any, num_features: int, num_classes: int,
                       tokens: dict | None) -> tuple[dict, dict, dict]:
     if isinstance(ckpt, dict) and ckpt.get("version") == CHECKPOINT_VERSION and "model_args" in ckpt:
-        info = {k: ckpt[k] for k in ("mlflow_run_id", "val_accuracy", "history", "config") if k in ckpt}
-        return ckpt["model_args"], ckpt["state_dict"], info
+        args = ckpt["model_args"]
+        for key in ("vocab_size", "pad_id"):  # token ids from another tokenizer would be read as these
+            if tokens and key in args and args[key] != tokens[key]:
+                raise UserError(f"{path}: the teacher was made for {key} {args[key]}, the prepared data has "
+                                f"{tokens[key]}: another tokenizer; prepare the data with the teacher's")
+        info = {k: ckpt[k] for k in ("mlflow_run_id", "val_accuracy", "history", "config", "class_names") if k in ckpt}
+        return args, ckpt["state_dict"], info
     if isinstance(ckpt, dict) and isinstance(ckpt.get("arch"), str) and "state_dict" in ckpt:
         args = {"arch": ckpt["arch"], "num_features": num_features, "num_classes": num_classes,
                 "kwargs": dict(ckpt.get("arch_kwargs") or {})}

@@ -71,6 +71,7 @@ def load_tokenizer(folder: str | Path):
         raise UserError(f"{path}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
     if tok.pad_token_id is None:
         raise UserError(f"{path}: the tokenizer has no pad token; add one to its special tokens")
+    tok.padding_side = "right"  # the models cut each batch after its longest row
     return tok
 
 

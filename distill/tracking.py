@@ -50,7 +50,8 @@ def project_root(cwd: Path | None = None) -> Path:
     parts = cwd.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
+            cwd = Path(*parts[:i])  # the project (or sub-project) the experiment copy was made from
+            break
     repos = [p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()]
     return repos[-1] if repos else cwd
 
@@ -303,7 +304,8 @@ def _log_torch_model(model, example: list) -> str:
     import torch
     from mlflow.models import infer_signature
 
-    x = np.asarray(example, dtype=np.float32)
+    x = np.asarray(example)
+    x = x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)  # token ids stay ids
     with torch.inference_mode():
         output = model(torch.from_numpy(x)).numpy()
     info = mlflow.pytorch.log_model(

@@ -314,8 +314,11 @@ def minilm(dest: Path = typer.Argument(Path("text/minilm"), help="the folder to 
     if dest.exists():
         typer.echo(f"{dest}: already there")
         return
+    from distill.io import atomic_path
+
     source = resolve_folder("minilm")
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
+    with atomic_path(dest) as tmp:  # an interrupted copy leaves nothing that looks complete
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".gitattributes", "README.md"))
     typer.echo(f"{dest}: all-MiniLM-L6-v2 copied from {source}")
 
 

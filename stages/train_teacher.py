@@ -43,7 +43,8 @@ def main(argv=None) -> dict:
             if teacher.source == "checkpoint":
                 meta = data.read_meta(args.prepared)
                 model, model_args, info = pretrained.load_user_checkpoint(teacher.model, meta.num_features,
-                                                                          meta.num_classes, meta.tokens)
+                                                                          meta.num_classes, meta.tokens,
+                                                                          meta.class_names)
                 record = pretrained.source_record(teacher.model)
                 run.set_tags({"distill.teacher_source": "checkpoint", "distill.teacher_source_sha256":
                               record["teacher_source_sha256"]})

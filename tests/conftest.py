@@ -32,7 +32,7 @@ TINY_PARAMS = {
         "transfer_size": 400, "augment": "munge", "augment_copies": 20, "transfer_path": "data/raw", "standardize": True,
         "path": "data/raw", "label_column": "label", "feature_columns": None, "on_nan": "error", "text_column": None,
         "group_column": None,
-        "text": {"tokenizer": "minilm", "max_length": 64, "mask_prob": 0.1, "ngram_prob": 0.25, "ngram_max": 5},
+        "text": {"tokenizer": "data/raw", "max_length": 64, "mask_prob": 0.1, "ngram_prob": 0.25, "ngram_max": 5},
         "synthetic": {"n_features": 20, "n_classes": 4, "hidden": 16},
     },
     "teacher": {

@@ -55,7 +55,8 @@ def test_groups_never_straddle_splits(tmp_path, bert):
 
 
 def test_rotten_tomatoes_holds_the_reviews_grouped_by_movie():
-    cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "transfer_size": 0}}).data
+    cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "transfer_size": 0,
+                                          "text": {"tokenizer": "minilm"}}}).data
     raw = data.load_source(cfg)
     assert len(raw.y) == 7403 + 5405 and set(raw.y) == {"fresh", "rotten"}
     groups, splits = groups_by_split(raw, cfg)
@@ -133,6 +134,20 @@ def test_bad_pretrained_folders_are_refused_in_one_sentence(tmp_path, bert):
             (three / name).write_bytes((bert / name).read_bytes())
     with pytest.raises(UserError, match="a classifier of 3 labels; the data has 2 classes"):
         pretrained.load_pretrained(str(three), 2, meta.tokens, 24)
+    with pytest.raises(UserError, match="trainable_layers = 3 is not allowed: the model has 2 layers"):
+        pretrained.load_pretrained(str(bert), 2, meta.tokens, 24, trainable_layers=3)
+    with pytest.raises(UserError, match="max_length = 100 is not allowed: .* reads at most 64 tokens"):
+        pretrained.load_pretrained(str(bert), 2, meta.tokens, 100)
+    # a checkpoint teacher made for another vocabulary, or other classes, is refused too
+    model, args = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
+    from distill.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "t.pt", model, args | {"vocab_size": 99}, class_names=["fresh", "rotten"])
+    with pytest.raises(UserError, match="made for vocab_size 99, the prepared data has 41: another tokenizer"):
+        pretrained.load_user_checkpoint(tmp_path / "t.pt", 24, 2, meta.tokens, meta.class_names)
+    save_checkpoint(tmp_path / "t.pt", model, args, class_names=["rotten", "fresh"])
+    with pytest.raises(UserError, match=r"classes are \['rotten', 'fresh'\], the data's \['fresh', 'rotten'\]"):
+        pretrained.load_user_checkpoint(tmp_path / "t.pt", 24, 2, meta.tokens, meta.class_names)
 
 
 def test_bad_text_columns_are_refused_in_one_sentence(tmp_path, bert):

@@ -108,7 +108,7 @@ def test_the_real_minilm_fine_tunes_and_distils_on_a_few_hundred_reviews(tmp_pat
     from distill import data
     from distill.config import DataConfig
 
-    raw = data.load_source(DataConfig(source="rotten_tomatoes", transfer_size=0))
+    raw = data.load_source(DataConfig(source="rotten_tomatoes", transfer_size=0, text={"tokenizer": "minilm"}))
     reviews = pd.DataFrame({"text": raw.x, "label": raw.y, "movie": raw.groups}).iloc[:400]
     root = tmp_path / "text"
     root.mkdir()
