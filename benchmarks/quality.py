@@ -163,7 +163,9 @@ def run_text_pipeline(name: str, changes: dict[str, object], seed: int) -> dict:
         params[section][field] = value
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((ROOT / "text" / "dvc.yaml").read_text())["stages"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILL_PROGRESS": "0"}
+    # one pipeline run in MLflow for the seed's stages, as dvc repro and the flow group them
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILL_PROGRESS": "0",
+           "DISTILL_PIPELINE_RUN": f"{name}-{int(time.time())}"}
     seconds = {}
     for stage, spec in stages.items():
         start = time.perf_counter()
