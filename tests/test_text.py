@@ -66,6 +66,16 @@ def test_rotten_tomatoes_holds_the_reviews_grouped_by_movie():
     assert 0.15 < share < 0.25
 
 
+def test_rotten_tomatoes_reads_a_copy_at_data_path_when_there_is_one(tmp_path):
+    rows = [{"category": c, "text": f"{c} review {i}", "movie_name": f"m{i % 7}", "has_plot_and_reviews": True}
+            for i, c in enumerate(["fresh", "rotten", "plot"] * 10)]
+    pd.DataFrame(rows).to_csv(tmp_path / "rt.csv.bz2", index=False)
+    cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "path": str(tmp_path / "rt.csv.bz2"),
+                                          "text": {"tokenizer": "minilm"}}}).data
+    raw = data.load_source(cfg)
+    assert len(raw.y) == 20 and set(raw.y) == {"fresh", "rotten"}  # the plot rows left out
+
+
 def test_augmentation_is_deterministic_by_seed_and_masks_and_cuts():
     texts = np.asarray(["the film was good and warm and very clever indeed"] * 50, dtype=object)
     cfg = TextConfig(mask_prob=0.3, ngram_prob=0.5, ngram_max=3)
