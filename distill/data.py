@@ -333,9 +333,10 @@ def grouped_split(y: np.ndarray, groups: np.ndarray, fraction: float,
     return np.sort(rest), np.sort(held)
 
 
-def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def split_raw(raw: RawData, cfg: DataConfig,
+              mask_token: str | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Split into {split: (x, y)} with encoded labels, and return the class names. Rows of
-    one group (`raw.groups`) stay in one split."""
+    one group (`raw.groups`) stay in one split. `mask_token`: the tokenizer's, for augmenting text."""
     rng = np.random.default_rng(cfg.seed)
     labels = raw.y if raw.y_test is None else np.concatenate([raw.y, raw.y_test])
     ids, class_names = encode_labels(labels)
@@ -367,7 +368,7 @@ def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray
                     cfg.augment_copies * len(train_idx))
     if x_transfer is None and synthetic and cfg.source not in GENERATED and cfg.augment != "none":
         if cfg.is_text:
-            x_transfer = texts.augment(splits["train"][0], cfg.augment_copies, cfg.text, raw_mask_token(cfg), rng,
+            x_transfer = texts.augment(splits["train"][0], cfg.augment_copies, cfg.text, mask_token, rng,
                                        limit=synthetic)
             log.info("augmented %d transfer texts from %d train texts (data.augment: mask_ngram)", synthetic,
                      len(train_idx))
@@ -380,11 +381,6 @@ def split_raw(raw: RawData, cfg: DataConfig) -> tuple[dict[str, tuple[np.ndarray
     if x_transfer is not None:
         splits["transfer"] = (x_transfer, np.full(len(x_transfer), -1))
     return splits, class_names
-
-
-def raw_mask_token(cfg: DataConfig) -> str | None:
-    """The tokenizer's mask token, as augmentation writes it into the words."""
-    return texts.load_tokenizer(cfg.text.tokenizer).mask_token
 
 
 def _nearest_neighbours(x: np.ndarray, which: np.ndarray) -> np.ndarray:
@@ -437,7 +433,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> PreparedMeta:
     """Load, split, standardize and write the prepared splits atomically."""
     tok = texts.load_tokenizer(cfg.text.tokenizer) if cfg.is_text else None  # a bad folder stops before work
     raw = load_source(cfg)
-    splits, class_names = split_raw(raw, cfg)
+    splits, class_names = split_raw(raw, cfg, tok.mask_token if tok is not None else None)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,

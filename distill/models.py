@@ -118,6 +118,7 @@ class TextCNN(nn.Module):
 
 BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d, TextCNN)))  # the names are config's, so params validate without torch
 TRANSFORMER = "transformer"  # a Hugging Face encoder with a head (distill.pretrained); made by teacher.source
+TORCHSCRIPT = "torchscript"  # a user's TorchScript teacher, its bytes in model_args["script"] (distill.pretrained)
 TOKEN_BATCH = 64  # rows per forward pass over token ids (sorted by length, so each pass pads little)
 
 
@@ -157,7 +158,7 @@ def build_model(args: dict[str, Any]) -> nn.Module:
         from distill.pretrained import TransformerClassifier
 
         return TransformerClassifier.from_args(kwargs)
-    if arch == "torchscript":
+    if arch == TORCHSCRIPT:
         from distill.pretrained import build_torchscript
 
         return build_torchscript(kwargs)
@@ -223,9 +224,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096, pa
     in passes of at most TOKEN_BATCH, sorted by length (`pad_id`: the padding; each pass is cut
     to its longest row by the model) and put back in order."""
     model.eval()
-    if x.is_floating_point() or not len(x):
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) \
-            else model(x)
+    if not len(x):
+        return model(x)
+    if x.is_floating_point():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     lengths = (x != (pad_id if pad_id is not None else getattr(model, "pad_id", 0))).sum(1)
     order = torch.argsort(lengths, stable=True)
     step = min(batch_size, TOKEN_BATCH)

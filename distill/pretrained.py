@@ -28,11 +28,9 @@ from torch import nn
 from distill import text
 from distill.errors import UserError
 from distill.io import file_sha256
-from distill.models import CHECKPOINT_VERSION, TRANSFORMER, build_model, check_model, padding_mask
+from distill.models import CHECKPOINT_VERSION, TORCHSCRIPT, TRANSFORMER, build_model, check_model, padding_mask
 
 log = logging.getLogger(__name__)
-
-TORCHSCRIPT = "torchscript"  # model_args arch of a TorchScript teacher (its bytes in model_args["script"])
 
 
 class TransformerClassifier(nn.Module):
