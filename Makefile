@@ -13,7 +13,7 @@ CRON ?= 0 3 * * *
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: run run-text test test-slow test-all install validate ui server deploy worker serve trigger
+.PHONY: run run-text run-lm test test-slow test-all install validate ui server deploy worker serve trigger
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ text/minilm: | install
 
 # the corpus, copied into the project so that DVC tracks what prepare reads
 text/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
+	python -c "import shutil, sys; from distill.data import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
+
+## run-lm: the language-model pipeline in lm/ (a GPT-2 teacher on Rotten Tomatoes, its top-32 per-token soft labels, a smaller GPT-2 distilled from them), then the comparison
+run-lm: install lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2
+	cd lm && distill run
+
+lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
 	python -c "import shutil, sys; from distill.data import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)

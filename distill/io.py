@@ -118,6 +118,21 @@ def tree_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_checkpoint(path: str | Path) -> object:
+    """A torch.save file, weights only (no pickled code runs), or one sentence why not."""
+    import torch
+
+    from distill.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; run the stage that makes it (dvc repro)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); rerun its stage") from None
+
+
 def git_head(root: str | Path) -> str | None:
     """The git commit checked out at `root`, or None outside a repository."""
     import subprocess

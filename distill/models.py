@@ -22,7 +22,7 @@ from torch import nn
 
 from distill.config import AUTO_ARCH, BUILTIN_ARCHS, ModelTrainConfig
 from distill.errors import UserError
-from distill.io import atomic_path
+from distill.io import atomic_path, read_checkpoint
 
 CHECKPOINT_VERSION = 1
 
@@ -249,12 +249,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint; return the model in eval mode and the checkpoint dict."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; run the stage that makes it (dvc repro)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); rerun its stage") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: not a checkpoint of this pipeline (version mismatch); rerun its stage")
     model = build_model(ckpt["model_args"])

@@ -223,13 +223,15 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <p class="headline" id="headline">{headline}</p>
 <h2 id="comparison">Comparison (test split)</h2>
 {table}
-<p class="meta">Student cells are green where the student beats the baseline (same architecture, seed and
-budget, trained on the labels alone), red where it does worse, unmarked where they differ by less than
-matters (0.1 point of a rate, a quarter of a latency, 5 % of anything else). Gap closed = (student -
-baseline) / (teacher - baseline) in test accuracy, when the teacher beats the baseline.</p>
+<p class="meta">{note}</p>
 {figures}
 </body></html>
 """
+
+NOTE = ("Student cells are green where the student beats the baseline (same architecture, seed and budget, "
+        "trained on the labels alone), red where it does worse, unmarked where they differ by less than matters "
+        "(0.1 point of a rate, a quarter of a latency, 5 % of anything else). Gap closed = (student - baseline) / "
+        "(teacher - baseline) in test accuracy, when the teacher beats the baseline.")
 
 CAPTIONS = {
     "tradeoff": "Accuracy against size and latency. Distillation pays when the student sits level with the "
@@ -263,6 +265,7 @@ def write_report(inputs: Evaluation, html_out: str | Path, figures_dir: str | Pa
     )
     text = headline(inputs.metrics)
     page = PAGE.format(title="Distillation report", meta=html.escape(inputs.described), headline=html.escape(text),
-                       student=COLORS["student"], table=table_html(inputs.metrics), figures=blocks)
+                       student=COLORS["student"], table=table_html(inputs.metrics), note=html.escape(NOTE),
+                       figures=blocks)
     write_text(html_out, page)
     return {"headline": text, "figures": sorted(pngs)}

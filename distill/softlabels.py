@@ -62,7 +62,7 @@ METADATA_KEY = b"distill.soft_labels"
 PROVENANCE_NAME = "provenance.json"
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
-SET_KEYS = ("rows", "shards")  # provenance keys of the whole set, not in a shard's own metadata
+SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token")  # the whole set's provenance keys, not in a shard's metadata
 LABELLED_SPLITS = ("train", "transfer")  # the rows the student trains on, in this order
 LOGIT_COLUMNS = {False: ["logits"], True: ["topk_index", "topk_logits", "rest_logit"]}
 
@@ -135,14 +135,15 @@ def _fixed_lists(a: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArra
 
 
 def writer_options(schema: pa.Schema) -> dict:
-    """Parquet encodings: consecutive ids delta-encoded; split, label and top-k class ids
-    dictionary-encoded (few distinct values); logits byte-stream-split (their exponent
+    """Parquet encodings: consecutive row ids delta-encoded; split, label and top-k class (or
+    language-model token) ids dictionary-encoded (few distinct values); logits byte-stream-split (their exponent
     bytes then compress: about 9 % off float32 files, nothing either way for float16)."""
     floats = {"logits": "logits.list.element", "topk_logits": "topk_logits.list.element", "rest_logit": "rest_logit"}
     return {
         "compression": "zstd",
-        "use_dictionary": [c for c in ("split", "label", "topk_index.list.element") if c.split(".")[0] in schema.names],
-        "column_encoding": {"id": "DELTA_BINARY_PACKED"}
+        "use_dictionary": [c for c in ("split", "label", "topk_index.list.element", "topk_ids.list.element",
+                                       "sample_ids.list.element") if c.split(".")[0] in schema.names],
+        "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("id", "window") if c in schema.names}
         | {path: "BYTE_STREAM_SPLIT" for name, path in floats.items() if name in schema.names},
     }
 
@@ -324,6 +325,14 @@ def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
             f"{path}: {prov.get('num_classes')} classes but the prepared data has {prepared.num_classes}; "
             "rerun soft_labels"
         )
+    check_shard_list(folder, prov)
+    return prov
+
+
+def check_shard_list(folder: Path, prov: dict) -> None:
+    """Refuse a provenance whose shard list is malformed, or whose folder holds other shard files
+    than it lists (missing or extra), by name."""
+    path = folder / PROVENANCE_NAME
     shards = prov.get("shards")
     if not isinstance(shards, list) or not shards or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int)
@@ -342,7 +351,6 @@ def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
     if extra := sorted(present - set(names)):
         raise UserError(f"{folder / extra[0]}: a shard that {PROVENANCE_NAME} does not list (it lists "
                         f"{len(names)}); rerun soft_labels")
-    return prov
 
 
 def open_shards(soft_dir: str | Path, prov: dict, columns: list[str]) -> ParquetRows:

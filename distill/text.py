@@ -54,11 +54,12 @@ def tokenizer_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(folder: str | Path):
-    """The folder's fast tokenizer (transformers.AutoTokenizer, local files only)."""
+def load_tokenizer(folder: str | Path, needs_pad: bool = True):
+    """The folder's fast tokenizer (transformers.AutoTokenizer, local files only); a classifier's
+    batches are padded, so it needs a pad token (a language model's fixed windows do not)."""
     path = resolve_folder(str(folder))
     if not path.is_dir():
-        raise UserError(f"{path}: tokenizer folder not found; set data.text.tokenizer to a Hugging Face folder "
+        raise UserError(f"{path}: tokenizer folder not found; set data.text.tokenizer (data.tokenizer in lm/) to a Hugging Face folder "
                         f"(the teacher's) or {BUNDLED_MODEL}")
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
         raise UserError(f"{path}: no tokenizer in the folder (tokenizer.json, vocab.txt or vocab.json); "
@@ -69,7 +70,7 @@ def load_tokenizer(folder: str | Path):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UserError(f"{path}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
-    if tok.pad_token_id is None:
+    if needs_pad and tok.pad_token_id is None:
         raise UserError(f"{path}: the tokenizer has no pad token; add one to its special tokens")
     tok.padding_side = "right"  # the models cut each batch after its longest row
     return tok

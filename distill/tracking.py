@@ -243,6 +243,20 @@ class StageRun:
         if mlflow_model:
             self.log_model(result["model"], result["example"], checkpoint)
 
+    def log_step(self, row: dict[str, float]) -> None:
+        """A language model's val row, at its optimizer step."""
+        self._log({"op": "metrics", "values": {k: float(v) for k, v in row.items() if k != "step"},
+                   "step": int(row["step"])})
+
+    def log_lm_training(self, result: dict, checkpoint: str | Path, model=None, example=None) -> None:
+        """A language model's final metrics and checkpoint artifact; with `model` and `example` (the
+        student, which the registry serves: ids -> next-token logits) also an MLflow model."""
+        self.log_metrics({k: result[k] for k in ("best_step", "best_val_bits_per_token", "parameters",
+                                                 "train_seconds")})
+        self.log_artifact(checkpoint, "checkpoint")
+        if model is not None:
+            self.log_model(model, example, checkpoint)
+
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:
         """Record a file as a dataset input of this run (source path and digest, not the data)."""
         self._log({"op": "dataset", "path": str(Path(path).resolve()), "name": name, "digest": digest[:16],

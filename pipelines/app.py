@@ -149,9 +149,10 @@ def compare(
 # `dvc exp show` with every column collapses to "..." on most terminals: the ones a comparison needs
 # The project's own params.yaml and reports/metrics.json: with the text pipeline's files in the
 # repository too, DVC names each column by its file (params.yaml:seed), so those prefixes are allowed.
+# The language model's (lm/) columns are its bits per token, steps and stored targets.
 EXP_COLUMNS = (r"^(Experiment|Created|(reports/metrics\.json:)?((teacher|student|baseline)\.(test_accuracy|params"
-               r"|latency_ms_b1)|gap_closed)|(params\.yaml:)?(student\.(arch|temperature|alpha|loss|epochs)"
-               r"|teacher\.(arch|epochs)|seed))$")
+               r"|latency_ms_b1|test_bits_per_token)|gap_closed)|(params\.yaml:)?(student\.(arch|temperature|alpha"
+               r"|loss|epochs|steps|tail)|teacher\.(arch|epochs|steps)|soft_labels\.(targets|top_k|samples)|seed))$")
 
 
 def compare_runs(run_ids: list[str]) -> str:
@@ -250,7 +251,7 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     if (artifacts := artifact_root(root, uri)) is not None:
         cmd += ["--default-artifact-root", artifacts]
-    typer.echo(f"open {experiment_link(uri, load_params(root / 'params.yaml').tracking.experiment, port)}")
+    typer.echo(f"open {experiment_link(uri, load_params(root / 'params.yaml', task=None).tracking.experiment, port)}")
     raise typer.Exit(subprocess.call(cmd))
 
 
@@ -276,11 +277,14 @@ def catch_up() -> None:
 
     Example: distill catch-up   (after moving a corrupt mlflow.db aside, or restarting the server)
     """
-    from distill import tracking
+    from distill import lm, tracking
     from distill.models import load_checkpoint
 
+    def model_of(path: str):  # a classifier's checkpoint, or a language model's (ids -> next-token logits)
+        return lm.NextTokenLogits(lm.load(path)[0]).eval() if lm.is_checkpoint(path) else load_checkpoint(path)[0]
+
     root = tracking.project_root()
-    done = tracking.catch_up(root, lambda path: load_checkpoint(path)[0], on_each=typer.echo)
+    done = tracking.catch_up(root, model_of, on_each=typer.echo)
     typer.echo(f"{len(done)} run(s) recorded" if done else f"nothing waits in {tracking.PENDING_DIR}/")
 
 
@@ -331,7 +335,7 @@ def validate(params: Path = typer.Argument(Path("params.yaml"), help="the params
     """
     from distill.config import load_params
 
-    load_params(params)
+    load_params(params, task=None)
     typer.echo(f"{params}: valid")
 
 

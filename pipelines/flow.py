@@ -236,7 +236,7 @@ def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: floa
         original = params.read_text()
         if overrides:
             params_overrides.apply(params, overrides)
-        load_params(params)  # bad params fail here, once, before any stage
+        load_params(params, task=None)  # bad params fail here, once, before any stage
         try:
             order, changed = dvc_plan(root, deadline)
         except ProjectBusy:

@@ -49,7 +49,7 @@ def apply(path: Path, overrides: dict[str, Any]) -> None:
     try:
         if overrides:
             apply_overrides(path, [f"{k}={v}" for k, v in overrides.items()])
-        load_params(path)
+        load_params(path, task=None)
     except UserError:
         path.write_text(original)
         raise

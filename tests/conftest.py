@@ -26,6 +26,7 @@ ALL_STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train
 
 # Small enough that the whole pipeline runs in seconds, big enough to learn something.
 TINY_PARAMS = {
+    "task": "classify",
     "seed": 0,
     "data": {
         "source": "synthetic", "seed": 7, "num_samples": 800, "test_fraction": 0.25, "val_fraction": 0.2,
@@ -61,7 +62,12 @@ TINY_PARAMS = {
 
 def tiny_params(**overrides: object) -> dict:
     """TINY_PARAMS with dotted-key overrides, e.g. tiny_params(**{"student.alpha": 0.5})."""
-    params = copy.deepcopy(TINY_PARAMS)
+    return with_overrides(TINY_PARAMS, overrides)
+
+
+def with_overrides(params: dict, overrides: dict) -> dict:
+    """A deep copy of `params` with dotted-key overrides applied."""
+    params = copy.deepcopy(params)
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node = params

@@ -1,0 +1,176 @@
+"""A language-model teacher's soft labels: written once per train window, read back streaming.
+
+data/soft_labels holds part-NNNNN.parquet shards (one row per train window, in window order,
+`soft_labels.shard_rows` rows each; the columns of distill/sparse.py's `schema`) and
+provenance.json, as for a classifier (distill/softlabels.py writes and checks the shards):
+the teacher checkpoint's sha256, the prepared data's fingerprint, the tokenizer's sha256, the
+vocabulary size, context length and positions per window, which targets (top_k with k,
+sampled with the draws and their seed, or dense), the id type, and per shard its rows, bytes
+and sha256, with the total bytes per token.
+
+The student refuses, by name, a set made with another tokenizer or vocabulary, over other
+prepared data, or whose shards are not the ones listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill import device as devices
+from distill import lm, sparse
+from distill.config import LMSoftLabelsConfig
+from distill.corpus import CorpusMeta, read_meta, read_windows
+from distill.errors import UserError
+from distill.io import atomic_path, file_sha256
+from distill.progress import bar
+from distill.softlabels import (PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance,
+                                write_shards)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TASK = "language_model"
+
+
+def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: LMSoftLabelsConfig,
+         run_id: str | None = None, device: torch.device = devices.CPU, precision: str = "fp32") -> dict:
+    """Stage step soft_labels (language model): the teacher over every train window, its targets
+    packed into shards as it goes, then provenance.json; written atomically."""
+    meta = read_meta(prepared_dir)
+    model, ckpt = lm.load(teacher_path)
+    lm.check_lineage(teacher_path, ckpt, meta)
+    vocab = lm.vocab_of(model)
+    sparse.check_id_type(vocab, cfg.id_dtype)
+    width = sparse.per_position(cfg.targets, vocab, cfg.top_k, cfg.samples)
+    if cfg.targets == "top_k" and cfg.top_k >= vocab:
+        raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the vocabulary has {vocab} ids; use a "
+                        "smaller k, or targets: dense")
+    positions = meta.context_length - 1
+    header = {
+        "schema_version": SCHEMA_VERSION, "task": TASK, "teacher_sha256": file_sha256(teacher_path),
+        "prepared_fingerprint": meta.fingerprint, "tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": vocab,
+        "context_length": meta.context_length, "positions": positions, "targets": cfg.targets, "width": width,
+        "top_k": cfg.top_k if cfg.targets == "top_k" else None,
+        "samples": cfg.samples if cfg.targets == "sampled" else None,
+        "seed": cfg.seed if cfg.targets == "sampled" else None, "id_dtype": cfg.id_dtype,
+        "shard_rows": cfg.shard_rows, "teacher_run_id": ckpt.get("mlflow_run_id"), "run_id": run_id,
+        "precision": precision,
+    }
+    schema = sparse.schema(cfg.targets, positions, width, cfg.id_dtype)
+    windows = read_windows(prepared_dir, "train")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        batches = _teacher_batches(model.to(device), windows, cfg, schema, width, precision)
+        listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
+        size = sum(s["bytes"] for s in listed)
+        provenance = header | {"rows": rows, "shards": listed, "bytes": size,
+                               "bytes_per_token": size / max(rows * positions, 1)}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    log.info("soft labels: %d windows (%s, %.1f bytes per token) in %d shard(s) under %s", rows, cfg.targets,
+             provenance["bytes_per_token"], len(listed), out_dir)
+    return provenance
+
+
+def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema, width: int, precision: str):
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    with bar(len(windows), "soft labels", unit="window") as progress:
+        for start in range(0, len(windows), cfg.batch_size):
+            ids = torch.from_numpy(windows[start:start + cfg.batch_size]).to(device)
+            with torch.inference_mode(), devices.autocast(device, precision):
+                logits = lm.next_token_logits(model, ids).float()
+                kept = sparse.select(logits, cfg.targets, width, gen)
+            yield sparse.pack(kept, np.arange(start, start + len(ids)), schema)
+            progress.update(len(ids))
+
+
+def checked_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) -> dict:
+    """The set's provenance after refusing, by name, one made with another tokenizer or
+    vocabulary (both hashes / sizes named), over other prepared data, or with other shards."""
+    folder = Path(soft_dir)
+    path = folder / PROVENANCE_NAME
+    prov = read_provenance(folder)
+    if prov.get("task") != TASK or prov.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: not a language model's soft labels (schema {SCHEMA_VERSION}); rerun soft_labels")
+    if prov.get("tokenizer_sha256") != meta.tokenizer_sha256:
+        raise UserError(f"{path}: made with tokenizer sha256 {prov.get('tokenizer_sha256')}, but the prepared data "
+                        f"was tokenized with sha256 {meta.tokenizer_sha256}; rerun soft_labels (dvc repro)")
+    if prov.get("vocab_size") != vocab_size:
+        raise UserError(f"{path}: targets over a vocabulary of {prov.get('vocab_size')} ids, but the student "
+                        f"predicts {vocab_size}; rerun soft_labels with this teacher and data")
+    if prov.get("prepared_fingerprint") != meta.fingerprint:
+        raise UserError(f"{path}: stale soft labels, made over other prepared data; rerun soft_labels")
+    if prov.get("positions") != meta.context_length - 1:
+        raise UserError(f"{path}: {prov.get('positions')} positions per window, not {meta.context_length - 1}; "
+                        "rerun soft_labels")
+    check_shard_list(folder, prov)
+    return prov
+
+
+@dataclass
+class Block:
+    """Windows held in memory together: their indices into train, and their stored targets."""
+
+    windows: np.ndarray
+    columns: dict[str, np.ndarray]  # stored dtypes (uint16 ids, float16 values), (N, P, width)
+    targets_kind: str
+
+    def targets(self, rows: np.ndarray) -> sparse.Targets:
+        c = {k: v[rows] for k, v in self.columns.items()}
+        if self.targets_kind == "dense":
+            return sparse.Targets(None, torch.from_numpy(c["logprobs"].astype(np.float32)))
+        if self.targets_kind == "top_k":
+            return sparse.Targets(torch.from_numpy(c["topk_ids"].astype(np.int64)),
+                                  torch.from_numpy(c["topk_logprobs"].astype(np.float32)),
+                                  torch.from_numpy(c["tail_mass"].astype(np.float32)[..., 0]))
+        return sparse.Targets(torch.from_numpy(c["sample_ids"].astype(np.int64)),
+                              torch.from_numpy(c["sample_weights"].astype(np.float32)).log())
+
+
+class SoftLabelSet:
+    """The checked shards of a soft-label set, read a buffer of row groups at a time."""
+
+    def __init__(self, soft_dir: str | Path, meta: CorpusMeta, vocab_size: int):
+        self.provenance = checked_provenance(soft_dir, meta, vocab_size)
+        self.kind, self.positions = self.provenance["targets"], self.provenance["positions"]
+        self.columns = sparse.COLUMNS[self.kind]
+        self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])
+        self.path = Path(soft_dir) / PROVENANCE_NAME
+
+    def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[Block]:
+        """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time."""
+        bounds = self.rows.group_bounds
+        order = torch.randperm(len(bounds), generator=gen).tolist()
+        taken: list[tuple[int, int]] = []
+        for g in order + [None]:
+            if g is not None:
+                taken.append(bounds[g])
+            held = sum(hi - lo for lo, hi in taken)
+            if taken and (g is None or held >= buffer):
+                yield self._read(taken)
+                taken = []
+
+    def _read(self, ranges: list[tuple[int, int]]) -> Block:
+        tables = [self.rows.read(lo, hi) for lo, hi in ranges]
+        windows = np.concatenate([t.column("window").to_numpy() for t in tables])
+        columns = {}
+        for name in self.columns:
+            arrays = [t.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False) for t in tables]
+            columns[name] = np.concatenate(arrays).reshape(len(windows), self.positions, -1)
+        return Block(windows, columns, self.kind)
+
+
+def lineage(soft: SoftLabelSet) -> dict:
+    """What a student records of the set it learnt from."""
+    prov = soft.provenance
+    return {"teacher_sha256": prov["teacher_sha256"], "teacher_run_id": prov.get("teacher_run_id"),
+            "soft_labels_run_id": prov.get("run_id"), "soft_labels_sha256": file_sha256(soft.path),
+            "targets": prov["targets"], "width": prov["width"], "bytes_per_token": prov["bytes_per_token"]}
+

@@ -1,0 +1,198 @@
+"""A language-model teacher's per-token soft labels: which targets are kept, how they are packed
+into Parquet, and the loss a student reads them with.
+
+At every position the teacher gives a next-token distribution p over the V tokens of its
+vocabulary. `soft_labels.targets` keeps one of three forms of it:
+
+  dense    every log-prob: V float16 values per position (the reference, and the costliest)
+  top_k    the k likeliest token ids (uint16 while the vocabulary fits, else uint32), their
+           log-probs (float16), and the tail: the probability mass 1 - sum(top-k p) left over
+           (float16), as DistillKit and Megatron-Core's offline logits store them
+  sampled  random-sampling KD ("Sparse Logit Sampling", Anshumann et al., ACL 2025): n ids
+           drawn from p with replacement (seeded); the distinct ones kept, each with weight
+           count / n (float16), padded to n with weight 0. An unbiased estimate of p:
+           E[weight_i] = p_i, so the student's cross-entropy against it is, on average, its
+           cross-entropy against p; top-k targets are biased (the tail is gone or smeared).
+
+A Parquet row is one window of the prepared data; each column is a fixed-size list over its
+P positions (`positions` x k values, position-major). `Targets` is what a batch unpacks to.
+
+The student's loss (`kl_to_targets`) is the forward KL(target || student) at temperature T
+over the stored ids; a top-k tail is dropped (`tail: zero`: the k probabilities
+renormalised), spread evenly over the V - k other ids (`tail: uniform`: each gets
+tail / (V - k) before the temperature), or kept as one more outcome (`tail: bucket`: the
+student's total mass outside the k ids is matched to it, its shape left to the
+cross-entropy). At T = 1 the bucket is exact for what is stored and assumes nothing of
+the tail's shape. With k = V all three equal the dense KL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from distill.errors import UserError
+
+ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
+COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
+           "sampled": ["sample_ids", "sample_weights"]}
+VALUE_TYPE = pa.float16()
+
+
+def check_id_type(vocab_size: int, id_dtype: str) -> None:
+    """Refuse a vocabulary whose ids do not fit the stored id type, by name."""
+    limit = ID_TYPES[id_dtype][2]
+    if vocab_size > limit:
+        raise UserError(f"the vocabulary has {vocab_size:,} tokens, more than soft_labels.id_dtype {id_dtype} "
+                        f"holds ({limit:,}); set soft_labels.id_dtype: uint32")
+
+
+def per_position(targets: str, vocab_size: int, k: int, samples: int) -> int:
+    """Values stored per position: V (dense), k (top_k) or n (sampled)."""
+    return {"dense": vocab_size, "top_k": k, "sampled": samples}[targets]
+
+
+def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema:
+    """One row per window: its id, then the targets' columns as fixed-size lists."""
+    ids = ID_TYPES[id_dtype][1]
+    fields = [pa.field("window", pa.int64())]
+    if targets == "dense":
+        fields.append(pa.field("logprobs", pa.list_(VALUE_TYPE, positions * width)))
+    elif targets == "top_k":
+        fields += [pa.field("topk_ids", pa.list_(ids, positions * width)),
+                   pa.field("topk_logprobs", pa.list_(VALUE_TYPE, positions * width)),
+                   pa.field("tail_mass", pa.list_(VALUE_TYPE, positions))]
+    else:
+        fields += [pa.field("sample_ids", pa.list_(ids, positions * width)),
+                   pa.field("sample_weights", pa.list_(VALUE_TYPE, positions * width))]
+    return pa.schema(fields)
+
+
+def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Generator | None = None
+           ) -> dict[str, torch.Tensor]:
+    """The kept targets of (..., V) teacher logits, as float32 / int64 tensors of shape (..., width)
+    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, weights}."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if targets == "dense":
+        return {"logprobs": logp}
+    if targets == "top_k":
+        values, ids = logp.topk(width, dim=-1)
+        tail = (1.0 - values.exp().sum(-1)).clamp(min=0.0)
+        return {"ids": ids, "logprobs": values, "tail": tail}
+    return sample(logp, width, generator)
+
+
+def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Random-sampling KD targets: `draws` ids from exp(logp) per position, with replacement;
+    the distinct ids, each weighted count / draws, largest weight first, padded with weight 0."""
+    shape, vocab = logp.shape[:-1], logp.shape[-1]
+    flat = logp.reshape(-1, vocab).exp()
+    drawn = torch.multinomial(flat, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
+    weights, ids = counts.topk(min(draws, vocab), dim=-1)
+    if draws > vocab:  # fewer distinct ids than draws can exist only up to the vocabulary
+        weights = F.pad(weights, (0, draws - vocab))
+        ids = F.pad(ids, (0, draws - vocab))
+    return {"ids": ids.reshape(*shape, draws), "weights": (weights / draws).reshape(*shape, draws)}
+
+
+def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
+    """A record batch of `sch` from `select`'s tensors over (B, P, ...) positions of B windows."""
+    columns = [pa.array(windows, pa.int64())]
+    for field in sch.names[1:]:
+        source = {"logprobs": "logprobs", "topk_ids": "ids", "topk_logprobs": "logprobs", "tail_mass": "tail",
+                  "sample_ids": "ids", "sample_weights": "weights"}[field]
+        value_type = sch.field(field).type.value_type
+        array = kept[source].detach().cpu().numpy().reshape(len(windows), -1)
+        flat = pa.array(np.ascontiguousarray(array, dtype=value_type.to_pandas_dtype()).reshape(-1), value_type)
+        columns.append(pa.FixedSizeListArray.from_arrays(flat, array.shape[1]))
+    return pa.RecordBatch.from_arrays(columns, schema=sch)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """A batch of stored targets over (B, P) positions. `ids` (B, P, w) int64, None when dense;
+    `logp` (B, P, w) float32: log-probs (dense, top_k) or log-weights (sampled, -inf on padding);
+    `tail` (B, P) float32: the top-k tail mass, None otherwise."""
+
+    ids: torch.Tensor | None
+    logp: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Targets:
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return Targets(move(self.ids), move(self.logp), move(self.tail))
+
+    def dense_probs(self, vocab_size: int, tail: str = "zero") -> torch.Tensor:
+        """The (B, P, V) distribution the targets stand for at temperature 1 (tests, benchmarks)."""
+        if self.ids is None:
+            return self.logp.exp()
+        probs = torch.zeros(*self.logp.shape[:-1], vocab_size).scatter_add_(-1, self.ids, self.logp.exp())
+        if self.tail is not None:
+            rest = vocab_size - self.ids.shape[-1]
+            if tail == "uniform" and rest:
+                spread = (self.tail / rest).unsqueeze(-1).expand_as(probs).clone()
+                spread.scatter_(-1, self.ids, 0.0)
+                probs = probs + spread
+            else:
+                probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+
+def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> Targets:
+    """`Targets` from rows written by `pack` (the inverse up to float16 rounding)."""
+    def column(name: str) -> np.ndarray:
+        values = table.column(name)
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(table), positions, -1)
+
+    if targets == "dense":
+        return Targets(None, torch.from_numpy(column("logprobs").astype(np.float32)))
+    if targets == "top_k":
+        tail = torch.from_numpy(column("tail_mass").astype(np.float32)[..., 0])
+        return Targets(torch.from_numpy(column("topk_ids").astype(np.int64)),
+                       torch.from_numpy(column("topk_logprobs").astype(np.float32)), tail)
+    weights = torch.from_numpy(column("sample_weights").astype(np.float32))
+    return Targets(torch.from_numpy(column("sample_ids").astype(np.int64)), weights.log())
+
+
+def kl_to_targets(student_logits: torch.Tensor, t: Targets, temperature: float = 1.0, tail: str = "zero"
+                  ) -> torch.Tensor:
+    """KL(target_T || student_T) per position, (B, P), at temperature T.
+
+    Over the stored ids only: the student's log-probs are its full softmax's (all V ids), so
+    probability it puts outside the stored ids costs it. A top-k tail with `tail: uniform` is
+    V - k ids of log-prob log(tail / (V - k)) each, tempered like the rest; `tail: zero`
+    renormalises the stored ids. Dense targets give the exact KL.
+    """
+    vocab = student_logits.shape[-1]
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    z = t.logp / temperature  # -inf (sampled padding) stays -inf
+    if t.ids is None:
+        log_t = F.log_softmax(z, dim=-1)
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    log_s_kept = log_s.gather(-1, t.ids)
+    rest = vocab - t.ids.shape[-1]
+    if tail == "uniform" and t.tail is not None and rest > 0:
+        each = (t.tail.clamp(min=1e-12) / rest).log() / temperature  # one tail id's tempered logit
+        log_z = torch.logaddexp(torch.logsumexp(z, -1), each + math.log(rest))
+        log_t, log_t_each = z - log_z.unsqueeze(-1), each - log_z
+        tail_s = log_s.sum(-1) - log_s_kept.sum(-1)  # the student's log-probs summed over the tail ids
+        tail_kl = rest * log_t_each.exp() * log_t_each - log_t_each.exp() * tail_s
+    elif tail == "bucket" and t.tail is not None and rest > 0:
+        bucket = t.tail.clamp(min=1e-12).log() / temperature  # the tail as one more outcome
+        log_z = torch.logaddexp(torch.logsumexp(z, -1), bucket)
+        log_t, log_t_rest = z - log_z.unsqueeze(-1), bucket - log_z
+        kept_s = torch.logsumexp(log_s_kept, -1).clamp(max=-1e-6)  # the student's mass on the stored ids
+        log_s_rest = torch.log(-torch.expm1(kept_s))  # and on the rest: log(1 - kept)
+        tail_kl = log_t_rest.exp() * (log_t_rest - log_s_rest)
+    else:
+        log_t, tail_kl = z - torch.logsumexp(z, -1, keepdim=True), 0.0
+    p = log_t.exp()
+    kept = torch.where(p > 0, p * (log_t - log_s_kept), torch.zeros_like(p))
+    return kept.sum(-1) + tail_kl

@@ -1,0 +1,227 @@
+"""The language-model pipeline (lm/dvc.yaml) end to end on a tiny GPT-2 and a tiny corpus: every
+stage in this process (one built pipeline shared by the tests here), the refusals of soft labels
+made with another tokenizer, vocabulary or data, every target form, streaming, a pretrained
+teacher folder; under `dvc repro` (slow) with the no-op and temperature-only reruns; and
+torchrun with two processes (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_PARAMS, dvc, git_commit, make_scratch_project, repro, run_pipeline_in_process
+from conftest import run_stage_in_process, write_params
+from distill import corpus, lm, lm_soft_labels
+from distill.distributed import World
+from distill.errors import UserError
+from distill.io import file_sha256
+from distill.text import tokenizer_sha256
+from tiny_lm import make_corpus, tiny_lm_params
+
+STAGES = {"prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"}
+
+
+def lm_project(root: Path, **changes) -> Path:
+    """A folder laid out like lm/: its dvc.yaml, the tiny params and corpus."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "lm" / "dvc.yaml", root / "dvc.yaml")
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    make_corpus(root / "data" / "raw" / "corpus.parquet")
+    write_params(root / "params.yaml", tiny_lm_params("data/raw/corpus.parquet", **changes))
+    return root
+
+
+def set_params(root: Path, **changes) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    write_params(root / "params.yaml", params)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = lm_project(tmp_path_factory.mktemp("lm") / "lm")
+    run_pipeline_in_process(root)
+    return root
+
+
+def test_a_tiny_gpt2_goes_through_every_stage(built):
+    metrics = json.loads((built / "reports" / "metrics.json").read_text())
+    teacher, student, baseline = (metrics[m] for m in ("teacher", "student", "baseline"))
+    assert teacher["kl_bits_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert teacher["params"] > 3 * student["params"] and student["params"] == baseline["params"]
+    for m in (teacher, student, baseline):
+        assert 0 < m["test_bits_per_token"] < np.log2(300) + 0.5  # learnt something: below uniform's 8.2
+        assert m["test_perplexity"] == pytest.approx(2 ** m["test_bits_per_token"])
+    assert student["soft_label_targets"] == "top_k 8" and student["soft_label_bytes_per_token"] > 0
+    prov = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
+    meta = corpus.read_meta(built / "data" / "prepared")
+    assert prov["tokenizer_sha256"] == meta.tokenizer_sha256 == tokenizer_sha256(meta.tokenizer_dir)
+    assert prov["vocab_size"] == 300 and prov["top_k"] == 8 and prov["positions"] == 15
+    assert prov["teacher_sha256"] == file_sha256(built / "models" / "teacher.pt")
+    assert prov["rows"] == meta.splits["train"]["windows"] and len(prov["shards"]) > 1  # shard_rows 40
+    shard = pq.ParquetFile(built / "data" / "soft_labels" / "part-00000.parquet")
+    assert str(shard.schema_arrow.field("topk_ids").type) == "fixed_size_list<element: uint16>[120]"
+    assert str(shard.schema_arrow.field("topk_logprobs").type) == "fixed_size_list<element: halffloat>[120]"
+    ckpt = torch.load(built / "models" / "student.pt", weights_only=True)
+    assert ckpt["soft_labels"]["teacher_sha256"] == prov["teacher_sha256"]
+    assert [r["step"] for r in ckpt["history"]] == [8, 16, 24] and "train_kl" in ckpt["history"][0]
+    page = (built / "reports" / "report.html").read_text()
+    assert "Prompt 2" in page and "bits per token" in page.lower()
+    assert (built / "reports" / "figures" / "training.png").stat().st_size > 1000
+    assert (built / "reports" / "curves" / "student.csv").read_text().startswith("step,val_bits_per_token")
+
+
+def test_the_student_refuses_soft_labels_of_another_tokenizer_naming_both_hashes(built, tmp_path):
+    other = tiny_lm_params(str(built / "data" / "raw" / "corpus.parquet"), **{"data.vocab_size": 280})
+    params = write_params(tmp_path / "params.yaml", other)
+    meta = corpus.prepare(load(params).data, tmp_path / "prepared")
+    made_with = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())["tokenizer_sha256"]
+    with pytest.raises(UserError) as err:
+        lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
+    assert made_with in str(err.value) and meta.tokenizer_sha256 in str(err.value)
+    # the same tokenizer over another split of the data: refused as stale
+    same_tok = tiny_lm_params(str(built / "data" / "raw" / "corpus.parquet"), **{
+        "data.tokenizer": str(built / "data" / "prepared" / "tokenizer"), "data.seed": 7})
+    meta = corpus.prepare(load(write_params(tmp_path / "p2.yaml", same_tok)).data, tmp_path / "prepared2")
+    assert meta.tokenizer_sha256 == made_with
+    with pytest.raises(UserError, match="made over other prepared data"):
+        lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
+    with pytest.raises(UserError, match="vocabulary of 300 ids, but the student predicts 512"):
+        lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", corpus.read_meta(built / "data" / "prepared"), 512)
+
+
+def load(path: Path):
+    from distill.config import load_params
+
+    return load_params(path, task="language_model")
+
+
+def test_a_vocabulary_larger_than_uint16_is_refused_before_any_work(built, tmp_path, caplog):
+    from stages.common import cli_main
+    from stages.lm import soft_labels
+
+    meta = corpus.read_meta(built / "data" / "prepared")
+    big = lm.gpt2(load(built / "params.yaml").student.model_copy(update={"width": 8, "heads": 1}),
+                  dataclasses.replace(meta, vocab_size=70_000), 0)
+    lm.save(tmp_path / "big.pt", big, prepared_fingerprint=meta.fingerprint)
+    code = cli_main(soft_labels.main, ["--params", str(built / "params.yaml"), "--teacher", str(tmp_path / "big.pt"),
+                                       "--prepared", str(built / "data" / "prepared"), "--out", str(tmp_path / "s")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1 and "70,000 tokens" in errors[0] and "uint32" in errors[0]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("targets", ["sampled", "dense"])
+def test_every_target_form_is_stored_and_distilled_from(built, tmp_path, targets):
+    root = tmp_path / "lm"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns("soft_labels", "student.pt"))
+    set_params(root, **{"soft_labels.targets": targets, "soft_labels.samples": 6, "student.steps": 8})
+    prov = run_stage_in_process(root, "soft_labels")
+    top8 = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
+    if targets == "dense":
+        assert prov["width"] == 300 and prov["bytes_per_token"] > 3 * top8["bytes_per_token"]
+    else:
+        assert prov["width"] == 6 and prov["samples"] == 6 and prov["seed"] == 0
+    result = run_stage_in_process(root, "train_student")
+    assert np.isfinite(result["best_val_bits_per_token"]) and np.isfinite(result["history"][-1]["train_kl"])
+    if targets == "sampled":  # seeded: the same draws again
+        again = run_stage_in_process(root, "soft_labels")
+        assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in prov["shards"]]
+
+
+def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targets(built):
+    meta = corpus.read_meta(built / "data" / "prepared")
+    soft = lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
+    windows = corpus.read_windows(meta.path, "train")
+    whole = next(soft.blocks(torch.Generator().manual_seed(0), 10 ** 9))
+    order = np.argsort(whole.windows)
+    seen = []
+    for block in soft.blocks(torch.Generator().manual_seed(1), 16):  # several blocks: streamed
+        assert len(block.windows) < len(windows)
+        rows = np.arange(len(block.windows))
+        got = block.targets(rows)
+        want = whole.targets(order[block.windows])
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.logp, want.logp)
+        seen += block.windows.tolist()
+    assert sorted(seen) == list(range(len(windows)))
+    batches = lm.WindowBatches(windows, 8, World(), soft, 16)
+    rows = [tuple(r) for x, _, _ in batches.epoch(torch.Generator().manual_seed(2)) for r in x.tolist()]
+    assert sorted(rows) == sorted(tuple(w) for w in windows.tolist())
+
+
+def test_a_pretrained_teacher_folder_is_used_as_it_is_and_its_tokenizer_checked(built, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    meta = corpus.read_meta(built / "data" / "prepared")
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    lm.tokenizer(meta).save_pretrained(str(folder))
+    root = tmp_path / "lm"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns("models", "soft_labels"))
+    set_params(root, **{"data.tokenizer": str(folder), "teacher.source": "pretrained", "teacher.model": str(folder),
+                        "teacher.steps": 0})
+    run_stage_in_process(root, "prepare")
+    result = run_stage_in_process(root, "train_teacher")
+    assert result["best_step"] == 0 and [r["step"] for r in result["history"]] == [0]
+    assert result["best_val_bits_per_token"] > 7  # random weights: about log2(300) = 8.2
+    # a folder whose tokenizer is not the data's: both hashes named
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace("docmark", "x") + " ")
+    with pytest.raises(UserError, match=r"the teacher's tokenizer \(sha256 [0-9a-f]{64}\) is not the one .* "
+                                        r"tokenized with \([0-9a-f]{64}\)"):
+        run_stage_in_process(root, "train_teacher")
+
+
+@pytest.mark.slow
+def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_change_touches(tmp_path):
+    project = make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    root = project / "lm"
+    make_corpus(root / "data" / "raw" / "corpus.parquet")
+    write_params(root / "params.yaml", tiny_lm_params("data/raw/corpus.parquet") | {"tracking": {
+        "enabled": True, "experiment": "tiny-lm", "on_error": "fail"}})
+    git_commit(project, "tiny language-model pipeline")
+    assert repro(root) == STAGES
+    assert repro(root) == set(), "a second dvc repro reran stages"
+    assert "lm/" not in dvc(project, "status"), "the root project sees the language-model pipeline's stages"
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    set_params(root, **{"student.temperature": 2.0})
+    assert repro(root) == {"train_student", "evaluate"}
+    after = json.loads((root / "reports" / "metrics.json").read_text())
+    assert after["teacher"]["test_bits_per_token"] == metrics["teacher"]["test_bits_per_token"]
+    assert after["student"]["test_bits_per_token"] != metrics["student"]["test_bits_per_token"]
+    out = dvc(root, "exp", "run", "-S", "student.temperature=1.5")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"train_student", "evaluate"}
+    set_params(root, **{"soft_labels.top_k": 4})
+    assert repro(root) == {"soft_labels", "train_student", "evaluate"}
+
+
+@pytest.mark.slow
+def test_the_lm_student_trains_under_torchrun_on_two_processes(built, tmp_path):
+    import subprocess
+    import sys
+
+    from scratch import env
+
+    root = tmp_path / "lm"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns("student.pt"))
+    set_params(root, **{"distributed.nproc": 2})
+    cmd = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train_student"]["cmd"].split()
+    done = subprocess.run([sys.executable, *cmd[1:]], cwd=root, capture_output=True, text=True,
+                          env=env() | {"PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(root / "models" / "student.pt", weights_only=True)
+    one = torch.load(built / "models" / "student.pt", weights_only=True)
+    # two processes see the rows one does, each batch split between them: the same model to rounding
+    assert [r["step"] for r in two["history"]] == [r["step"] for r in one["history"]]
+    assert two["val_bits_per_token"] == pytest.approx(one["val_bits_per_token"], rel=0.02)
