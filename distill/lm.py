@@ -121,10 +121,13 @@ def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or ckpt.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: not a language-model checkpoint of this pipeline; rerun its stage")
-    config = dict(ckpt["config"])
-    config = AutoConfig.for_model(config.pop("model_type"), **config)
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        config = dict(ckpt["config"])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: the model does not rebuild from its checkpoint ({type(exc).__name__}); "
+                        "rerun its stage") from None
     return model.eval(), ckpt
 
 
@@ -196,6 +199,8 @@ class WindowBatches:
             order = torch.randperm(len(self.windows), generator=gen).numpy()
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
+                if len(idx) < self.world.size:  # a last batch too small to give every rank a window
+                    continue
                 mine = np.array_split(idx, self.world.size)[self.world.rank]
                 yield torch.from_numpy(self.windows[mine]), None, len(idx)
             return
@@ -203,6 +208,8 @@ class WindowBatches:
             order = torch.randperm(len(block.windows), generator=gen).numpy()
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
+                if len(idx) < self.world.size:
+                    continue
                 mine = np.array_split(idx, self.world.size)[self.world.rank]
                 yield torch.from_numpy(self.windows[block.windows[mine]]), block.targets(mine), len(idx)
 
@@ -239,7 +246,7 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
 
     cfg, device, world = job.cfg, job.world.device, job.world
     gen = torch.Generator().manual_seed(job.seed)
-    torch.manual_seed(job.seed)  # dropout
+    torch.manual_seed(job.seed + world.rank)  # dropout: each rank its own masks
     model.to(device).train()
     net = model
     if world.distributed:

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 from distill import lm
 from distill.config import LMEvaluateConfig, LMRegistryConfig
 from distill.corpus import read_meta, read_windows
-from distill.io import atomic_path, write_csv, write_json, write_text
+from distill.errors import UserError
+from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
 from distill.report import COLORS, PAGE, png_bytes
 
 MODELS = ("teacher", "student", "baseline")
@@ -52,19 +53,22 @@ class LMEvaluation:
 
 
 @torch.no_grad()
-def score(models: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int, device: torch.device
-          ) -> dict[str, dict[str, float]]:
-    """Per model: mean next-token cross-entropy and KL from the teacher (both nats per token)."""
+def score(models: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int, device: torch.device,
+          vocab: int) -> dict[str, dict[str, float]]:
+    """Per model: mean next-token cross-entropy and KL from the teacher (both nats per token), over
+    the tokenizer's `vocab` ids (a pretrained head's padding rows past them left out)."""
     sums = {m: {"ce": 0.0, "kl": 0.0} for m in models}
     count = 0
     for start in range(0, len(windows), batch_size):
         ids = torch.from_numpy(windows[start:start + batch_size]).to(device)
         labels = ids[:, 1:].flatten()
-        log_t = F.log_softmax(lm.next_token_logits(models["teacher"], ids).float(), -1)
+        log_t = F.log_softmax(lm.next_token_logits(models["teacher"], ids)[..., :vocab].float(), -1)
+        p = log_t.exp()
         for name, model in models.items():
-            log_m = log_t if name == "teacher" else F.log_softmax(lm.next_token_logits(model, ids).float(), -1)
+            log_m = log_t if name == "teacher" else F.log_softmax(
+                lm.next_token_logits(model, ids)[..., :vocab].float(), -1)
             sums[name]["ce"] += float(F.nll_loss(log_m.flatten(0, 1), labels, reduction="sum"))
-            sums[name]["kl"] += float((log_t.exp() * (log_t - log_m)).sum())
+            sums[name]["kl"] += float((torch.special.xlogy(p, p) - p * log_m).sum())
         count += labels.numel()
     return {m: {k: v / max(count, 1) for k, v in s.items()} for m, s in sums.items()}
 
@@ -98,7 +102,11 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
         lm.check_lineage(checkpoints[name], ckpts[name], meta)
         models[name].to(device)
     test = read_windows(prepared_dir, "test")
-    nats = score(models, test, cfg.batch_size, device)
+    lineage = ckpts["student"].get("soft_labels") or {}
+    if lineage.get("teacher_sha256") not in (None, file_sha256(checkpoints["teacher"])):
+        raise UserError(f"{checkpoints['student']}: distilled from another teacher than {checkpoints['teacher']}; "
+                        "rerun soft_labels and train_student (dvc repro)")
+    nats = score(models, test, cfg.batch_size, device, meta.vocab_size)
     metrics: dict = {}
     for name in MODELS:
         metrics[name] = {"test_bits_per_token": nats[name]["ce"] / LN2,
@@ -107,7 +115,6 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
                          "params": lm.count_parameters(models[name]),
                          "latency_ms_b1": latency_ms(models[name], test[0], device),
                          "best_step": ckpts[name].get("step")}
-    lineage = ckpts["student"].get("soft_labels") or {}
     metrics["student"]["soft_label_bytes_per_token"] = lineage.get("bytes_per_token")
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
     metrics["gap_closed"] = gap_closed(metrics)
@@ -154,9 +161,10 @@ def compare_table(metrics: dict) -> str:
     gap = metrics["gap_closed"]
     shown = "n/a (the teacher is not better than the baseline)" if gap is None else f"{100 * gap:.1f}%"
     student = metrics["student"]
+    size = student["soft_label_bytes_per_token"]
     return ("\n".join(lines) + f"\n\nGap closed by distillation (baseline - student) / (baseline - teacher), bits per "
             f"token: {shown}\nSoft labels: {student['soft_label_targets']}, "
-            f"{student['soft_label_bytes_per_token']:.1f} bytes per token\n")
+            + ("size not recorded" if size is None else f"{size:.1f} bytes per token") + "\n")
 
 
 def samples_markdown(samples: dict) -> str:

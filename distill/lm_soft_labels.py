@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TASK = "language_model"
+MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
 def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: LMSoftLabelsConfig,
@@ -46,7 +47,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
     meta = read_meta(prepared_dir)
     model, ckpt = lm.load(teacher_path)
     lm.check_lineage(teacher_path, ckpt, meta)
-    vocab = lm.vocab_of(model)
+    vocab = meta.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
     sparse.check_id_type(vocab, cfg.id_dtype)
     width = sparse.per_position(cfg.targets, vocab, cfg.top_k, cfg.samples)
     if cfg.targets == "top_k" and cfg.top_k >= vocab:
@@ -67,7 +68,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
     windows = read_windows(prepared_dir, "train")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        batches = _teacher_batches(model.to(device), windows, cfg, schema, width, precision)
+        batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision)
         listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
         size = sum(s["bytes"] for s in listed)
         provenance = header | {"rows": rows, "shards": listed, "bytes": size,
@@ -78,14 +79,15 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
     return provenance
 
 
-def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema, width: int, precision: str):
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema, sizes: tuple[int, int],
+                     precision: str):
+    (width, vocab), device = sizes, next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws whatever the device
     with bar(len(windows), "soft labels", unit="window") as progress:
         for start in range(0, len(windows), cfg.batch_size):
             ids = torch.from_numpy(windows[start:start + cfg.batch_size]).to(device)
             with torch.inference_mode(), devices.autocast(device, precision):
-                logits = lm.next_token_logits(model, ids).float()
+                logits = lm.next_token_logits(model, ids)[..., :vocab].float()
                 kept = sparse.select(logits, cfg.targets, width, gen)
             yield sparse.pack(kept, np.arange(start, start + len(ids)), schema)
             progress.update(len(ids))
@@ -97,7 +99,8 @@ def checked_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) 
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     prov = read_provenance(folder)
-    if prov.get("task") != TASK or prov.get("schema_version") != SCHEMA_VERSION:
+    if (prov.get("task") != TASK or prov.get("schema_version") != SCHEMA_VERSION
+            or prov.get("targets") not in sparse.COLUMNS):
         raise UserError(f"{path}: not a language model's soft labels (schema {SCHEMA_VERSION}); rerun soft_labels")
     if prov.get("tokenizer_sha256") != meta.tokenizer_sha256:
         raise UserError(f"{path}: made with tokenizer sha256 {prov.get('tokenizer_sha256')}, but the prepared data "
@@ -143,9 +146,13 @@ class SoftLabelSet:
         self.columns = sparse.COLUMNS[self.kind]
         self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])
         self.path = Path(soft_dir) / PROVENANCE_NAME
+        # stored bytes of one window's targets (2 per id and per float16 value, the tail's too)
+        self.window_bytes = self.positions * (2 * self.provenance["width"] * len(self.columns[:2]) + 2)
 
     def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[Block]:
-        """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time."""
+        """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time (at
+        most MAX_BUFFER_BYTES of stored targets: dense targets are V values per position)."""
+        buffer = min(buffer, max(1, MAX_BUFFER_BYTES // self.window_bytes))
         bounds = self.rows.group_bounds
         order = torch.randperm(len(bounds), generator=gen).tolist()
         taken: list[tuple[int, int]] = []

@@ -11,8 +11,10 @@ vocabulary. `soft_labels.targets` keeps one of three forms of it:
   sampled  random-sampling KD ("Sparse Logit Sampling", Anshumann et al., ACL 2025): n ids
            drawn from p with replacement (seeded); the distinct ones kept, each with weight
            count / n (float16), padded to n with weight 0. An unbiased estimate of p:
-           E[weight_i] = p_i, so the student's cross-entropy against it is, on average, its
-           cross-entropy against p; top-k targets are biased (the tail is gone or smeared).
+           E[weight_i] = p_i, so at temperature 1 the student's cross-entropy against it is,
+           on average, its cross-entropy against p (at other temperatures the weights are
+           tempered like log-probs, which is no longer unbiased); top-k targets are biased
+           (the tail is gone, smeared, or kept only as a total).
 
 A Parquet row is one window of the prepared data; each column is a fixed-size list over its
 P positions (`positions` x k values, position-major). `Targets` is what a batch unpacks to.
@@ -89,15 +91,17 @@ def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Gene
 
 def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Random-sampling KD targets: `draws` ids from exp(logp) per position, with replacement;
-    the distinct ids, each weighted count / draws, largest weight first, padded with weight 0."""
+    the distinct ids, each weighted count / draws, largest weight first, padded with id 0 and
+    weight 0. Drawn on the CPU (with a CPU `generator`), so a GPU teacher's draws are the CPU's."""
     shape, vocab = logp.shape[:-1], logp.shape[-1]
-    flat = logp.reshape(-1, vocab).exp()
+    flat = logp.reshape(-1, vocab).exp().cpu()
     drawn = torch.multinomial(flat, draws, replacement=True, generator=generator)
     counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
     weights, ids = counts.topk(min(draws, vocab), dim=-1)
     if draws > vocab:  # fewer distinct ids than draws can exist only up to the vocabulary
         weights = F.pad(weights, (0, draws - vocab))
         ids = F.pad(ids, (0, draws - vocab))
+    ids = torch.where(weights > 0, ids, torch.zeros_like(ids))  # padding: the same bytes every run
     return {"ids": ids.reshape(*shape, draws), "weights": (weights / draws).reshape(*shape, draws)}
 
 
@@ -129,7 +133,8 @@ class Targets:
         return Targets(move(self.ids), move(self.logp), move(self.tail))
 
     def dense_probs(self, vocab_size: int, tail: str = "zero") -> torch.Tensor:
-        """The (B, P, V) distribution the targets stand for at temperature 1 (tests, benchmarks)."""
+        """The (B, P, V) distribution the targets stand for at temperature 1, on the CPU (tests):
+        a top-k tail spread evenly (uniform) or dropped (zero; bucket keeps no shape to show)."""
         if self.ids is None:
             return self.logp.exp()
         probs = torch.zeros(*self.logp.shape[:-1], vocab_size).scatter_add_(-1, self.ids, self.logp.exp())
@@ -174,8 +179,8 @@ def kl_to_targets(student_logits: torch.Tensor, t: Targets, temperature: float =
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     z = t.logp / temperature  # -inf (sampled padding) stays -inf
     if t.ids is None:
-        log_t = F.log_softmax(z, dim=-1)
-        return (log_t.exp() * (log_t - log_s)).sum(-1)
+        p = F.softmax(z, dim=-1)
+        return (torch.special.xlogy(p, p) - p * log_s).sum(-1)  # 0 log 0 = 0 where the teacher puts nothing
     log_s_kept = log_s.gather(-1, t.ids)
     rest = vocab - t.ids.shape[-1]
     if tail == "uniform" and t.tail is not None and rest > 0:

@@ -6,7 +6,6 @@ torchrun with two processes (slow)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -108,17 +107,31 @@ def load(path: Path):
 
 
 def test_a_vocabulary_larger_than_uint16_is_refused_before_any_work(built, tmp_path, caplog):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     from stages.common import cli_main
     from stages.lm import soft_labels
 
-    meta = corpus.read_meta(built / "data" / "prepared")
-    big = lm.gpt2(load(built / "params.yaml").student.model_copy(update={"width": 8, "heads": 1}),
-                  dataclasses.replace(meta, vocab_size=70_000), 0)
-    lm.save(tmp_path / "big.pt", big, prepared_fingerprint=meta.fingerprint)
-    code = cli_main(soft_labels.main, ["--params", str(built / "params.yaml"), "--teacher", str(tmp_path / "big.pt"),
-                                       "--prepared", str(built / "data" / "prepared"), "--out", str(tmp_path / "s")])
+    words = {f"w{i}": i for i in range(70_000)} | {"<|endoftext|>": 70_000}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(tmp_path / "tok"))
+    params = tiny_lm_params(str(built / "data" / "raw" / "corpus.parquet"), **{"data.tokenizer": str(tmp_path / "tok")})
+    params["data"]["source"], params["data"]["path"] = "text_files", str(tmp_path / "words.txt")
+    (tmp_path / "words.txt").write_text("\n\n".join(" ".join(f"w{(d * 7 + i) % 70_000}" for i in range(40))
+                                                    for d in range(30)))
+    write_params(tmp_path / "params.yaml", params)
+    meta = corpus.prepare(load(tmp_path / "params.yaml").data, tmp_path / "prepared")
+    assert meta.vocab_size == 70_001
+    teacher = lm.gpt2(load(built / "params.yaml").student.model_copy(update={"width": 4, "heads": 1}), meta, 0)
+    lm.save(tmp_path / "teacher.pt", teacher, prepared_fingerprint=meta.fingerprint)
+    caplog.clear()
+    code = cli_main(soft_labels.main, ["--params", str(tmp_path / "params.yaml"), "--teacher",
+                                       str(tmp_path / "teacher.pt"), "--prepared", str(tmp_path / "prepared"),
+                                       "--out", str(tmp_path / "s")])
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert code == 2 and len(errors) == 1 and "70,000 tokens" in errors[0] and "uint32" in errors[0]
+    assert code == 2 and len(errors) == 1 and "70,001 tokens" in errors[0] and "uint32" in errors[0], errors
     assert not (tmp_path / "s").exists()
 
 

@@ -34,8 +34,9 @@ def main(argv=None) -> dict:
         result = lm_evaluation.evaluate(params.evaluate, args.prepared, checkpoints, device.resolve(params.runtime))
         out = {name: getattr(args, name) for name in OUTPUTS}
         lm_evaluation.write_outputs(result, out)
+        gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
         run.log_metrics({f"{m}.{k}": v for m in lm_evaluation.MODELS for k, v in result.metrics[m].items()
-                         if isinstance(v, (int, float))} | {"gap_closed": result.metrics["gap_closed"] or 0.0})
+                         if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
         for path in out.values():
             run.log_artifact(Path(path))
         passed = lm_evaluation.passes_gate(result.metrics["student"], params.registry)
