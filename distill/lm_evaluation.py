@@ -111,7 +111,7 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
     for name in MODELS:
         metrics[name] = {"test_bits_per_token": nats[name]["ce"] / LN2,
                          "test_perplexity": math.exp(nats[name]["ce"]),
-                         "kl_bits_per_token": nats[name]["kl"] / LN2,
+                         "kl_bits_per_token": max(nats[name]["kl"], 0.0) / LN2,  # not -0.000 from rounding
                          "params": lm.count_parameters(models[name]),
                          "latency_ms_b1": latency_ms(models[name], test[0], device),
                          "best_step": ckpts[name].get("step")}
