@@ -153,7 +153,10 @@ def aggregate(records: list[dict]) -> dict:
         ratio = [r["targets"][name]["student_bits_per_token"] / r["targets"]["dense"]["student_bits_per_token"]
                  for r in records]
         size = [r["targets"][name]["bytes_per_token"] for r in records]
-        agg["targets"][name] = {"bytes_per_token": mean_std(size),
+        gaps = [(r["metrics"]["baseline"]["test_bits_per_token"] - r["targets"][name]["student_bits_per_token"])
+                / (r["metrics"]["baseline"]["test_bits_per_token"] - r["metrics"]["teacher"]["test_bits_per_token"])
+                for r in records]
+        agg["targets"][name] = {"bytes_per_token": mean_std(size), "gap_closed": mean_std(gaps),
                                 "bytes_fraction_of_dense": statistics.fmean(size) / statistics.fmean(
                                     [r["targets"]["dense"]["bytes_per_token"] for r in records]),
                                 "student_bits_per_token": mean_std(bits), "bits_ratio_to_dense": mean_std(ratio)}
@@ -181,11 +184,12 @@ def markdown(agg: dict, seeds: list[int]) -> str:
                      f"{pm(agg['kl_bits_per_token'][m])} |")
     lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(agg['gap_closed'], '{:.1%}')}; "
               f"default pipeline wall time {pm(agg['wall_minutes'], '{:.1f}')} min on this machine.", "",
-              "| targets | bytes / token | of dense | student bits / token | ratio to dense student |",
-              "|---|---|---|---|---|"]
+              "| targets | bytes / token | of dense | student bits / token | ratio to dense student | gap closed |",
+              "|---|---|---|---|---|---|"]
     for name, t in agg["targets"].items():
         lines.append(f"| {name} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
-                     f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} |")
+                     f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} | "
+                     f"{pm(t['gap_closed'], '{:.1%}')} |")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
     return "\n".join(lines) + "\n"
 
@@ -195,8 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results/lm_quality")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "lm"))
+    parser.add_argument("--from-json", help="re-aggregate the per-seed records of an earlier <out>.json, running nothing")
     args = parser.parse_args(argv)
-    records = [one_seed(seed, Path(args.work)) for seed in args.seeds]
+    if args.from_json:
+        records = json.loads(Path(args.from_json).read_text())["per_seed"]
+        args.seeds = [r["seed"] for r in records]
+    else:
+        records = [one_seed(seed, Path(args.work)) for seed in args.seeds]
     agg = aggregate(records)
     result = {"seeds": args.seeds, "aims": AIMS, "aggregate": agg, "per_seed": records,
               "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}}

@@ -129,12 +129,21 @@ def _samples(cfg: LMEvaluateConfig, models: dict, test: np.ndarray, meta) -> dic
     tok = lm.tokenizer(meta)
     picks = np.linspace(0, len(test) - 1, cfg.samples).round().astype(int) if cfg.samples else []
     out: dict[str, list[dict[str, str]]] = {m: [] for m in models}
+    size = min(cfg.prompt_tokens, meta.context_length - 1)
     for i, row in enumerate(picks):
-        prompt = test[row][: min(cfg.prompt_tokens, meta.context_length - 1)]
+        prompt = _document_start(test[row], meta.eos_id, size)
         for name, model in models.items():
             new = lm.generate(model, prompt, cfg.new_tokens, cfg.sample_top_k, cfg.seed + i)
             out[name].append({"prompt": tok.decode(prompt), "continuation": tok.decode(new)})
     return out
+
+
+def _document_start(window: np.ndarray, eos_id: int, size: int) -> np.ndarray:
+    """`size` tokens of the window from just after its first end-of-text (a document's start),
+    when they fit; else from the window's start."""
+    after = np.flatnonzero(window[:-size] == eos_id) + 1
+    start = int(after[0]) if len(after) else 0
+    return window[start:start + size]
 
 
 def passes_gate(student: dict, registry: LMRegistryConfig) -> bool:
@@ -221,7 +230,7 @@ def write_outputs(result: LMEvaluation, out: dict[str, str | Path]) -> None:
                f'</figure><h2 id="samples">Samples</h2>{samples}')
     note = ("Bits per token: mean next-token cross-entropy over every test position, in bits (perplexity = "
             "2^bits). KL: the live teacher's next-token distribution against the model's, averaged over the same "
-            "positions. " + compare_table(result.metrics).split("\n\n", 1)[1].replace("\n", " "))
+            "positions. " + compare_table(result.metrics).split("\n\n", 1)[1].strip().replace("\n", ". ") + ".")
     page = PAGE.format(title="Language-model distillation report", meta=html.escape(result.described),
                        headline=html.escape(headline(result.metrics)), student=COLORS["student"], table=table_html,
                        note=html.escape(note), figures=figures)

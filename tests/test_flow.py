@@ -132,17 +132,21 @@ def test_prefect_yaml_deploys_the_flow_on_a_valid_cron_schedule(flow_module):
     from prefect.client.schemas.schedules import CronSchedule
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
-    path, func = deployment["entrypoint"].split(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    assert getattr(module, func) is flow_module.pipeline
-    assert deployment["work_pool"]["name"]
-    (schedule,) = deployment["schedules"]
-    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises if invalid
-    built = flow_module.pipeline.to_deployment(name=deployment["name"], cron=schedule["cron"],
-                                               parameters=deployment["parameters"])
-    assert built.schedules[0].schedule.cron == schedule["cron"]
-    assert built.parameters == {"force": False, "wait_for_lock_s": 3600}
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"nightly", "nightly-lm"}  # the MNIST-1D pipeline, and lm/ (its schedule off)
+    for deployment in deployments.values():
+        path, func = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert getattr(module, func) is flow_module.pipeline
+        assert deployment["work_pool"]["name"]
+        (schedule,) = deployment["schedules"]
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises if invalid
+        built = flow_module.pipeline.to_deployment(name=deployment["name"], cron=schedule["cron"],
+                                                   parameters=deployment["parameters"])
+        assert built.schedules[0].schedule.cron == schedule["cron"]
+        assert (REPO / deployment["parameters"].get("repo_dir", ".") / "dvc.yaml").is_file()
+    assert deployments["nightly"]["parameters"] == {"force": False, "wait_for_lock_s": 3600}
+    assert deployments["nightly"]["schedules"][0]["active"] and not deployments["nightly-lm"]["schedules"][0]["active"]
 
 
 def test_serve_refuses_to_start_without_a_server(monkeypatch):

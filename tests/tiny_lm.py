@@ -34,7 +34,7 @@ def tiny_lm_params(corpus: str, **over) -> dict:
     params = yaml.safe_load((REPO / "lm" / "params.yaml").read_text())
     params["data"].update({"source": "parquet", "path": corpus, "document_column": "doc", "vocab_size": 300,
                            "context_length": 16, "test_fraction": 0.2, "val_fraction": 0.2})
-    small = {"layers": 1, "heads": 2, "width": 32, "steps": 24, "batch_size": 8, "eval_every": 8, "dropout": 0.0}
+    small = {"layers": 1, "heads": 2, "width": 32, "steps": 16, "batch_size": 8, "eval_every": 8, "dropout": 0.0}
     params["teacher"].update(small | {"width": 48})
     params["student"].update(small | {"width": 16, "shuffle_buffer": 64})
     params["soft_labels"].update({"top_k": 8, "batch_size": 16, "shard_rows": 40})
