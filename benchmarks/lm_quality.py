@@ -91,7 +91,7 @@ def write_params(work: Path, seed: int, soft: dict | None = None) -> Path:
     return path
 
 
-def one_seed(seed: int, base: Path) -> dict:
+def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
     work = base / f"seed{seed}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -101,6 +101,11 @@ def one_seed(seed: int, base: Path) -> dict:
         seconds[stage] = timed(stage_command(stage), work)
         print(f"seed {seed}: {stage} {seconds[stage]:.0f} s", flush=True)
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    record = {"seed": seed, "metrics": {m: metrics[m] for m in MODELS}, "gap_closed": metrics["gap_closed"],
+              "stage_seconds": seconds, "wall_minutes": sum(seconds.values()) / 60}
+    if not targets:
+        (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        return record
     test = corpus.read_windows(work / "data" / "prepared", "test")
     variants = {name: work / f"targets-{name}" for name in TARGETS if name != "top-32"}
     for name, variant in variants.items():
@@ -132,8 +137,9 @@ def one_seed(seed: int, base: Path) -> dict:
         targets[name] = {"bytes_per_token": prov["bytes_per_token"], "student_bits_per_token": bits}
         print(f"seed {seed}: {name} {prov['bytes_per_token']:.1f} bytes/token, student {bits:.4f} bits/token",
               flush=True)
-    return {"seed": seed, "metrics": {m: metrics[m] for m in MODELS}, "gap_closed": metrics["gap_closed"],
-            "stage_seconds": seconds, "wall_minutes": sum(seconds.values()) / 60, "targets": targets}
+    record["targets"] = targets
+    (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -148,6 +154,8 @@ def aggregate(records: list[dict]) -> dict:
            "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
            "stage_seconds": {s: mean_std([r["stage_seconds"][s] for r in records]) for s in STAGES}}
     agg["targets"] = {}
+    agg["target_seeds"] = [r["seed"] for r in records if "targets" in r]
+    records = [r for r in records if "targets" in r]  # the storage comparison: the seeds that ran it
     for name in TARGETS:
         bits = [r["targets"][name]["student_bits_per_token"] for r in records]
         ratio = [r["targets"][name]["student_bits_per_token"] / r["targets"]["dense"]["student_bits_per_token"]
@@ -160,6 +168,8 @@ def aggregate(records: list[dict]) -> dict:
                                 "bytes_fraction_of_dense": statistics.fmean(size) / statistics.fmean(
                                     [r["targets"]["dense"]["bytes_per_token"] for r in records]),
                                 "student_bits_per_token": mean_std(bits), "bits_ratio_to_dense": mean_std(ratio)}
+    if not records:
+        return agg
     top32 = agg["targets"]["top-32"]
     agg["aims_met"] = {
         "student_beats_baseline": agg["bits_per_token"]["student"]["mean"] < agg["bits_per_token"]["baseline"]["mean"],
@@ -177,7 +187,7 @@ def pm(stat: dict, fmt: str = "{:.3f}") -> str:
 
 def markdown(agg: dict, seeds: list[int]) -> str:
     lines = [f"Language-model distillation, Rotten Tomatoes (split by movie), seeds {seeds}: held-out bits per "
-             "token, mean ± std.", "", "| model | parameters | bits / token | KL(teacher ‖ model), bits / token |",
+             f"token, mean ± std (stored targets: seeds {agg['target_seeds']}).", "", "| model | parameters | bits / token | KL(teacher ‖ model), bits / token |",
              "|---|---|---|---|"]
     for m in MODELS:
         lines.append(f"| {m} | {agg['params'][m]:,} | {pm(agg['bits_per_token'][m])} | "
@@ -190,7 +200,7 @@ def markdown(agg: dict, seeds: list[int]) -> str:
         lines.append(f"| {name} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
                      f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} | "
                      f"{pm(t['gap_closed'], '{:.1%}')} |")
-    lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
+    lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg.get("aims_met", {}).items())]
     return "\n".join(lines) + "\n"
 
 
@@ -199,13 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results/lm_quality")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "lm"))
-    parser.add_argument("--from-json", help="re-aggregate the per-seed records of an earlier <out>.json, running nothing")
+    parser.add_argument("--no-targets", action="store_true", help="the default pipeline only, no storage comparison")
+    parser.add_argument("--records", nargs="+", help="aggregate these seeds' record.json files, running nothing")
     args = parser.parse_args(argv)
-    if args.from_json:
-        records = json.loads(Path(args.from_json).read_text())["per_seed"]
+    if args.records:
+        records = sorted((json.loads(Path(p).read_text()) for p in args.records), key=lambda r: r["seed"])
         args.seeds = [r["seed"] for r in records]
     else:
-        records = [one_seed(seed, Path(args.work)) for seed in args.seeds]
+        records = [one_seed(seed, Path(args.work), not args.no_targets) for seed in args.seeds]
     agg = aggregate(records)
     result = {"seeds": args.seeds, "aims": AIMS, "aggregate": agg, "per_seed": records,
               "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}}

@@ -198,7 +198,8 @@ def test_a_pretrained_teacher_folder_is_used_as_it_is_and_its_tokenizer_checked(
 
 
 @pytest.mark.slow
-def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_change_touches(tmp_path):
+def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_change_touches(
+        tmp_path, flow_module, monkeypatch):
     project = make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     root = project / "lm"
     make_corpus(root / "data" / "raw" / "corpus.parquet")
@@ -216,6 +217,15 @@ def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_c
     assert after["student"]["test_bits_per_token"] != metrics["student"]["test_bits_per_token"]
     out = dvc(root, "exp", "run", "-S", "student.temperature=1.5")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == {"train_student", "evaluate"}
+    # the Prefect flow from lm/, as make run-lm starts it: the change applied as dvc exp run -S does
+    from pipelines.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["run", "--set", "student.temperature=3"])
+    assert result.exit_code == 0, result.output
+    assert set(re.findall(r"(\w+) ran", result.output)) == {"train_student", "evaluate"}, result.output
+    assert "bits / token" in result.output and "Samples" in result.output
     set_params(root, **{"soft_labels.top_k": 4})
     assert repro(root) == {"soft_labels", "train_student", "evaluate"}
 
