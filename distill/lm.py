@@ -195,23 +195,19 @@ class WindowBatches:
 
     def epoch(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, Targets | None, int]]:
         """(ids of this rank's share, its targets or None, the global batch's size) per step."""
-        if self.targets is None:
-            order = torch.randperm(len(self.windows), generator=gen).numpy()
+        if self.targets is None:  # one block: every window, no targets
+            blocks = [(np.arange(len(self.windows)), None)]
+        else:
+            blocks = ((block.windows, block.targets) for block in self.targets.blocks(gen, self.buffer))
+        for rows, targets_of in blocks:
+            order = torch.randperm(len(rows), generator=gen).numpy()
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 if len(idx) < self.world.size:  # a last batch too small to give every rank a window
                     continue
                 mine = np.array_split(idx, self.world.size)[self.world.rank]
-                yield torch.from_numpy(self.windows[mine]), None, len(idx)
-            return
-        for block in self.targets.blocks(gen, self.buffer):
-            order = torch.randperm(len(block.windows), generator=gen).numpy()
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                if len(idx) < self.world.size:
-                    continue
-                mine = np.array_split(idx, self.world.size)[self.world.rank]
-                yield torch.from_numpy(self.windows[block.windows[mine]]), block.targets(mine), len(idx)
+                yield (torch.from_numpy(self.windows[rows[mine]]), None if targets_of is None else targets_of(mine),
+                       len(idx))
 
 
 # ---------------------------------------------------------------- training

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,12 @@ from distill import lm
 from distill.config import LMEvaluateConfig, LMRegistryConfig
 from distill.corpus import read_meta, read_windows
 from distill.errors import UserError
+from distill.evaluation import gap_closed, latency_ms
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
 from distill.report import COLORS, PAGE, png_bytes
 
 MODELS = ("teacher", "student", "baseline")
+LATENCY_REPEATS = 20
 LN2 = math.log(2)
 COLUMNS = (  # key, header, format
     ("test_bits_per_token", "bits / token", "{:.3f}"),
@@ -73,25 +74,6 @@ def score(models: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: i
     return {m: {k: v / max(count, 1) for k, v in s.items()} for m, s in sums.items()}
 
 
-def latency_ms(model: torch.nn.Module, window: np.ndarray, device: torch.device, repeats: int = 20) -> float:
-    """Median wall time of one window's forward pass at batch 1."""
-    ids = torch.from_numpy(window[None]).to(device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 3):
-            start = time.perf_counter()
-            model(input_ids=ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times[3:]))
-
-
-def gap_closed(metrics: dict) -> float | None:
-    t, s, b = (metrics[m]["test_bits_per_token"] for m in MODELS)
-    return (b - s) / (b - t) if b - t > 1e-9 else None
-
-
 def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
              device: torch.device) -> LMEvaluation:
     """Stage step evaluate (language model)."""
@@ -113,11 +95,13 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
                          "test_perplexity": math.exp(nats[name]["ce"]),
                          "kl_bits_per_token": max(nats[name]["kl"], 0.0) / LN2,  # not -0.000 from rounding
                          "params": lm.count_parameters(models[name]),
-                         "latency_ms_b1": latency_ms(models[name], test[0], device),
+                         "latency_ms_b1": latency_ms(lm.NextTokenLogits(models[name]), torch.from_numpy(test[:1]), 1,
+                                                     LATENCY_REPEATS, device),
                          "best_step": ckpts[name].get("step")}
     metrics["student"]["soft_label_bytes_per_token"] = lineage.get("bytes_per_token")
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
-    metrics["gap_closed"] = gap_closed(metrics)
+    # lower is better in bits: the gap closed is (baseline - student) / (baseline - teacher)
+    metrics["gap_closed"] = gap_closed(*(-metrics[m]["test_bits_per_token"] for m in MODELS))
     samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, test, meta)
     return LMEvaluation(metrics, samples, {m: ckpts[m].get("history", []) for m in MODELS},
                         {m: ckpts[m].get("mlflow_run_id") for m in MODELS},

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from distill import device as devices
@@ -126,15 +127,7 @@ class Block:
     targets_kind: str
 
     def targets(self, rows: np.ndarray) -> sparse.Targets:
-        c = {k: v[rows] for k, v in self.columns.items()}
-        if self.targets_kind == "dense":
-            return sparse.Targets(None, torch.from_numpy(c["logprobs"].astype(np.float32)))
-        if self.targets_kind == "top_k":
-            return sparse.Targets(torch.from_numpy(c["topk_ids"].astype(np.int64)),
-                                  torch.from_numpy(c["topk_logprobs"].astype(np.float32)),
-                                  torch.from_numpy(c["tail_mass"].astype(np.float32)[..., 0]))
-        return sparse.Targets(torch.from_numpy(c["sample_ids"].astype(np.int64)),
-                              torch.from_numpy(c["sample_weights"].astype(np.float32)).log())
+        return sparse.as_targets(self.targets_kind, {k: v[rows] for k, v in self.columns.items()})
 
 
 class SoftLabelSet:
@@ -146,8 +139,9 @@ class SoftLabelSet:
         self.columns = sparse.COLUMNS[self.kind]
         self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])
         self.path = Path(soft_dir) / PROVENANCE_NAME
-        # stored bytes of one window's targets (2 per id and per float16 value, the tail's too)
-        self.window_bytes = self.positions * (2 * self.provenance["width"] * len(self.columns[:2]) + 2)
+        schema = self.rows.files[0].schema_arrow  # the stored bytes of one window's targets
+        self.window_bytes = sum(schema.field(c).type.list_size * schema.field(c).type.value_type.bit_width // 8
+                                for c in self.columns)
 
     def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[Block]:
         """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time (at
@@ -165,13 +159,9 @@ class SoftLabelSet:
                 taken = []
 
     def _read(self, ranges: list[tuple[int, int]]) -> Block:
-        tables = [self.rows.read(lo, hi) for lo, hi in ranges]
-        windows = np.concatenate([t.column("window").to_numpy() for t in tables])
-        columns = {}
-        for name in self.columns:
-            arrays = [t.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False) for t in tables]
-            columns[name] = np.concatenate(arrays).reshape(len(windows), self.positions, -1)
-        return Block(windows, columns, self.kind)
+        table = pa.concat_tables([self.rows.read(lo, hi) for lo, hi in ranges])
+        return Block(table.column("window").to_numpy(), sparse.stored_columns(table, self.kind, self.positions),
+                     self.kind)
 
 
 def lineage(soft: SoftLabelSet) -> dict:

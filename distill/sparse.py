@@ -151,19 +151,30 @@ class Targets:
 
 def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> Targets:
     """`Targets` from rows written by `pack` (the inverse up to float16 rounding)."""
-    def column(name: str) -> np.ndarray:
+    return as_targets(targets, stored_columns(table, targets, positions))
+
+
+def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> dict[str, np.ndarray]:
+    """The targets' columns of rows written by `pack`, as (N, P, width) arrays in their stored
+    dtypes (uint16 / uint32 ids, float16 values): compact, for holding many rows in memory."""
+    out = {}
+    for name in COLUMNS[targets]:
         values = table.column(name)
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(table), positions, -1)
+        out[name] = values.flatten().to_numpy(zero_copy_only=False).reshape(len(table), positions, -1)
+    return out
 
+
+def as_targets(targets: str, columns: dict[str, np.ndarray]) -> Targets:
+    """`Targets` (int64 ids, float32 values) from `stored_columns`' arrays, or some rows of them."""
     if targets == "dense":
-        return Targets(None, torch.from_numpy(column("logprobs").astype(np.float32)))
+        return Targets(None, torch.from_numpy(columns["logprobs"].astype(np.float32)))
     if targets == "top_k":
-        tail = torch.from_numpy(column("tail_mass").astype(np.float32)[..., 0])
-        return Targets(torch.from_numpy(column("topk_ids").astype(np.int64)),
-                       torch.from_numpy(column("topk_logprobs").astype(np.float32)), tail)
-    weights = torch.from_numpy(column("sample_weights").astype(np.float32))
-    return Targets(torch.from_numpy(column("sample_ids").astype(np.int64)), weights.log())
+        return Targets(torch.from_numpy(columns["topk_ids"].astype(np.int64)),
+                       torch.from_numpy(columns["topk_logprobs"].astype(np.float32)),
+                       torch.from_numpy(columns["tail_mass"].astype(np.float32)[..., 0]))
+    return Targets(torch.from_numpy(columns["sample_ids"].astype(np.int64)),
+                   torch.from_numpy(columns["sample_weights"].astype(np.float32)).log())
 
 
 def kl_to_targets(student_logits: torch.Tensor, t: Targets, temperature: float = 1.0, tail: str = "zero"
