@@ -7,8 +7,10 @@ with that seed's teacher, the soft labels are stored in every form compared here
 distilled from each (same steps, seed and settings), and each is scored on the test windows:
 
   dense      every log-prob (float16)
-  top-k      k in {8, 32, 128} (32 is the default pipeline's own student)
+  top-k      k in {8, 32, 128}
   sampled    random-sampling KD, 32 draws per token (ids + weights: top-32's byte budget)
+
+The form lm/params.yaml names (sampled-32) is the default pipeline's own: its student is not trained twice.
 
 It writes <out>.json (per seed and aggregate: bits per token, gap closed, bytes per token, the
 ratios to dense, wall times, and whether each aim of the issue is met) and <out>.md (the README's
@@ -40,7 +42,7 @@ from distill.data import rotten_tomatoes_file  # noqa: E402
 from distill.lm_evaluation import MODELS  # noqa: E402
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
-# name -> soft_labels overrides; the student of "top-32" is the default pipeline's own
+# name -> soft_labels overrides
 TARGETS = {
     "dense": {"targets": "dense"},
     "top-8": {"targets": "top_k", "top_k": 8},
@@ -51,6 +53,15 @@ TARGETS = {
 DENSE_BUFFER = 2048  # windows of dense targets held at once (float16: about 1 GB)
 AIMS = {"gap_closed_min": 0.30, "top32_bytes_max_fraction_of_dense": 1 / 20, "top32_bits_max_ratio_to_dense": 1.02,
         "wall_minutes_max": 20.0}
+
+
+def default_targets() -> str:
+    """Which of TARGETS the default pipeline (lm/params.yaml) stores."""
+    soft = yaml.safe_load((ROOT / "lm" / "params.yaml").read_text())["soft_labels"]
+    for name, over in TARGETS.items():
+        if all(soft[key] == value for key, value in over.items()):
+            return name
+    sys.exit(f"lm/params.yaml's soft_labels ({soft}) is none of the compared forms: add it to TARGETS")
 
 
 def stage_command(stage: str) -> list[str]:
@@ -107,7 +118,8 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
         (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         return record
     test = corpus.read_windows(work / "data" / "prepared", "test")
-    variants = {name: work / f"targets-{name}" for name in TARGETS if name != "top-32"}
+    own = default_targets()
+    variants = {name: work / f"targets-{name}" for name in TARGETS if name != own}
     for name, variant in variants.items():
         variant.mkdir()
         write_params(variant, seed, TARGETS[name])
@@ -126,18 +138,19 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
             wait(proc, variants[n])
     targets = {}
     for name in TARGETS:
-        if name == "top-32":
+        if name == own:
             prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
             bits = metrics["student"]["test_bits_per_token"]
         else:
             prov = json.loads((variants[name] / "data" / "soft_labels" / "provenance.json").read_text())
             model, _ = lm.load(variants[name] / "models" / "student.pt")
             bits = lm.nats_per_token(model, test, 64, torch.device("cpu")) / math.log(2)
-            shutil.rmtree(variants[name] / "data" / "soft_labels")  # dense: gigabytes
+            if name == "dense":  # gigabytes; the others stay for benchmarks/lm_tails.py
+                shutil.rmtree(variants[name] / "data" / "soft_labels")
         targets[name] = {"bytes_per_token": prov["bytes_per_token"], "student_bits_per_token": bits}
         print(f"seed {seed}: {name} {prov['bytes_per_token']:.1f} bytes/token, student {bits:.4f} bits/token",
               flush=True)
-    record["targets"] = targets
+    record["targets"], record["default_targets"] = targets, own
     (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -158,6 +171,7 @@ def aggregate(records: list[dict]) -> dict:
            "stage_seconds": {s: mean_std([r["stage_seconds"][s] for r in records]) for s in STAGES}}
     agg["targets"] = {}
     agg["target_seeds"] = [r["seed"] for r in records if "targets" in r]
+    agg["default_targets"] = next((r["default_targets"] for r in records if "default_targets" in r), "top-32")
     records = [r for r in records if "targets" in r]  # the storage comparison: the seeds that ran it
     for name in TARGETS:
         bits = [r["targets"][name]["student_bits_per_token"] for r in records]
@@ -201,7 +215,8 @@ def markdown(agg: dict, seeds: list[int]) -> str:
               "| targets | bytes / token | of dense | student bits / token | ratio to dense student | gap closed |",
               "|---|---|---|---|---|---|"]
     for name, t in agg["targets"].items():
-        lines.append(f"| {name} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
+        shown = f"{name} (the default)" if name == agg["default_targets"] else name
+        lines.append(f"| {shown} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
                      f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} | "
                      f"{pm(t['gap_closed'], '{:.1%}')} |")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg.get("aims_met", {}).items())]

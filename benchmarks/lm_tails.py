@@ -1,9 +1,10 @@
 """Benchmark: what the top-k tail mass is taken to stand for, measured on one pipeline's soft labels.
 
 With a finished language-model pipeline folder of benchmarks/lm_quality.py (default:
-benchmarks/.work/lm/seed0, its top-32 soft labels and its baseline), one student per
-`student.tail` (zero, uniform, bucket) is trained with `stages.lm.train_student` (same
-steps, seed and settings; only the tail changes), and each is scored on the test windows.
+benchmarks/.work/lm/seed0: its top-32 soft labels, in targets-top-32/ unless the default pipeline
+stored top-32 itself, and its baseline), one student per `student.tail` (zero, uniform, bucket) is
+trained with `stages.lm.train_student` (same steps, seed and settings; only the tail changes), and
+each is scored on the test windows.
 Writes benchmarks/results/lm_tails.json.
 
     python benchmarks/lm_tails.py [--work benchmarks/.work/lm/seed0]
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     test = corpus.read_windows(work / "data" / "prepared", "test")
-    prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
+    top32 = work / "targets-top-32" if (work / "targets-top-32").is_dir() else work
+    prov = json.loads((top32 / "data" / "soft_labels" / "provenance.json").read_text())
     result = {"soft_labels": f"{prov['targets']} {prov['width']}", "work": str(work),
               "teacher_bits_per_token": metrics["teacher"]["test_bits_per_token"],
               "baseline_bits_per_token": metrics["baseline"]["test_bits_per_token"], "students": {}}
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         (folder / "data").mkdir(parents=True)
         for name in ("prepared", "soft_labels"):
-            (folder / "data" / name).symlink_to(work / "data" / name)
-        params = yaml.safe_load((work / "params.yaml").read_text())
+            (folder / "data" / name).symlink_to(top32 / "data" / name)
+        params = yaml.safe_load((top32 / "params.yaml").read_text())
         params["student"]["tail"] = tail
         (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         seconds = timed(stage_command("train_student"), folder)

@@ -409,8 +409,8 @@ class LMSoftLabelsConfig(Section):
     """Which of the teacher's per-token targets are stored (distill/sparse.py)."""
 
     targets: Literal["top_k", "sampled", "dense"] = Field(
-        "top_k", description="top_k = the k likeliest ids, their log-probs and the tail mass; sampled = random-"
-        "sampling KD (Anshumann et al. 2025), `samples` draws per token; dense = every log-prob"
+        "sampled", description="sampled = random-sampling KD (Anshumann et al. 2025), `samples` draws per token; "
+        "top_k = the k likeliest ids, their log-probs and the tail mass; dense = every log-prob"
     )
     top_k: int = Field(32, gt=0)
     samples: int = Field(32, gt=0, description="sampled: draws per token (the distinct ids kept, weighted)")

@@ -128,7 +128,7 @@ def lm_stages() -> dict:
 def test_lm_params_is_valid_and_spells_out_every_key():
     raw = yaml.safe_load((REPO / "lm" / "params.yaml").read_text())
     params = load_params(REPO / "lm" / "params.yaml", task="language_model")
-    assert isinstance(params, LMParams) and params.soft_labels.targets == "top_k"
+    assert isinstance(params, LMParams) and params.soft_labels.targets == "sampled"
     assert _missing_keys(LMParams, raw) == []
 
 

@@ -62,16 +62,16 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     for m in (teacher, student, baseline):
         assert 0 < m["test_bits_per_token"] < np.log2(300) + 0.5  # learnt something: below uniform's 8.2
         assert m["test_perplexity"] == pytest.approx(2 ** m["test_bits_per_token"])
-    assert student["soft_label_targets"] == "top_k 8" and student["soft_label_bytes_per_token"] > 0
+    assert student["soft_label_targets"] == "sampled 8" and student["soft_label_bytes_per_token"] > 0
     prov = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
     meta = corpus.read_meta(built / "data" / "prepared")
     assert prov["tokenizer_sha256"] == meta.tokenizer_sha256 == tokenizer_sha256(meta.tokenizer_dir)
-    assert prov["vocab_size"] == 300 and prov["top_k"] == 8 and prov["positions"] == 15
+    assert prov["vocab_size"] == 300 and prov["samples"] == 8 and prov["positions"] == 15
     assert prov["teacher_sha256"] == file_sha256(built / "models" / "teacher.pt")
     assert prov["rows"] == meta.splits["train"]["windows"] and len(prov["shards"]) > 1  # shard_rows 40
     shard = pq.ParquetFile(built / "data" / "soft_labels" / "part-00000.parquet")
-    assert str(shard.schema_arrow.field("topk_ids").type) == "fixed_size_list<element: uint16>[120]"
-    assert str(shard.schema_arrow.field("topk_logprobs").type) == "fixed_size_list<element: halffloat>[120]"
+    assert str(shard.schema_arrow.field("sample_ids").type) == "fixed_size_list<element: uint16>[120]"
+    assert str(shard.schema_arrow.field("sample_weights").type) == "fixed_size_list<element: halffloat>[120]"
     ckpt = torch.load(built / "models" / "student.pt", weights_only=True)
     assert ckpt["soft_labels"]["teacher_sha256"] == prov["teacher_sha256"]
     assert [r["step"] for r in ckpt["history"]] == [8, 16] and "train_kl" in ckpt["history"][0]
@@ -135,23 +135,33 @@ def test_a_vocabulary_larger_than_uint16_is_refused_before_any_work(built, tmp_p
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("targets", ["sampled", "dense"])
+@pytest.mark.parametrize("targets", ["top_k", "dense"])
 def test_every_target_form_is_stored_and_distilled_from(built, tmp_path, targets):
     root = tmp_path / "lm"
     shutil.copytree(built, root, ignore=shutil.ignore_patterns("soft_labels", "student.pt"))
-    set_params(root, **{"soft_labels.targets": targets, "soft_labels.samples": 6, "student.steps": 4,
+    set_params(root, **{"soft_labels.targets": targets, "soft_labels.top_k": 6, "student.steps": 4,
                         "student.eval_every": 4})
     prov = run_stage_in_process(root, "soft_labels")
-    top8 = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
+    sampled8 = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
     if targets == "dense":
-        assert prov["width"] == 300 and prov["bytes_per_token"] > 3 * top8["bytes_per_token"]
-    else:
-        assert prov["width"] == 6 and prov["samples"] == 6 and prov["seed"] == 0
+        assert prov["width"] == 300 and prov["bytes_per_token"] > 3 * sampled8["bytes_per_token"]
+    else:  # 6 ids, 6 log-probs and the tail per position
+        assert prov["width"] == 6 and prov["top_k"] == 6 and prov["samples"] is None
+        assert prov["bytes_per_token"] > sampled8["bytes_per_token"] * 6 / 8
     result = run_stage_in_process(root, "train_student")
     assert np.isfinite(result["best_val_bits_per_token"]) and np.isfinite(result["history"][-1]["train_kl"])
-    if targets == "sampled":  # seeded: the same draws again
-        again = run_stage_in_process(root, "soft_labels")
-        assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in prov["shards"]]
+
+
+def test_sampled_soft_labels_are_seeded_the_same_draws_again(built, tmp_path):
+    root = tmp_path / "lm"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns("soft_labels", "student.pt"))
+    before = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
+    again = run_stage_in_process(root, "soft_labels")
+    assert before["targets"] == "sampled" and before["seed"] == 0
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in before["shards"]]
+    set_params(root, **{"soft_labels.seed": 1})
+    other = run_stage_in_process(root, "soft_labels")
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in before["shards"]]
 
 
 def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targets(built):
@@ -226,7 +236,7 @@ def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_c
     assert result.exit_code == 0, result.output
     assert set(re.findall(r"(\w+) ran", result.output)) == {"train_student", "evaluate"}, result.output
     assert "bits / token" in result.output and "Samples" in result.output
-    set_params(root, **{"soft_labels.top_k": 4})
+    set_params(root, **{"soft_labels.samples": 4})
     assert repro(root) == {"soft_labels", "train_student", "evaluate"}
 
 

@@ -37,7 +37,7 @@ def tiny_lm_params(corpus: str, **over) -> dict:
     small = {"layers": 1, "heads": 2, "width": 32, "steps": 16, "batch_size": 8, "eval_every": 8, "dropout": 0.0}
     params["teacher"].update(small | {"width": 48})
     params["student"].update(small | {"width": 16, "shuffle_buffer": 64})
-    params["soft_labels"].update({"top_k": 8, "batch_size": 16, "shard_rows": 40})
+    params["soft_labels"].update({"samples": 8, "top_k": 8, "batch_size": 16, "shard_rows": 40})
     params["evaluate"].update({"samples": 2, "prompt_tokens": 4, "new_tokens": 6})
     params["tracking"]["enabled"] = False
     params["registry"]["max_test_bits_per_token"] = 20.0
