@@ -247,9 +247,9 @@ class EvaluateConfig(Section):
 
 
 class ResumeConfig(Section):
-    """Training state saved every few epochs, so a killed training stage picks up where it
-    stopped. Read by the training stages, listed in no stage's DVC params: it never
-    changes results. The state lives outside DVC's outputs (DVC deletes a stage's
+    """Training state saved every few epochs (distill/resume.py), so a killed training stage
+    picks up where it stopped. Read by the training stages, listed in no stage's DVC params:
+    it never changes results. The state lives outside DVC's outputs (DVC deletes a stage's
     outputs before running it) and is removed when training ends."""
 
     every_epochs: int = Field(5, ge=0, description="epochs between saves; 0 = never")
@@ -457,6 +457,15 @@ class LMRegistryConfig(Section):
     max_test_bits_per_token: float = Field(8.0, gt=0)
 
 
+class LMResumeConfig(Section):
+    """A language model's training state saved every few steps (distill/resume.py), so a killed
+    training stage picks up where it stopped. Listed in no stage's DVC params: it never changes
+    results (bit for bit in one process)."""
+
+    every_steps: int = Field(200, ge=0, description="optimizer steps between saves; 0 = never")
+    dir: str = Field(".resume", min_length=1)
+
+
 class LMParams(Section):
     """The whole params.yaml of a language model's pipeline (task: language_model; lm/params.yaml)."""
 
@@ -471,6 +480,7 @@ class LMParams(Section):
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: LMRegistryConfig = LMRegistryConfig()
+    resume: LMResumeConfig = LMResumeConfig()
 
 
 TASKS = {"classify": Params, "language_model": LMParams}

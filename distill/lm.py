@@ -7,7 +7,9 @@ stores the model's config beside its weights, so it loads without the folder it 
 
 Training counts optimizer steps (`steps`, `batch_size` windows each), with linear warm-up and
 cosine decay (transformers' schedule); every `eval_every` steps and at the end the model is
-scored on val (bits per token) and the best is kept. The loss at each of a window's first
+scored on val (bits per token) and the best is kept; with `resume.every_steps` the training
+state is saved every so many steps (distill/resume.py), and a killed run, rerun, picks up
+from its last save and ends as the uninterrupted run would. The loss at each of a window's first
 P = context_length - 1 positions is the next token's cross-entropy; the distilled student
 mixes in the KL to the stored teacher targets (distill/sparse.py):
 
@@ -24,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import device as devices
-from distill.config import GPTConfig, LMStudentConfig
+from distill.config import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
 from distill.corpus import CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint, write_csv
 from distill.losses import total
 from distill.progress import bar
+from distill.resume import Resume
 from distill.sparse import Targets, kl_to_targets
 from distill.text import load_tokenizer, tokenizer_sha256
 
@@ -224,6 +227,7 @@ class LMJob:
     world: World = World()
     precision: str = "fp32"
     on_eval: Callable[[dict[str, float]], None] | None = None  # each val row (MLflow)
+    resume: Resume | None = None  # where the training state is saved every few steps
 
 
 @dataclass
@@ -235,9 +239,21 @@ class LMResult:
     seconds: float = 0.0
 
 
+def resumable(job: LMJob, cfg: LMResumeConfig, meta: CorpusMeta, **inputs: Any) -> LMJob:
+    """`job` saving its training state under `cfg.dir` every `cfg.every_steps` steps, keyed by
+    everything its training reads: its config, seed, data, processes and precision, and `inputs`
+    (the soft labels, the folder it starts from)."""
+    config = job.cfg.model_dump(exclude=set(LM_DISTILLATION_KEYS) if job.distill is None else None)
+    key = {"name": job.name, "config": config, "seed": job.seed, "prepared": meta.fingerprint,
+           "processes": job.world.size, "precision": job.precision, **inputs}
+    return replace(job, resume=Resume.make(cfg.dir, cfg.every_steps, job.name, key))
+
+
 def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray) -> LMResult:
     """`job.cfg.steps` optimizer steps over `batches`, scored on `val` every `eval_every` steps;
-    the best model on val (its weights as at that step) is returned."""
+    the best model on val (its weights as at that step) is returned. With `job.resume`, rank 0
+    saves the training state every `resume.every` steps and a matching saved state is picked up:
+    the same batches, dropout masks and schedule follow, bit for bit in one process."""
     from transformers import get_cosine_schedule_with_warmup
 
     cfg, device, world = job.cfg, job.world.device, job.world
@@ -252,7 +268,21 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
     scaler = devices.grad_scaler(device, job.precision)
     best = LMResult(model, 0, math.inf)
     sums: dict[str, float] = {}
-    started, step = time.perf_counter(), 0
+    started, step, skip = time.perf_counter(), 0, 0
+    saved = {"model": model, "optimizer": opt, "scheduler": sched} | ({"scaler": scaler} if scaler.is_enabled() else {})
+    state = job.resume.restore(saved, job.name) if job.resume else None
+    if state is not None:  # the epoch's generator as it began, and the batches of it already done
+        step, skip, sums = state["step"], state["in_epoch"], dict(state["sums"])
+        gen.set_state(state["epoch_generator"])
+        best.best_step, best.best_val_bits, best.history = state["best_step"], state["best_val_bits"], state["history"]
+        if best.best_step and world.is_main:
+            best.model = copy.deepcopy(model).cpu().eval()
+            best.model.load_state_dict(state["best_model"])
+        if world.rank:  # the state holds rank 0's generator: the other ranks' dropout, seeded afresh
+            torch.manual_seed(job.seed + world.rank + 1_000_003 * step)
+        log.info("%s: resuming after step %d from %s", job.name, step, job.resume.path)
+        for row in best.history if job.on_eval else ():  # the tracked history is the whole run's
+            job.on_eval(row)
 
     def score() -> None:
         bits = nats_per_token(model, val, 4 * cfg.batch_size, device, job.precision) / LN2
@@ -267,9 +297,12 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
         if job.on_eval:
             job.on_eval(row)
 
-    with bar(cfg.steps, job.name, unit="step") as progress:
+    with bar(cfg.steps, job.name, unit="step", initial=step) as progress:
         while step < cfg.steps:
-            for ids, targets, global_rows in batches.epoch(gen):
+            epoch_generator = gen.get_state()
+            for done, (ids, targets, global_rows) in enumerate(batches.epoch(gen), 1):
+                if done <= skip:  # a resumed epoch: its first batches ran before the save
+                    continue
                 parts = _loss(net, ids.to(device), targets, job, device)
                 share = len(ids) * world.size / global_rows  # DDP averages: weight this rank by its rows
                 opt.zero_grad(set_to_none=True)
@@ -286,8 +319,15 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
                     score()
                 if step == cfg.steps:
                     break
+                if job.resume and world.is_main and step % job.resume.every == 0:
+                    job.resume.save(saved, step=step, in_epoch=done, epoch_generator=epoch_generator, sums=sums,
+                                    best_model=best.model.state_dict(), best_step=best.best_step,
+                                    best_val_bits=best.best_val_bits, history=best.history)
+            skip = 0
     if cfg.steps == 0:
         score()
+    if job.resume and world.is_main:
+        job.resume.finish()
     best.seconds = time.perf_counter() - started
     return best
 

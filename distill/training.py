@@ -10,8 +10,6 @@ never looked at here.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,10 +25,11 @@ from distill import data, softlabels
 from distill import device as devices
 from distill.config import ModelTrainConfig, ResumeConfig
 from distill.distributed import World
-from distill.io import atomic_path, file_sha256, write_csv
+from distill.io import file_sha256, write_csv
 from distill.losses import UNLABELED, Distillation, cross_entropy, rank_share
 from distill.models import build_model, check_model, count_parameters, model_args, predict_logits, save_checkpoint
 from distill.progress import bar
+from distill.resume import Resume
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
 
 log = logging.getLogger(__name__)
@@ -71,23 +70,6 @@ class TrainResult:
     best_val_loss: float = float("inf")
     history: list[dict[str, float]] = field(default_factory=list)
     timings: list[EpochTiming] = field(default_factory=list)  # not in the history: it varies run to run
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where `fit` saves its training state every `every` epochs; a saved state is
-    resumed only if its `key` (a hash of everything the training reads) matches."""
-
-    path: Path
-    key: str
-    every: int
-
-    @staticmethod
-    def make(cfg: ResumeConfig | None, name: str, inputs: dict) -> Resume | None:
-        if cfg is None or cfg.every_epochs == 0:
-            return None
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-        return Resume(Path(cfg.dir) / f"{name}-{key[:16]}.pt", key, cfg.every_epochs)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -147,7 +129,7 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
             if resume and world.is_main and epoch % resume.every == 0 and epoch < epochs:
                 _save(resume, epoch, model, opt, sched, gen, best)
     if resume and world.is_main:
-        resume.path.unlink(missing_ok=True)
+        resume.finish()
     best.model.cpu().eval()  # checkpoints are saved from the CPU copy: they load on any machine
     return best
 
@@ -249,37 +231,16 @@ def _sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
 
 
 def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, best: TrainResult) -> None:
-    state = {
-        "key": resume.key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "best_model": best.model.state_dict(), "best_epoch": best.best_epoch,
-        "best_val_accuracy": best.best_val_accuracy, "best_val_loss": best.best_val_loss, "history": best.history,
-    }
-    with atomic_path(resume.path) as tmp:
-        torch.save(state, tmp)
+    resume.save({"model": model, "optimizer": opt, "scheduler": sched, "generator": gen, "best_model": best.model},
+                epoch=epoch, best_epoch=best.best_epoch, best_val_accuracy=best.best_val_accuracy,
+                best_val_loss=best.best_val_loss, history=best.history)
 
 
 def _restore(resume: Resume, model, opt, sched, gen: torch.Generator, best: TrainResult, name: str) -> int:
     """Load a matching saved state into the training objects; return the epochs it covers (0: none)."""
-    if not resume.path.is_file():
-        return 0
-    initial = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
-    try:
-        state = torch.load(resume.path, map_location="cpu", weights_only=True)
-        if state.get("key") != resume.key:
-            return 0
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        best.model.load_state_dict(state["best_model"])
-    except Exception as exc:  # a state from other code or a damaged file: start over
-        model.load_state_dict(initial[0])
-        opt.load_state_dict(initial[1])
-        sched.load_state_dict(initial[2])
-        log.warning("%s: ignoring saved training state %s (%s); starting from epoch 1",
-                    name, resume.path, type(exc).__name__)
+    state = resume.restore({"model": model, "optimizer": opt, "scheduler": sched, "generator": gen,
+                            "best_model": best.model}, name)
+    if state is None:
         return 0
     best.best_epoch, best.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
     best.best_val_loss = state["best_val_loss"]
@@ -393,7 +354,7 @@ def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tu
              sum(train.block_sizes))
     inputs = {"name": job.name, "config": job.cfg.model_dump(), "seed": job.seed, "prepared": meta.fingerprint,
               "model_args": args, "processes": job.world.size, "precision": job.precision, **(resume_inputs or {})}
-    result = fit(model, job, train, val, Resume.make(resume, job.name, inputs))
+    result = fit(model, job, train, val, Resume.make(resume.dir, resume.every_epochs, job.name, inputs) if resume else None)
     if job.world.is_main:
         info = out.info | ({"processes": job.world.size} if job.world.distributed else {})
         save_checkpoint(out.model, result.model, args, config=job.cfg.model_dump(), seed=job.seed,

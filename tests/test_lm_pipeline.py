@@ -20,6 +20,7 @@ import yaml
 from conftest import REPO, TINY_PARAMS, dvc, git_commit, make_scratch_project, repro, run_pipeline_in_process
 from conftest import run_stage_in_process, write_params
 from distill import corpus, lm, lm_soft_labels
+from distill.config import LMResumeConfig, LMStudentConfig
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import file_sha256
@@ -75,6 +76,7 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     ckpt = torch.load(built / "models" / "student.pt", weights_only=True)
     assert ckpt["soft_labels"]["teacher_sha256"] == prov["teacher_sha256"]
     assert [r["step"] for r in ckpt["history"]] == [8, 16] and "train_kl" in ckpt["history"][0]
+    assert (built / ".resume").is_dir() and not list((built / ".resume").iterdir())  # saved, then removed
     page = (built / "reports" / "report.html").read_text()
     assert "Prompt 2" in page and "bits per token" in page.lower()
     assert (built / "reports" / "figures" / "training.png").stat().st_size > 1000
@@ -162,6 +164,47 @@ def test_sampled_soft_labels_are_seeded_the_same_draws_again(built, tmp_path):
     set_params(root, **{"soft_labels.seed": 1})
     other = run_stage_in_process(root, "soft_labels")
     assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in before["shards"]]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_lm_training_resumes_from_its_last_save_and_ends_as_an_uninterrupted_one(built, tmp_path):
+    meta = corpus.read_meta(built / "data" / "prepared")
+    train, val = corpus.read_windows(meta.path, "train"), corpus.read_windows(meta.path, "val")
+    soft = lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
+    # dropout on, soft labels streamed in blocks of 16 windows, more than one epoch (8-window batches)
+    cfg = LMStudentConfig(layers=1, heads=2, width=16, steps=3 * len(train) // 8, batch_size=8, eval_every=4,
+                          dropout=0.2, shuffle_buffer=16)
+    assert cfg.steps > 2 * (len(train) // 8) >= 10
+
+    def run(resume=None, stop_at: int | None = None) -> lm.LMResult:
+        def on_eval(row):
+            if row["step"] == stop_at:
+                raise Interrupted
+
+        job = lm.LMJob(cfg, 0, "student", distill=cfg, on_eval=on_eval, resume=resume)
+        return lm.train(lm.gpt2(cfg, meta, 0), job, lm.WindowBatches(train, 8, World(), soft, 16), val)
+
+    reference = run()
+    resume = lm.resumable(lm.LMJob(cfg, 0, "student", distill=cfg), LMResumeConfig(every_steps=3, dir=str(tmp_path)),
+                          meta, soft_labels="abc").resume
+    with pytest.raises(Interrupted):
+        run(resume, stop_at=cfg.steps - 4 - cfg.steps % 4)  # killed at a val score past an epoch's end
+    assert resume.path.is_file()
+    saved = torch.load(resume.path, weights_only=True)
+    assert 0 < saved["in_epoch"] < len(train) // 8 and saved["step"] > len(train) // 8  # mid-epoch, past the first
+    resumed = run(resume)
+    assert resumed.history == reference.history  # batch order, dropout, schedule and train averages included
+    assert resumed.best_step == reference.best_step and resumed.best_val_bits == reference.best_val_bits
+    for a, b in zip(resumed.model.state_dict().values(), reference.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not resume.path.exists()  # removed once training ends
+    for other in ({"soft_labels": "abd"}, {"soft_labels": "abc", "processes": 2}):
+        job = lm.LMJob(cfg, 0, "student", distill=cfg)
+        assert lm.resumable(job, LMResumeConfig(dir=str(tmp_path)), meta, **other).resume.path != resume.path
+    assert lm.resumable(job, LMResumeConfig(every_steps=0), meta).resume is None
 
 
 def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targets(built):

@@ -16,8 +16,9 @@ import yaml
 
 from conftest import BIN, run_pipeline_in_process, run_stage_in_process, subprocess_env, tiny_params
 from distill import data, training
-from distill.config import DataConfig, ResumeConfig, StudentConfig
+from distill.config import DataConfig, StudentConfig
 from distill.models import load_checkpoint
+from distill.resume import Resume
 from distill.rows import InMemoryRows
 from scratch import make_scratch_project
 
@@ -53,7 +54,7 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
         return training.fit(model, training.TrainJob(cfg, 0, on_epoch=on_epoch), rows, (val.x, val.y), resume)
 
     reference = run()
-    resume = training.Resume.make(ResumeConfig(every_epochs=2, dir=str(tmp_path / "resume")), "s", {"k": 1})
+    resume = Resume.make(tmp_path / "resume", 2, "s", {"k": 1})
     with pytest.raises(Interrupted):
         run(resume, stop_after=3)  # saved after epoch 2, killed during epoch 3's bookkeeping
     assert resume.path.is_file()
@@ -63,7 +64,7 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
                                                    reference.model.state_dict().values()))
     assert not resume.path.exists()  # removed once training ends
-    other = training.Resume.make(ResumeConfig(every_epochs=2, dir=str(tmp_path / "resume")), "s", {"k": 2})
+    other = Resume.make(tmp_path / "resume", 2, "s", {"k": 2})
     assert other.path != resume.path  # other inputs never pick up this state
 
 

@@ -40,5 +40,6 @@ def tiny_lm_params(corpus: str, **over) -> dict:
     params["soft_labels"].update({"samples": 8, "top_k": 8, "batch_size": 16, "shard_rows": 40})
     params["evaluate"].update({"samples": 2, "prompt_tokens": 4, "new_tokens": 6})
     params["tracking"]["enabled"] = False
+    params["resume"]["every_steps"] = 4  # saved and removed again in every training stage
     params["registry"]["max_test_bits_per_token"] = 20.0
     return with_overrides(params, over)

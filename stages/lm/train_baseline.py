@@ -27,6 +27,7 @@ def main(argv=None) -> dict:
             model = lm.gpt2(student, meta, params.seed)
             job = lm.LMJob(student, params.seed, "baseline", world=world, precision=params.runtime.precision,
                            on_eval=run.log_step)
+            job = lm.resumable(job, params.resume, meta)
             batches = lm.WindowBatches(corpus.read_windows(args.prepared, "train"), student.batch_size, world)
             result = lm.train(model, job, batches, corpus.read_windows(args.prepared, "val"))
             out = lm.save_result(result, job, Path(args.model), Path(args.history), meta,

@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
             lineage = lm_soft_labels.lineage(soft)
             job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
                            precision=params.runtime.precision, on_eval=run.log_step)
+            job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
             batches = lm.WindowBatches(corpus.read_windows(args.prepared, "train"), student.batch_size, world,
                                        soft, student.shuffle_buffer)
             val = corpus.read_windows(args.prepared, "val")

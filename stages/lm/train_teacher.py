@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distill import corpus, distributed, lm
 from distill.config import load_params
+from distill.io import tree_sha256
 from stages.common import cli_main, training_parser
 
 
@@ -34,6 +35,9 @@ def main(argv=None) -> dict:
                 model = lm.gpt2(teacher, meta, params.seed)
             job = lm.LMJob(teacher, params.seed, "teacher", world=world, precision=params.runtime.precision,
                            on_eval=run.log_step)
+            pretrained = teacher.source == "pretrained" and params.resume.every_steps
+            start = {"model_sha256": tree_sha256(teacher.model)} if pretrained else {}
+            job = lm.resumable(job, params.resume, meta, source=teacher.source, **start)
             batches = lm.WindowBatches(corpus.read_windows(args.prepared, "train"), teacher.batch_size, world)
             result = lm.train(model, job, batches, corpus.read_windows(args.prepared, "val"))
             info = {"mlflow_run_id": run.run_id, "source": teacher.source}
