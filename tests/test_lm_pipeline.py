@@ -207,6 +207,29 @@ def test_an_interrupted_lm_training_resumes_from_its_last_save_and_ends_as_an_un
     assert lm.resumable(job, LMResumeConfig(every_steps=0), meta).resume is None
 
 
+def test_a_killed_lm_training_stage_resumes_from_its_saved_state(built, tmp_path, monkeypatch, caplog):
+    root = tmp_path / "lm"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns("student.pt", ".resume"))
+    real, calls = lm._loss, []
+
+    def dies_at_step_11(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "_loss", dies_at_step_11)
+    with pytest.raises(Interrupted):
+        run_stage_in_process(root, "train_student")
+    assert len(list((root / ".resume").glob("student-*.pt"))) == 1  # saved at steps 4 and 8
+    monkeypatch.setattr(lm, "_loss", real)
+    with caplog.at_level("INFO", logger="distill.lm"):
+        result = run_stage_in_process(root, "train_student")
+    assert "student: resuming after step 8" in caplog.text
+    uninterrupted = torch.load(built / "models" / "student.pt", weights_only=True)
+    assert result["history"] == uninterrupted["history"] and not list((root / ".resume").iterdir())
+
+
 def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targets(built):
     meta = corpus.read_meta(built / "data" / "prepared")
     soft = lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
