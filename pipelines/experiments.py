@@ -37,35 +37,45 @@ def point_name(prefix: str, overrides: dict[str, str]) -> str:
 
 
 def metrics(root: Path, name: str, path: str = "reports/metrics.json") -> dict:
-    """The metrics file of a finished experiment, read from its git ref."""
+    """The metrics file of a finished experiment, read from its git ref (`path` relative to `root`,
+    which may be a DVC project inside the git repository, as lm/ and text/ are)."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
                           capture_output=True, text=True, check=True).stdout.split()
     matches = [r for r in refs if r.endswith(f"/{name}")]
     if not matches:
         raise UserError(f"experiment {name} has no result in this repository; see the sweep's log for its error")
-    shown = subprocess.run(["git", "show", f"{matches[-1]}:{path}"], cwd=root, capture_output=True, text=True,
+    shown = subprocess.run(["git", "show", f"{matches[-1]}:./{path}"], cwd=root, capture_output=True, text=True,
                            check=True).stdout
     return json.loads(shown)
 
 
+def headline(m: dict) -> tuple[str, str, list[str]]:
+    """The three models' headline test metric in a metrics.json: (column label, unit, values) —
+    accuracy in % for a classifier, bits per token (lower is better) for a language model."""
+    if "test_bits_per_token" in m[MODELS[0]]:
+        return "bits/token", " bits/token", [f"{m[model]['test_bits_per_token']:.3f}" for model in MODELS]
+    return "acc", "%", [f"{100 * m[model]['test_accuracy']:.2f}" for model in MODELS]
+
+
 def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
-    """Markdown: one row per experiment, its overrides, and the three models' test accuracy."""
+    """Markdown: one row per experiment, its overrides, the three models' headline test metric
+    (accuracy, or bits per token) and the gap closed."""
     keys = list(rows[0][1]) if rows else []
-    head = ["experiment", *keys, *(f"{model} acc" for model in MODELS), "gap closed"]
+    label = headline(rows[0][2])[0] if rows else "acc"
+    head = ["experiment", *keys, *(f"{model} {label}" for model in MODELS), "gap closed"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, overrides, m in rows:
         gap = m.get("gap_closed")
-        cells = [name, *(overrides[k] for k in keys),
-                 *(f"{100 * m[model]['test_accuracy']:.2f}" for model in MODELS),
-                 "n/a" if gap is None else f"{100 * gap:.1f}%"]
+        cells = [name, *(overrides[k] for k in keys), *headline(m)[2], "n/a" if gap is None else f"{100 * gap:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def one_line(name: str, m: dict) -> str:
-    """A finished point in one line: the three test accuracies and the gap closed."""
+    """A finished point in one line: the three models' headline test metric and the gap closed."""
     gap = m.get("gap_closed")
-    return (f"{name}: " + ", ".join(f"{model} {100 * m[model]['test_accuracy']:.2f}%" for model in MODELS)
+    _, unit, values = headline(m)
+    return (f"{name}: " + ", ".join(f"{model} {value}{unit}" for model, value in zip(MODELS, values))
             + (", no gap to close" if gap is None else f", gap closed {100 * gap:.1f}%"))
 
 
@@ -90,6 +100,8 @@ CLONES = Path(".dvc") / "tmp" / "exps" / "clones"
 def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str, patch: bytes = b"",
                  log: Callable[[str], None] = lambda line: None, extra_env: dict[str, str] | None = None) -> str:
     """Run one experiment in a private clone of the project, push it back as `name`; return its commit.
+    `root` is the DVC project: the git repository's top, or a folder in it (lm/, text/), which is
+    where the experiment runs in the clone.
 
     Several `dvc exp run --temp` in one repository collide on DVC's repository lock (and
     share one stash), so each point gets what DVC's own temporary executor builds, but to
@@ -113,18 +125,20 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
         return result.stdout.decode(errors="replace")
 
     try:
-        step("git", "clone", "--quiet", "--no-checkout", str(root), str(work), cwd=base)
+        top = Path(step("git", "rev-parse", "--show-toplevel", cwd=root).strip())
+        here = work / root.resolve().relative_to(top.resolve())  # the project in the clone
+        step("git", "clone", "--quiet", "--no-checkout", str(top), str(work), cwd=base)
         step("git", "checkout", "--quiet", "--detach", baseline)
-        if patch:
+        if patch:  # paths from the repository's top, as `git diff` writes them
             step("git", "apply", "--index", "--whitespace=nowarn", "-", stdin=patch)
         local = root / ".dvc" / "config.local"
         if local.is_file():  # remotes and the like; the cache is set next
-            shutil.copy(local, work / ".dvc" / "config.local")
+            shutil.copy(local, here / ".dvc" / "config.local")
         step(str(BIN / "dvc"), "config", "--local", "cache.dir",
-             step(str(BIN / "dvc"), "cache", "dir", cwd=root).strip())
+             step(str(BIN / "dvc"), "cache", "dir", cwd=root).strip(), cwd=here)
         cmd = [str(BIN / "dvc"), "exp", "run", "--name", name,
                *itertools.chain.from_iterable(("-S", f"{k}={v}") for k, v in overrides.items())]
-        proc = subprocess.Popen(cmd, cwd=work, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=here, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         lines = []
         for line in proc.stdout:
@@ -134,7 +148,7 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
             # a stage's own one-sentence error says most, then DVC's last non-empty line
             reason = stage_error(lines) or next((ln for ln in reversed(lines) if ln), "no output")
             raise UserError(f"{name}: dvc exp run failed: {reason}")
-        step(str(BIN / "dvc"), "exp", "push", "--no-cache", "--force", "origin", name)
+        step(str(BIN / "dvc"), "exp", "push", "--no-cache", "--force", "origin", name, cwd=here)
         return _exp_rev(work, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -133,14 +133,19 @@ def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(
     assert all("student" in m and "baseline" in m and "teacher" in m for m in finished)
 
 
-def test_a_finished_sweep_point_is_one_line():
-    from pipelines.experiments import one_line
+def test_a_finished_sweep_point_is_one_line_with_the_tasks_headline_metric():
+    from pipelines.experiments import one_line, summary
 
     m = {"teacher": {"test_accuracy": 0.975}, "student": {"test_accuracy": 0.972},
          "baseline": {"test_accuracy": 0.909}, "gap_closed": 0.955}
     assert one_line("sweep-temperature2", m) == ("sweep-temperature2: teacher 97.50%, student 97.20%, "
                                                  "baseline 90.90%, gap closed 95.5%")
     assert one_line("p", m | {"gap_closed": None}).endswith("no gap to close")
+    lm = {"teacher": {"test_bits_per_token": 6.8841}, "student": {"test_bits_per_token": 7.171},
+          "baseline": {"test_bits_per_token": 7.432}, "gap_closed": 0.475}
+    assert one_line("sweep-alpha0.5", lm) == ("sweep-alpha0.5: teacher 6.884 bits/token, student 7.171 bits/token, "
+                                              "baseline 7.432 bits/token, gap closed 47.5%")
+    assert "| teacher bits/token |" in summary([("sweep-alpha0.5", {"student.alpha": "0.5"}, lm)])
 
 
 def test_serve_needs_a_prefect_server(project, monkeypatch):
