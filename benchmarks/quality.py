@@ -139,7 +139,7 @@ def run_experiment(name: str, overrides: dict[str, str], seed: int) -> dict:
     for a in args:
         cmd += ["-S", a]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return experiments.metrics(ROOT, name)
+    return experiments.metrics(ROOT, experiments.exp_rev(ROOT, name))
 
 
 def run_text_pipeline(name: str, changes: dict[str, object], seed: int) -> dict:

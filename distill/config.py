@@ -460,7 +460,7 @@ class LMRegistryConfig(Section):
 class LMResumeConfig(Section):
     """A language model's training state saved every few steps (distill/resume.py), so a killed
     training stage picks up where it stopped. Listed in no stage's DVC params: it never changes
-    results (bit for bit in one process)."""
+    results (bit for bit in one process on a CPU)."""
 
     every_steps: int = Field(200, ge=0, description="optimizer steps between saves; 0 = never")
     dir: str = Field(".resume", min_length=1)

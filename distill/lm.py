@@ -253,7 +253,7 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
     """`job.cfg.steps` optimizer steps over `batches`, scored on `val` every `eval_every` steps;
     the best model on val (its weights as at that step) is returned. With `job.resume`, rank 0
     saves the training state every `resume.every` steps and a matching saved state is picked up:
-    the same batches, dropout masks and schedule follow, bit for bit in one process."""
+    the same batches, dropout masks and schedule follow, bit for bit in one process on a CPU."""
     from transformers import get_cosine_schedule_with_warmup
 
     cfg, device, world = job.cfg, job.world.device, job.world
@@ -270,7 +270,8 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
     sums: dict[str, float] = {}
     started, step, skip = time.perf_counter(), 0, 0
     saved = {"model": model, "optimizer": opt, "scheduler": sched} | ({"scaler": scaler} if scaler.is_enabled() else {})
-    state = job.resume.restore(saved, job.name) if job.resume else None
+    carried = ("step", "in_epoch", "sums", "epoch_generator", "best_model", "best_step", "best_val_bits", "history")
+    state = job.resume.restore(saved, job.name, carried) if job.resume else None
     if state is not None:  # the epoch's generator as it began, and the batches of it already done
         step, skip, sums = state["step"], state["in_epoch"], dict(state["sums"])
         gen.set_state(state["epoch_generator"])

@@ -37,6 +37,23 @@ def _set_state(obj: Any, state: Any) -> None:
         obj.load_state_dict(state)
 
 
+RESERVED = {"key", "torch_rng", "cuda_rng"}
+
+
+def _generators() -> dict[str, Any]:
+    """torch's CPU generator, and the GPUs' once CUDA is in use (dropout on a GPU draws from those)."""
+    out = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_generators(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a training loop saves its state every `every` epochs or steps; a saved state is
@@ -56,37 +73,41 @@ class Resume:
 
     def save(self, objects: dict[str, Any], **values: Any) -> None:
         """The state of each of `objects` (anything with state_dict, or a torch.Generator), torch's
-        own generators (the CPU's, and the GPUs' once in use), and `values` (tensors, numbers, lists and dicts of them), written atomically."""
-        state = {"key": self.key, "torch_rng": torch.get_rng_state(),
-                 **{name: _state_of(obj) for name, obj in objects.items()}, **values}
-        if torch.cuda.is_initialized():  # dropout on a GPU draws from its own generators
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        own generators (the CPU's, and the GPUs' once in use), and `values` (tensors, numbers, and
+        lists and dicts of them), written atomically."""
+        clash = (set(values) & set(objects)) | ((set(values) | set(objects)) & RESERVED)
+        if clash:
+            raise ValueError(f"resume state names used twice: {sorted(clash)}")
+        state = {"key": self.key, **_generators(), **{name: _state_of(obj) for name, obj in objects.items()}, **values}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
-    def restore(self, objects: dict[str, Any], name: str) -> dict[str, Any] | None:
-        """Load a matching saved state into `objects` and torch's generator; return the saved
-        values (None: nothing saved for these inputs, or a state that does not load: start over,
-        the objects as they were)."""
+    def restore(self, objects: dict[str, Any], name: str, values: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """Load a matching saved state into `objects` and torch's generators; return the saved
+        values, which must include `values` (None: nothing saved for these inputs, or a state that
+        does not load: start over, the objects and generators as they were)."""
         if not self.path.is_file():
             return None
         initial = {key: copy.deepcopy(_state_of(obj)) for key, obj in objects.items()}
+        generators = _generators()
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             if state.get("key") != self.key:
                 return None
+            missing = [key for key in (*objects, *values) if key not in state]
+            if missing:
+                raise KeyError(f"no {missing} in the saved state")
             for key, obj in objects.items():
                 _set_state(obj, state[key])
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            _set_generators(state)
         except Exception as exc:  # a state from other code or a damaged file
             for key, obj in objects.items():
                 _set_state(obj, initial[key])
+            _set_generators(generators)
             log.warning("%s: ignoring saved training state %s (%s); starting from the beginning",
                         name, self.path, type(exc).__name__)
             return None
-        return {key: value for key, value in state.items() if key not in objects}
+        return {key: value for key, value in state.items() if key not in objects and key not in RESERVED}
 
     def finish(self) -> None:
         """Training ended: the saved state is no longer needed."""

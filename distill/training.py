@@ -93,7 +93,7 @@ def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.
     the distillation loss against the teacher's logits. With `resume`, the training state
     (weights, optimizer, schedule, random generators, best model, history) is saved every
     few epochs and a matching saved state is picked up, so an interrupted run ends as an
-    uninterrupted one would (bit for bit in one process). Under torchrun (`job.world`),
+    uninterrupted one would (bit for bit in one process on a CPU). Under torchrun (`job.world`),
     the model is wrapped in DistributedDataParallel, each rank trains on its share of
     every global batch, and only rank 0 saves resume state.
     """
@@ -239,7 +239,8 @@ def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, b
 def _restore(resume: Resume, model, opt, sched, gen: torch.Generator, best: TrainResult, name: str) -> int:
     """Load a matching saved state into the training objects; return the epochs it covers (0: none)."""
     state = resume.restore({"model": model, "optimizer": opt, "scheduler": sched, "generator": gen,
-                            "best_model": best.model}, name)
+                            "best_model": best.model}, name,
+                           ("epoch", "best_epoch", "best_val_accuracy", "best_val_loss", "history"))
     if state is None:
         return 0
     best.best_epoch, best.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]

@@ -196,7 +196,7 @@ def sweep(
     set_: list[str] = typer.Option(..., "--set", "-S", metavar="KEY=V1,V2", help="an axis of the grid (repeatable)"),
     jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
                                     help="experiments run at once (default 1; with --dask: local workers, default 2)"),
-    prefix: str = typer.Option("sweep", help="experiment name prefix"),
+    prefix: str | None = typer.Option(None, help="experiment name prefix (default: sweep; sweep-lm in lm/)"),
     dask: bool = typer.Option(False, "--dask", help="run the points as parallel Prefect tasks on a local Dask cluster"),
     dask_address: str | None = typer.Option(None, "--dask-address", metavar="ADDRESS",
                                             help="the same on a running Dask scheduler, e.g. tcp://host:8786"),

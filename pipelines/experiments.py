@@ -36,17 +36,21 @@ def point_name(prefix: str, overrides: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join([prefix, *parts]))
 
 
-def metrics(root: Path, name: str, path: str = "reports/metrics.json") -> dict:
-    """The metrics file of a finished experiment, read from its git ref (`path` relative to `root`,
-    which may be a DVC project inside the git repository, as lm/ and text/ are)."""
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.split()
-    matches = [r for r in refs if r.endswith(f"/{name}")]
-    if not matches:
-        raise UserError(f"experiment {name} has no result in this repository; see the sweep's log for its error")
-    shown = subprocess.run(["git", "show", f"{matches[-1]}:./{path}"], cwd=root, capture_output=True, text=True,
-                           check=True).stdout
-    return json.loads(shown)
+def metrics(root: Path, rev: str, path: str = "reports/metrics.json") -> dict:
+    """The metrics file of the experiment commit `rev` (`path` relative to `root`, which may be a
+    DVC project inside the git repository, as lm/ and text/ are)."""
+    shown = subprocess.run(["git", "show", f"{rev}:./{path}"], cwd=root, capture_output=True, text=True, check=False)
+    if shown.returncode or not rev:
+        raise UserError(f"experiment commit {rev or '(none)'} has no {path} in this repository; see the sweep's log")
+    return json.loads(shown.stdout)
+
+
+def default_prefix(root: Path) -> str:
+    """`sweep`, or `sweep-lm` for the DVC project in lm/: DVC names experiments per repository
+    (refs/exps/<commit>/<name>), so points of two projects in one repository must differ by name."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=False)
+    inside = top.returncode == 0 and Path(top.stdout.strip()).resolve() != root.resolve()
+    return f"sweep-{root.resolve().name}" if inside else "sweep"
 
 
 def headline(m: dict) -> tuple[str, str, list[str]]:
@@ -85,7 +89,9 @@ def workspace_state(root: Path) -> tuple[str, bytes]:
     head = git_head(root)
     if head is None:
         raise UserError(f"{root}: not a git repository with a commit; a sweep runs DVC experiments, which need one")
-    patch = subprocess.run(["git", "diff", "--binary", "HEAD"], cwd=root, capture_output=True, check=True)
+    # paths from the repository's top whatever the user's diff settings, as run_in_clone applies them
+    patch = subprocess.run(["git", "diff", "--binary", "--no-relative", "--src-prefix=a/", "--dst-prefix=b/", "HEAD"],
+                           cwd=root, capture_output=True, check=True)
     return head, patch.stdout
 
 
@@ -149,12 +155,13 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
             reason = stage_error(lines) or next((ln for ln in reversed(lines) if ln), "no output")
             raise UserError(f"{name}: dvc exp run failed: {reason}")
         step(str(BIN / "dvc"), "exp", "push", "--no-cache", "--force", "origin", name, cwd=here)
-        return _exp_rev(work, name)
+        return exp_rev(work, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _exp_rev(repo: Path, name: str) -> str:
+def exp_rev(repo: Path, name: str) -> str:
+    """The commit of the experiment `name` in `repo` ("" if there is none)."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=repo,
                           capture_output=True, text=True, check=True).stdout.split("\n")
     return next((line.split()[0] for line in refs if line.endswith(f"/{name}")), "")

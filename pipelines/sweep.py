@@ -103,7 +103,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
         if future.state.is_completed():
             done.append(outcome)
             try:
-                said = experiments.one_line(name, experiments.metrics(root, name))
+                said = experiments.one_line(name, experiments.metrics(root, outcome["rev"]))
             except (UserError, KeyError, ValueError) as exc:  # the table at the end says it again, or fails
                 said = f"{name}: finished, but its metrics could not be read yet ({exc})"
             logger.info("[%d/%d] %s", finished, len(points), said)
@@ -111,7 +111,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
             failed.append(str(outcome) if isinstance(outcome, UserError) else f"{name}: {outcome!r}")
             logger.warning("[%d/%d] %s failed: %s", finished, len(points), name, failed[-1])
     done.sort(key=lambda p: names.index(p["name"]))
-    table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["name"])) for p in done])
+    table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["rev"])) for p in done])
     logger.info("sweep of %d points:\n%s", len(points), table)
     if failed:
         raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
@@ -120,7 +120,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
 
 
 def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool = False, address: str | None = None,
-              prefix: str = "sweep", repo_dir: str | None = None) -> dict:
+              prefix: str | None = None, repo_dir: str | None = None) -> dict:
     """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner:
     `workers` points at a time here (default 1), or on Dask with `dask` or an `address` (default 2
     local workers)."""
@@ -133,7 +133,7 @@ def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool
     if workers < 1:
         raise UserError(f"workers = {workers}: at least 1")
     return sweep_flow.with_options(task_runner=task_runner(workers, dask, address))(
-        points=points, prefix=prefix, repo_dir=str(root))
+        points=points, prefix=prefix or experiments.default_prefix(root), repo_dir=str(root))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, help="points at a time (default 1; with --dask: local workers, 2)")
     parser.add_argument("--dask", action="store_true", help="run the points on a LocalCluster of Dask workers")
     parser.add_argument("--address", help="run the points on the running Dask scheduler at this address")
-    parser.add_argument("--prefix", default="sweep", help="experiment name prefix")
+    parser.add_argument("--prefix", help="experiment name prefix (default: sweep; sweep-lm in lm/)")
     args = parser.parse_args(argv)
     result = run_sweep(overrides.parse(args.set, several=True), args.workers, args.dask,
                        args.address, args.prefix)

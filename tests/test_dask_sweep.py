@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
-from pipelines.experiments import metrics
+from pipelines.experiments import exp_rev, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_a_two_point_sweep_runs_as_parallel_dask_tasks_and_both_results_reach_ml
         assert {"best_val_accuracy", "train_kd", "val_accuracy"} <= set(student.data.metrics)
         assert "train_teacher" not in by_name, "the teacher came from DVC's cache"
         accuracy = by_name["evaluate student"].data.metrics["test_accuracy"]
-        assert accuracy == pytest.approx(metrics(project, name)["student"]["test_accuracy"])
+        assert accuracy == pytest.approx(metrics(project, exp_rev(project, name))["student"]["test_accuracy"])
 
     # nothing left behind: no worker, nanny or scheduler, no clone
     deadline = time.monotonic() + 30

@@ -304,14 +304,14 @@ def test_under_dvc_the_lm_pipeline_reruns_nothing_then_only_what_a_temperature_c
     assert "bits / token" in result.output and "Samples" in result.output
     set_params(root, **{"soft_labels.samples": 4})
     assert repro(root) == {"soft_labels", "train_student", "evaluate"}
-    # a sweep from lm/: each point a DVC experiment of lm/ in a clone of the whole repository
+    # a sweep from lm/: each point a DVC experiment of lm/ in a clone of the whole repository, named apart
     result = CliRunner().invoke(app, ["sweep", "-S", "student.alpha=0.5,0.8"])
     assert result.exit_code == 0, result.output
-    rows = [line.split(" | ") for line in result.output.splitlines() if line.startswith("| sweep-alpha")]
+    rows = [line.split(" | ") for line in result.output.splitlines() if line.startswith("| sweep-lm-alpha")]
     assert "| student bits/token |" in result.output and [row[1] for row in rows] == ["0.5", "0.8"], result.output
     assert rows[0][2] == rows[1][2] and rows[0][3] != rows[1][3]  # one teacher; two students
     shown = dvc(root, "exp", "show", "--csv")
-    assert "sweep-alpha0.5" in shown and "sweep-alpha0.8" in shown
+    assert "sweep-lm-alpha0.5" in shown and "sweep-lm-alpha0.8" in shown
 
 
 @pytest.mark.slow

@@ -68,6 +68,27 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
     assert other.path != resume.path  # other inputs never pick up this state
 
 
+def test_a_saved_state_that_does_not_fit_is_ignored_and_leaves_the_training_objects_as_they_were(tmp_path, caplog):
+    model, gen = torch.nn.Linear(3, 2), torch.Generator().manual_seed(5)
+    resume = Resume.make(tmp_path, 1, "m", {"k": 1})
+    resume.save({"generator": gen, "model": model}, step=3)
+    for clash in ({"model": 1}, {"torch_rng": 1}):
+        with pytest.raises(ValueError, match="used twice"):
+            resume.save({"model": model}, **clash)
+    other_gen = torch.Generator().manual_seed(6)
+    wider = torch.nn.Linear(3, 4)  # other code: the generator loads, then the model does not
+    before = [t.clone() for t in wider.state_dict().values()]
+    gen_before, rng_before = other_gen.get_state(), torch.get_rng_state()
+    assert resume.restore({"generator": other_gen, "model": wider}, "m") is None
+    assert "ignoring saved training state" in caplog.text
+    assert torch.equal(other_gen.get_state(), gen_before) and torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(a, b) for a, b in zip(wider.state_dict().values(), before, strict=True))
+    assert resume.restore({"model": torch.nn.Linear(3, 2)}, "m", ("epoch",)) is None  # a value the loop needs
+    same = torch.nn.Linear(3, 2)
+    assert resume.restore({"generator": other_gen, "model": same}, "m", ("step",)) == {"step": 3}
+    assert torch.equal(same.weight, model.weight) and torch.equal(other_gen.get_state(), gen.get_state())
+
+
 @pytest.mark.slow
 def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted_run(tmp_path):
     root = scratch(tmp_path, **{"data.num_samples": 20000, "data.transfer_size": 0,

@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
                 model = lm.gpt2(teacher, meta, params.seed)
             job = lm.LMJob(teacher, params.seed, "teacher", world=world, precision=params.runtime.precision,
                            on_eval=run.log_step)
-            pretrained = teacher.source == "pretrained" and params.resume.every_steps
+            pretrained = teacher.source == "pretrained" and teacher.steps and params.resume.every_steps
             start = {"model_sha256": tree_sha256(teacher.model)} if pretrained else {}
             job = lm.resumable(job, params.resume, meta, source=teacher.source, **start)
             batches = lm.WindowBatches(corpus.read_windows(args.prepared, "train"), teacher.batch_size, world)
