@@ -155,6 +155,7 @@ def test_serve_needs_a_prefect_server(project, monkeypatch):
     assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
 
 
+@pytest.mark.slow
 def test_ui_serves_the_projects_mlflow_store_on_loopback(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -106,6 +106,7 @@ def corrupt(db: Path) -> None:
     db.write_bytes(b"this is not an SQLite database\n" * 100)
 
 
+@pytest.mark.slow
 def test_a_corrupt_store_at_the_start_costs_no_work_and_is_caught_up_after_repair(tmp_path):
     corrupt(tmp_path / "mlflow.db")
     code, err = finish(stage(tmp_path, "warn"))
@@ -159,6 +160,7 @@ def test_a_store_corrupted_between_two_stages_of_dvc_repro(built_project):
     assert "report.html" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
 
 
+@pytest.mark.slow
 def test_four_processes_logging_to_one_fresh_store_at_once_all_record(tmp_path):
     procs = [stage(tmp_path, "fail", out=f"out{i}") for i in range(4)]
     results = [finish(p) for p in procs]
