@@ -45,12 +45,17 @@ def metrics(root: Path, rev: str, path: str = "reports/metrics.json") -> dict:
     return json.loads(shown.stdout)
 
 
+def repo_top(root: Path) -> Path | None:
+    """The top folder of the git repository holding `root` (None outside one)."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=False)
+    return Path(top.stdout.strip()).resolve() if top.returncode == 0 else None
+
+
 def default_prefix(root: Path) -> str:
     """`sweep`, or `sweep-lm` for the DVC project in lm/: DVC names experiments per repository
     (refs/exps/<commit>/<name>), so points of two projects in one repository must differ by name."""
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=False)
-    inside = top.returncode == 0 and Path(top.stdout.strip()).resolve() != root.resolve()
-    return f"sweep-{root.resolve().name}" if inside else "sweep"
+    top = repo_top(root)
+    return f"sweep-{root.resolve().name}" if top not in (None, root.resolve()) else "sweep"
 
 
 def headline(m: dict) -> tuple[str, str, list[str]]:
@@ -131,8 +136,8 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
         return result.stdout.decode(errors="replace")
 
     try:
-        top = Path(step("git", "rev-parse", "--show-toplevel", cwd=root).strip())
-        here = work / root.resolve().relative_to(top.resolve())  # the project in the clone
+        top = repo_top(root) or root.resolve()  # not a repository: the clone below says so
+        here = work / root.resolve().relative_to(top)  # the project in the clone
         step("git", "clone", "--quiet", "--no-checkout", str(top), str(work), cwd=base)
         step("git", "checkout", "--quiet", "--detach", baseline)
         if patch:  # paths from the repository's top, as `git diff` writes them
