@@ -27,6 +27,7 @@ from distill.config import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json
 from distill.models import count_parameters, load_checkpoint, predict_logits
+import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
 
 MODELS = ("teacher", "student", "baseline")
 

@@ -9,18 +9,27 @@ user's own model: the factory is called as `factory(num_features=D, num_classes=
 `nn.Module`, and is checked on a dummy batch before training (`check_model`). A checkpoint is a plain dict (weights, the args that rebuild the
 model, the resolved config, epoch, validation metric, training history and input
 provenance), loadable with `torch.load(weights_only=True)` and `load_checkpoint`.
+
+Architectures are a registry: `register_arch(name)` maps a name to the builder of an
+untrained model from a checkpoint's model_args (less `arch`), and `get_arch(name)` finds it
+(an import path needs no entry). This module registers the built-in three;
+distill.pretrained registers `transformer` and `torchscript` when it is imported (this
+module never imports it), so code that loads a teacher's checkpoint imports it too.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.config import AUTO_ARCH, BUILTIN_ARCHS, ModelTrainConfig
+from distill.config import AUTO_ARCH, BUILTIN_ARCHS, IMPORT_PATH, ModelTrainConfig
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint
 
@@ -116,9 +125,50 @@ class TextCNN(nn.Module):
         return self.head(self.dropout(torch.cat(pooled, dim=1)))  # (N, sum(channels)) -> (N, C)
 
 
-BUILTIN = dict(zip(BUILTIN_ARCHS, (MLP, CNN1d, TextCNN)))  # the names are config's, so params validate without torch
-TRANSFORMER = "transformer"  # a Hugging Face encoder with a head (distill.pretrained); made by teacher.source
-TORCHSCRIPT = "torchscript"  # a user's TorchScript teacher, its bytes in model_args["script"] (distill.pretrained)
+# ---------------------------------------------------------------- the architecture registry
+
+Builder = Callable[[dict[str, Any]], nn.Module]  # a checkpoint's model_args, less `arch` -> an untrained model
+ARCHS: dict[str, Builder] = {}
+
+
+def register_arch(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder` as arch `name` (a name taken is a programming error)."""
+
+    def register(builder: Builder) -> Builder:
+        if name in ARCHS:
+            raise ValueError(f"arch {name} is registered already (by {ARCHS[name].__qualname__})")
+        ARCHS[name] = builder
+        return builder
+
+    return register
+
+
+def get_arch(name: str) -> Builder:
+    """The builder of arch `name`: a registered one, or the user's `package.module:factory`."""
+    if name in ARCHS:
+        return ARCHS[name]
+    if re.match(IMPORT_PATH, name):
+        return functools.partial(_build_imported, name)
+    raise UserError(f"arch {name} is not known: use one of {', '.join(sorted(ARCHS))}, "
+                    "or package.module:factory for your own model")
+
+
+@register_arch("mlp")
+def _mlp(kwargs: dict[str, Any]) -> nn.Module:
+    return MLP(**kwargs)
+
+
+@register_arch("cnn1d")
+def _cnn1d(kwargs: dict[str, Any]) -> nn.Module:
+    return CNN1d(**kwargs)
+
+
+@register_arch("textcnn")
+def _textcnn(kwargs: dict[str, Any]) -> nn.Module:
+    # reads texts of any length: num_features (the longest) is not its business
+    return TextCNN(**{k: v for k, v in kwargs.items() if k != "num_features"})
+
+
 TOKEN_BATCH = 64  # rows per forward pass over token ids (sorted by length, so each pass pads little)
 
 
@@ -129,13 +179,13 @@ def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signa
     `tokens` (meta.json's, on text): the inputs are token ids (arch auto takes textcnn)."""
     auto = "textcnn" if tokens else "cnn1d" if signal else "mlp"
     arch = auto if cfg.arch == AUTO_ARCH else cfg.arch
-    if (arch == "textcnn") != bool(tokens) and arch in BUILTIN:
+    if (arch == "textcnn") != bool(tokens) and arch in BUILTIN_ARCHS:
         raise UserError(f"arch {arch} is for {'feature vectors' if tokens else 'text'}; this data is "
                         f"{'text' if tokens else 'feature vectors'}: use auto, " + ("textcnn" if tokens else "mlp or cnn1d"))
     args: dict[str, Any] = {"arch": arch, "num_features": num_features, "num_classes": num_classes}
     if tokens:
         args |= {"vocab_size": tokens["vocab_size"], "pad_id": tokens["pad_id"]}
-    if arch not in BUILTIN:
+    if arch not in BUILTIN_ARCHS:
         return args | {"kwargs": dict(cfg.arch_kwargs)}
     args |= {"hidden": list(cfg.hidden), "dropout": cfg.dropout}
     if arch == "cnn1d":
@@ -149,19 +199,11 @@ def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signa
 def build_model(args: dict[str, Any]) -> nn.Module:
     """Instantiate a model from `model_args` (a checkpoint's), weights untrained."""
     kwargs = dict(args)
-    arch = kwargs.pop("arch")
-    if arch == "textcnn":  # reads texts of any length: num_features (the longest) is not its business
-        kwargs.pop("num_features")
-    if arch in BUILTIN:
-        return BUILTIN[arch](**kwargs)
-    if arch == TRANSFORMER:
-        from distill.pretrained import TransformerClassifier
+    return get_arch(kwargs.pop("arch"))(kwargs)
 
-        return TransformerClassifier.from_args(kwargs)
-    if arch == TORCHSCRIPT:
-        from distill.pretrained import build_torchscript
 
-        return build_torchscript(kwargs)
+def _build_imported(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The user's model: `factory(num_features=, num_classes=, [vocab_size=, pad_id=,] **arch_kwargs)`."""
     factory = _import_factory(arch)
     text = {k: kwargs[k] for k in ("vocab_size", "pad_id") if k in kwargs}
     try:

@@ -5,8 +5,9 @@ used as it is (`teacher.source: checkpoint`).
 `TransformerClassifier` is an encoder (any `transformers.AutoModel`: BERT, MiniLM, ...)
 whose last hidden states are averaged over the real tokens and fed to a linear head. Its
 checkpoint stores the encoder's config with the weights, so it rebuilds without the
-original folder (`models.build_model`, arch `transformer`). Loading is local only: a
-folder on disk, never a download.
+original folder (`models.build_model`, arch `transformer`, which this module registers
+with `torchscript`: importing it is what lets a checkpoint of either load). Loading is
+local only: a folder on disk, never a download.
 
 A `checkpoint` teacher is a file: this pipeline's checkpoint (models/teacher.pt of
 another run; an import-path arch in its model_args works), a dict with `arch`
@@ -28,9 +29,12 @@ from torch import nn
 from distill import text
 from distill.errors import UserError
 from distill.io import file_sha256
-from distill.models import CHECKPOINT_VERSION, TORCHSCRIPT, TRANSFORMER, build_model, check_model, padding_mask
+from distill.models import CHECKPOINT_VERSION, build_model, check_model, padding_mask, register_arch
 
 log = logging.getLogger(__name__)
+
+TRANSFORMER = "transformer"  # a Hugging Face encoder with a head; made by teacher.source pretrained
+TORCHSCRIPT = "torchscript"  # a user's TorchScript teacher, its bytes in model_args["script"]
 
 
 class TransformerClassifier(nn.Module):
@@ -47,6 +51,7 @@ class TransformerClassifier(nn.Module):
                 p.requires_grad_(False)
 
     @staticmethod
+    @register_arch(TRANSFORMER)
     def from_args(args: dict[str, Any]) -> TransformerClassifier:
         """An untrained model of a checkpoint's model_args (the encoder built from its stored config)."""
         from transformers import AutoConfig, AutoModel
@@ -192,6 +197,7 @@ def _checkpoint_parts(path: Path, ckpt: Any, num_features: int, num_classes: int
                     "with 'arch' (package.module:factory), 'arch_kwargs' and 'state_dict'")
 
 
+@register_arch(TORCHSCRIPT)
 def build_torchscript(args: dict[str, Any]) -> nn.Module:
     """A TorchScript teacher from the bytes stored in its model_args."""
     return torch.jit.load(io.BytesIO(args["script"]), map_location="cpu")

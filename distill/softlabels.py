@@ -52,6 +52,7 @@ from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.models import load_checkpoint, predict_logits
+import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
 from distill.progress import bar
 from distill.rows import Block, ParquetRows
 

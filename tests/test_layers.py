@@ -2,8 +2,9 @@
 
 The library (distill/) is importable and testable alone: it never imports the stages,
 the orchestration (pipelines/: the `distill` CLI, flows, sweeps, experiments), the
-tests or the benchmarks. Stages import the library only. Functions stay short
-enough to read in one go.
+tests or the benchmarks. Stages import the library only. Inside the library no two
+modules import each other, however indirectly (a registry filled by the module that
+defines an entry keeps it so). Functions stay short enough to read in one go.
 """
 
 from __future__ import annotations
@@ -27,6 +28,40 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def library_imports(path: Path) -> set[str]:
+    """The distill/ modules `path` imports, at any depth: `import distill.x`, `from distill.x import y`
+    and `from distill import x` all import x."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("distill.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "distill":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("distill."):
+                found.add(node.module.split(".")[1])
+    return found
+
+
+def an_import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (module -> the modules it imports) as the path a -> b -> ... -> a, or None:
+    a depth-first search that meets a module already on its path."""
+    finished: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in finished:
+            return None
+        for imported in sorted(graph.get(module, ())):
+            if (cycle := visit(imported, path + [module])) is not None:
+                return cycle
+        finished.add(module)
+        return None
+
+    return next((cycle for start in sorted(graph) if (cycle := visit(start, [])) is not None), None)
 
 
 def functions(path: Path) -> list[ast.FunctionDef]:
@@ -53,6 +88,21 @@ def test_the_layer_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipelines.flow import pipeline\n    return pipeline\n")
     assert "pipelines.flow" in imports(module)
+
+
+def test_no_two_library_modules_import_each_other_even_through_others():
+    names = {path.stem for path in LIBRARY}
+    cycle = an_import_cycle({path.stem: library_imports(path) & names for path in LIBRARY})
+    assert cycle is None, f"distill/ has an import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_sees_a_cycle_closed_by_an_import_inside_a_function(tmp_path):
+    (tmp_path / "a.py").write_text("from distill.b import f\n")
+    (tmp_path / "b.py").write_text("import distill.c\n")
+    (tmp_path / "c.py").write_text("def g():\n    from distill import a\n    return a\n")
+    graph = {p.stem: library_imports(p) for p in sorted(tmp_path.glob("*.py"))}
+    assert an_import_cycle(graph) == ["a", "b", "c", "a"]
+    assert an_import_cycle(graph | {"c": set()}) is None
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)

@@ -1,11 +1,16 @@
-"""Model shapes and self-describing checkpoints."""
+"""Model shapes, the architecture registry and self-describing checkpoints."""
 
 import pytest
 import torch
+from torch import nn
 
-from distill.config import StudentConfig, TeacherConfig
+from distill import pretrained
+from distill.config import BUILTIN_ARCHS, StudentConfig, TeacherConfig
 from distill.errors import UserError
-from distill.models import build_model, count_parameters, load_checkpoint, model_args, save_checkpoint
+from distill.models import (ARCHS, MLP, build_model, count_parameters, get_arch, load_checkpoint, model_args,
+                            register_arch, save_checkpoint)
+
+TOKENS = {"vocab_size": 30, "pad_id": 0}
 
 
 @pytest.mark.parametrize(
@@ -60,3 +65,91 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(ckpt, tmp_path / "m.pt")
     with pytest.raises(UserError, match="weights do not match"):
         load_checkpoint(tmp_path / "m.pt")
+
+
+def test_every_builtin_arch_the_config_accepts_has_a_builder():
+    assert set(BUILTIN_ARCHS) <= set(ARCHS)
+
+
+def test_importing_pretrained_registers_the_transformer_and_torchscript_archs():
+    assert {pretrained.TRANSFORMER, pretrained.TORCHSCRIPT} <= set(ARCHS)
+
+
+def test_an_unknown_arch_is_refused_in_one_sentence_naming_the_known_ones():
+    with pytest.raises(UserError, match=r"^arch resnet is not known: use one of cnn1d, mlp, textcnn, torchscript, "
+                                        r"transformer, or package.module:factory for your own model$"):
+        get_arch("resnet")
+    with pytest.raises(UserError, match="arch resnet is not known"):
+        build_model({"arch": "resnet", "num_features": 4, "num_classes": 2})
+
+
+@pytest.fixture
+def linear_arch():
+    """An arch registered for one test, and removed again after it."""
+
+    @register_arch("linear")
+    def linear(args):
+        return nn.Linear(args["num_features"], args["num_classes"])
+
+    yield linear
+    del ARCHS["linear"]
+
+
+def test_a_registered_arch_is_found_by_name_and_its_checkpoint_round_trips(tmp_path, linear_arch):
+    assert get_arch("linear") is linear_arch
+    args = {"arch": "linear", "num_features": 5, "num_classes": 3}
+    model = build_model(args)
+    save_checkpoint(tmp_path / "m.pt", model, args)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="arch mlp is registered already"):
+        register_arch("mlp")(lambda args: MLP(**args))
+
+
+def test_an_import_path_arch_needs_no_registration():
+    builder = get_arch("torch.nn:Linear")
+    assert "torch.nn:Linear" not in ARCHS
+    with pytest.raises(UserError, match="the factory refused its arguments"):  # Linear takes no num_features=
+        builder({"num_features": 4, "num_classes": 2, "kwargs": {}})
+
+
+@pytest.mark.parametrize("arch", BUILTIN_ARCHS)
+def test_a_checkpoint_of_every_builtin_arch_round_trips(tmp_path, arch):
+    cfg = TeacherConfig(arch=arch, hidden=[8], channels=[4, 4], kernel_sizes=[2, 3], embedding_dim=8)
+    tokens = TOKENS if arch == "textcnn" else None
+    args = model_args(cfg, 12, 3, tokens=tokens)
+    model = build_model(args).eval()
+    save_checkpoint(tmp_path / "m.pt", model, args)
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randint(1, 30, (4, 12)) if tokens else torch.randn(4, 12)
+    assert type(loaded) is type(model) and ckpt["model_args"] == args
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_transformer_checkpoint_round_trips_without_its_folder(tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16).to_dict()
+    args = {"arch": pretrained.TRANSFORMER, "num_features": 12, "num_classes": 3, "config": config, **TOKENS}
+    model = build_model(args).eval()
+    assert isinstance(model, pretrained.TransformerClassifier)
+    save_checkpoint(tmp_path / "t.pt", model, args)
+    loaded, _ = load_checkpoint(tmp_path / "t.pt")
+    x = torch.randint(1, 30, (4, 12))
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_torchscript_checkpoint_round_trips(tmp_path):
+    net = MLP(6, 3, [8]).eval()
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    args = {"arch": pretrained.TORCHSCRIPT, "num_features": 6, "num_classes": 3,
+            "script": (tmp_path / "net.ts").read_bytes()}
+    save_checkpoint(tmp_path / "t.pt", build_model(args), args)
+    loaded, _ = load_checkpoint(tmp_path / "t.pt")
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded(x), net(x))
