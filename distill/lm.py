@@ -41,10 +41,9 @@ from distill.corpus import CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint, write_csv
-from distill.losses import total
 from distill.progress import bar
 from distill.resume import Resume
-from distill.sparse import Targets, kl_to_targets
+from distill.sparse import Targets, token_kl_loss
 from distill.text import load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -337,12 +336,11 @@ def _loss(net: nn.Module, ids: torch.Tensor, targets: Targets | None, job: LMJob
           ) -> dict[str, torch.Tensor]:
     with devices.autocast(device, job.precision):
         logits = next_token_logits(net, ids)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
     if job.distill is None or targets is None:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return {"loss": ce, "ce": ce}
     d = job.distill
-    kl = kl_to_targets(logits, targets.to(device), d.temperature, d.tail).mean()
-    return {"loss": total(kl, ce, d.temperature, d.alpha), "ce": ce, "kl": kl}
+    return token_kl_loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, d.tail)
 
 
 def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_path: str | Path,

@@ -4,10 +4,17 @@ The models know nothing of these; the training loop passes teacher logits read
 from the soft-label Parquet. `Distillation` holds a student's loss settings;
 `rank_share` splits a batch's loss terms between torchrun processes so that they
 add up to the whole batch's.
+
+Losses are a registry: `register_loss(name)` adds one, `get_loss(name)` finds it. A loss is
+called as `loss(student_logits, teacher, labels, temperature, alpha, **options)` and returns
+its parts, "loss" the total. This module registers `kd` and `dkd`; distill.sparse registers
+the language model's `token_kl` (this module never imports it, so a classifier's code does
+not include the language model's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +22,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.config import StudentConfig
+from distill.errors import UserError
 
 UNLABELED = -1
+
+Loss = Callable[..., dict[str, torch.Tensor]]
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(name: str) -> Callable[[Loss], Loss]:
+    """Decorator: register `loss` under `name` (a name taken is a programming error)."""
+
+    def register(loss: Loss) -> Loss:
+        if name in LOSSES:
+            raise ValueError(f"loss {name} is registered already (by {LOSSES[name].__qualname__})")
+        LOSSES[name] = loss
+        return loss
+
+    return register
+
+
+def get_loss(name: str) -> Loss:
+    """The loss registered as `name`."""
+    if name not in LOSSES:
+        raise UserError(f"loss {name} is not known: use one of {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,6 +64,7 @@ def total(kd: torch.Tensor, ce: torch.Tensor, temperature: float, alpha: float) 
     return alpha * temperature * temperature * kd + (1 - alpha) * ce
 
 
+@register_loss("kd")
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -72,6 +103,7 @@ def kd_loss(
     return {"loss": total(kd, ce, temperature, alpha), "kd": kd, "ce": ce}
 
 
+@register_loss("dkd")
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -130,9 +162,6 @@ def _binary_kl(teacher_scaled: torch.Tensor, student_scaled: torch.Tensor, is_ta
     return torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(dim=1).mean()
 
 
-LOSSES = {"kd": kd_loss, "dkd": dkd_loss}
-
-
 @dataclass(frozen=True)
 class Distillation:
     """The KD loss settings, and where the teacher's logits come from.
@@ -145,7 +174,7 @@ class Distillation:
     temperature: float
     alpha: float
     teacher: nn.Module | None = None
-    loss: str = "kd"  # a key of LOSSES
+    loss: str = "kd"  # a registered loss's name (get_loss)
     loss_options: dict = field(default_factory=dict)  # dkd: target_weight, nontarget_weight
 
     @staticmethod
@@ -154,8 +183,8 @@ class Distillation:
         return Distillation(cfg.temperature, cfg.alpha, teacher, cfg.loss, options if cfg.loss == "dkd" else {})
 
     def __call__(self, student_logits, teacher_logits, labels) -> dict[str, torch.Tensor]:
-        return LOSSES[self.loss](student_logits, teacher_logits, labels, self.temperature, self.alpha,
-                                 **self.loss_options)
+        return get_loss(self.loss)(student_logits, teacher_logits, labels, self.temperature, self.alpha,
+                                   **self.loss_options)
 
 
 def rank_share(parts: dict[str, torch.Tensor], row_share: float, labelled_share: float,

@@ -19,13 +19,14 @@ vocabulary. `soft_labels.targets` keeps one of three forms of it:
 A Parquet row is one window of the prepared data; each column is a fixed-size list over its
 P positions (`positions` x k values, position-major). `Targets` is what a batch unpacks to.
 
-The student's loss (`kl_to_targets`) is the forward KL(target || student) at temperature T
+The student's KL (`kl_to_targets`) is the forward KL(target || student) at temperature T
 over the stored ids; a top-k tail is dropped (`tail: zero`: the k probabilities
 renormalised), spread evenly over the V - k other ids (`tail: uniform`: each gets
 tail / (V - k) before the temperature), or kept as one more outcome (`tail: bucket`: the
 student's total mass outside the k ids is matched to it, its shape left to the
 cross-entropy). At T = 1 the bucket is exact for what is stored and assumes nothing of
-the tail's shape. With k = V all three equal the dense KL.
+the tail's shape. With k = V all three equal the dense KL. `token_kl_loss` mixes it with the
+next-token cross-entropy; it is registered in distill.losses as `token_kl`, beside kd and dkd.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import UserError
+from distill.losses import register_loss, total
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
 COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
@@ -212,3 +214,27 @@ def kl_to_targets(student_logits: torch.Tensor, t: Targets, temperature: float =
     p = log_t.exp()
     kept = torch.where(p > 0, p * (log_t - log_s_kept), torch.zeros_like(p))
     return kept.sum(-1) + tail_kl
+
+
+@register_loss("token_kl")
+def token_kl_loss(student_logits: torch.Tensor, targets: Targets, labels: torch.Tensor, temperature: float,
+                  alpha: float, tail: str = "zero") -> dict[str, torch.Tensor]:
+    """A language model's distillation loss over every position of a batch of windows:
+
+        loss = alpha * T^2 * mean KL(target_T || student_T) + (1 - alpha) * CE(z_s, next token)
+
+    Args:
+        student_logits: (B, P, V) the student's next-token logits z_s.
+        targets: the teacher's stored targets at the same (B, P) positions.
+        labels: (B, P) the next tokens' ids.
+        temperature: T > 0.
+        alpha: weight of the KL term, in [0, 1].
+        tail: what a top-k tail stands for (`kl_to_targets`).
+
+    Returns:
+        {"loss": the total, "ce": the next-token cross-entropy, "kl": the KL averaged over the
+        positions (before the T^2 and alpha factors)}.
+    """
+    ce = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten())
+    kl = kl_to_targets(student_logits, targets, temperature, tail).mean()
+    return {"loss": total(kl, ce, temperature, alpha), "ce": ce, "kl": kl}

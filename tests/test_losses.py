@@ -1,12 +1,17 @@
-"""The Hinton KD and decoupled KD losses against hand-computed values and their defining properties."""
+"""The Hinton KD and decoupled KD losses against hand-computed values and their defining properties,
+and the loss registry."""
 
+import ast
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import cross_entropy, dkd_loss, kd_loss
+from conftest import REPO
+from distill import sparse
+from distill.errors import UserError
+from distill.losses import LOSSES, Distillation, cross_entropy, dkd_loss, get_loss, kd_loss, register_loss
 
 
 def two_class_case():
@@ -143,3 +148,60 @@ def test_dkd_is_zero_when_the_student_copies_the_teacher():
     teacher = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
     out = dkd_loss(teacher.clone(), teacher, torch.arange(8) % 6, temperature=4.0, alpha=1.0)
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_dkd_and_the_language_models_token_kl_are_registered_by_name():
+    assert get_loss("kd") is kd_loss and get_loss("dkd") is dkd_loss
+    assert get_loss("token_kl") is sparse.token_kl_loss
+
+
+def test_an_unknown_loss_is_refused_in_one_sentence_naming_the_known_ones():
+    with pytest.raises(UserError, match=r"^loss hinton is not known: use one of dkd, kd, token_kl$"):
+        get_loss("hinton")
+
+
+@pytest.fixture
+def ce_only_loss():
+    """A loss registered for one test, and removed again after it."""
+
+    @register_loss("ce_only")
+    def ce_only(student_logits, teacher_logits, labels, temperature, alpha):
+        ce = cross_entropy(student_logits, labels)
+        return {"loss": ce, "kd": torch.zeros(()), "ce": ce}
+
+    yield ce_only
+    del LOSSES["ce_only"]
+
+
+def test_a_registered_loss_is_found_by_name_and_used_by_the_distillation_settings(ce_only_loss):
+    assert get_loss("ce_only") is ce_only_loss
+    student, teacher, labels = two_class_case()
+    parts = Distillation(temperature=2.0, alpha=0.9, loss="ce_only")(student, teacher, labels)
+    assert parts["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_loss_name_is_registered_once():
+    with pytest.raises(ValueError, match="loss kd is registered already"):
+        register_loss("kd")(dkd_loss)
+
+
+def test_the_classifier_losses_import_nothing_of_the_language_model():
+    tree = ast.parse((REPO / "distill" / "losses.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+             for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {n for n in names if n and n.rsplit(".", 1)[-1] in ("sparse", "lm")}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_token_kl_mixes_the_mean_kl_to_the_stored_targets_with_the_next_token_cross_entropy(temperature):
+    gen = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 3, 11, generator=gen), torch.randn(2, 3, 11, generator=gen)
+    kept = sparse.select(teacher, "top_k", 4)
+    targets = sparse.Targets(kept["ids"], kept["logprobs"], kept["tail"])
+    labels = torch.randint(0, 11, (2, 3), generator=gen)
+    parts = sparse.token_kl_loss(student, targets, labels, temperature, alpha=0.25, tail="bucket")
+    kl = sparse.kl_to_targets(student, targets, temperature, "bucket").mean()
+    ce = F.cross_entropy(student.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(parts["kl"], kl)
+    torch.testing.assert_close(parts["ce"], ce)
+    torch.testing.assert_close(parts["loss"], 0.25 * temperature**2 * kl + 0.75 * ce)
