@@ -2,7 +2,7 @@
 
 For each seed, the default language-model pipeline (lm/params.yaml with only `seed` changed,
 tracking off) runs stage by stage in benchmarks/.work/lm/seed<N>/, each stage as its dvc.yaml
-command (`python -m stages.lm.<stage>`, timed: the sum is a fresh-cache run's wall time). Then,
+command (`python -m stages.<stage>`, timed: the sum is a fresh-cache run's wall time). Then,
 with that seed's teacher, the soft labels are stored in every form compared here, a student is
 distilled from each (same steps, seed and settings), and each is scored on the test windows:
 

@@ -3,7 +3,7 @@
 With a finished language-model pipeline folder of benchmarks/lm_quality.py (default:
 benchmarks/.work/lm/seed0: its top-32 soft labels, in targets-top-32/ unless the default pipeline
 stored top-32 itself, and its baseline), one student per `student.tail` (zero, uniform, bucket) is
-trained with `stages.lm.train_student` (same steps, seed and settings; only the tail changes), and
+trained with `stages.train_student` (same steps, seed and settings; only the tail changes), and
 each is scored on the test windows.
 Writes benchmarks/results/lm_tails.json.
 

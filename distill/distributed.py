@@ -144,3 +144,22 @@ def stage_run(world: World, stage: str, cfg: TrackingConfig, params: dict, recei
     if not world.is_main:
         cfg, receipt = cfg.model_copy(update={"enabled": False}), None
     return tracking.stage_run(stage, cfg, params, receipt)
+
+
+def run_training(stage: str, task, params, paths, receipt: str | None, logged: dict,
+                 argv: Sequence[str] | None) -> dict:
+    """A training stage (train_teacher, train_student, train_baseline): the task's method of that
+    name on every rank (run_stage), inside the stage's tracked run. A student's run is tagged with
+    the teacher and soft-label runs it learned from, and records the soft labels as its dataset."""
+    def body(world: World) -> dict:
+        with stage_run(world, stage, params.tracking, logged, receipt) as run:
+            result = getattr(task, stage)(params, paths, world, run)
+            if paths.soft_labels is not None:
+                lineage = result["soft_labels"]
+                run.set_tags({"distill.teacher_run_id": lineage["teacher_run_id"],
+                              "distill.soft_labels_run_id": lineage["soft_labels_run_id"]})
+                # the folder; the digest is provenance.json's, which lists every shard's sha256
+                run.log_dataset(paths.soft_labels, "soft_labels", lineage["soft_labels_sha256"], context="training")
+        return result
+
+    return run_stage(params.distributed, params.runtime, f"stages.{stage}", argv, body)

@@ -1,7 +1,8 @@
-"""What every stage command line shares: argument parsing and the exit status.
+"""What every stage command line shares: argument parsing, the task, what a run logs, the exit status.
 
-Stage entry points run under `cli_main`, which reports a `UserError` by the one rule
-of distill.errors (one line, exit status 2, no traceback).
+Every stage reads params.yaml, takes the task it names (distill/task.py) and calls the
+task's method of the stage's name. Stage entry points run under `cli_main`, which reports
+a `UserError` by the one rule of distill.errors (one line, exit status 2, no traceback).
 """
 
 from __future__ import annotations
@@ -9,8 +10,38 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from typing import Any
+
+from distill.config import load_params
 from distill.errors import UserError, report
 from distill.progress import setup_logging
+from distill.task import Task, get_task
+
+# the params.yaml sections each stage's MLflow run records (dvc.yaml lists the keys the stage reads)
+LOGGED = {
+    "prepare": ("data",),
+    "train_teacher": ("seed", "teacher", "distributed", "runtime"),
+    "soft_labels": ("soft_labels", "runtime"),
+    "train_student": ("seed", "student", "distributed", "runtime"),
+    "train_baseline": ("seed", "student", "distributed", "runtime"),  # less the task's distillation keys
+    "evaluate": ("evaluate", "registry", "runtime"),
+}
+
+
+def stage_params(path: str) -> tuple[Any, Task]:
+    """The validated params.yaml and the task it names."""
+    params = load_params(path, task=None)
+    return params, get_task(params.task)
+
+
+def logged(stage: str, params: Any, task: Task) -> dict:
+    """What `stage`'s run records of params.yaml: its sections, the baseline's without distillation keys."""
+    out = {}
+    for name in LOGGED[stage]:
+        value = getattr(params, name)
+        exclude = set(task.distillation_keys) if (stage, name) == ("train_baseline", "student") else None
+        out[name] = value.model_dump(exclude=exclude) if hasattr(value, "model_dump") else value
+    return out
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -1,23 +1,24 @@
-"""DVC stage `prepare`: build data/prepared/{train,val,test[,transfer]}.parquet from `data.*`.
+"""DVC stage `prepare`: the data source (`data.*`) made into the task's prepared splits.
+
+Classification: train/val/test/transfer Parquet splits of features (or token ids) and labels;
+language model: documents split whole, a tokenizer, token windows per split.
 
     python -m stages.prepare --params params.yaml --out data/prepared --receipt reports/runs/prepare.json
 """
 
-from distill import data, tracking
-from distill.config import load_params
-from stages.common import cli_main, stage_parser
+from pathlib import Path
+
+from distill import tracking
+from stages.common import cli_main, logged, stage_params, stage_parser
 
 
 def main(argv=None) -> dict:
     parser = stage_parser(__doc__)
     parser.add_argument("--out", required=True, help="prepared-data directory")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    with tracking.stage_run("prepare", params.tracking, {"data": params.data.model_dump()}, args.receipt) as run:
-        summary = data.prepare(params.data, args.out).summary()
-        run.log_metrics({f"rows_{split}": n for split, n in summary["splits"].items()}
-                        | {"num_classes": summary["num_classes"], "num_features": summary["num_features"]})
-    return summary
+    params, task = stage_params(args.params)
+    with tracking.stage_run("prepare", params.tracking, logged("prepare", params, task), args.receipt) as run:
+        return task.prepare(params, Path(args.out), run)
 
 
 if __name__ == "__main__":

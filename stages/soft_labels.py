@@ -1,13 +1,17 @@
-"""DVC stage `soft_labels`: the teacher's raw logits over train + transfer, as Parquet shards
-(part-00000.parquet, ...) and one provenance.json.
+"""DVC stage `soft_labels`: the teacher's outputs over the training data, stored once as Parquet
+shards (part-00000.parquet, ...) and one provenance.json (`soft_labels.*`).
+
+Classification: raw logits per train and transfer row; language model: next-token targets at
+every position of every train window (top-k, sampled or dense).
 
     python -m stages.soft_labels --params params.yaml --teacher models/teacher.pt \
         --prepared data/prepared --out data/soft_labels --receipt reports/runs/soft_labels.json
 """
 
-from distill import device, softlabels, tracking
-from distill.config import load_params
-from stages.common import cli_main, stage_parser
+from pathlib import Path
+
+from distill import tracking
+from stages.common import cli_main, logged, stage_params, stage_parser
 
 
 def main(argv=None) -> dict:
@@ -16,14 +20,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--prepared", required=True, help="prepared-data directory")
     parser.add_argument("--out", required=True, help="soft-label directory to write")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    where = device.resolve(params.runtime)  # a device that is not there: one sentence, before any work
-    logged = {"soft_labels": params.soft_labels.model_dump(), "runtime": params.runtime.model_dump()}
-    with tracking.stage_run("soft_labels", params.tracking, logged, args.receipt) as run:
-        result = softlabels.dump(args.teacher, args.prepared, args.out, params.soft_labels, run_id=run.run_id,
-                                 device=where, precision=params.runtime.precision)
-        run.log_metrics({"rows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
-                         "bytes_per_row": result["bytes"] / max(result["rows"], 1)})
+    params, task = stage_params(args.params)
+    with tracking.stage_run("soft_labels", params.tracking, logged("soft_labels", params, task), args.receipt) as run:
+        result = task.soft_labels(params, Path(args.teacher), Path(args.prepared), Path(args.out), run)
         run.set_tags({"distill.teacher_run_id": result["teacher_run_id"],
                       "distill.teacher_sha256": result["teacher_sha256"]})
     return result

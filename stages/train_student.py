@@ -1,4 +1,6 @@
-"""DVC stage `train_student`: distil the student from the stored soft labels (`student.*`, `seed`).
+"""DVC stage `train_student`: the student distilled from the stored soft labels (`student.*`, `seed`):
+alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, or the loss `student.loss` names.
+Refuses soft labels made by another teacher, over other data, or with another tokenizer.
 
 Distributed training as in train_teacher (`distributed.nproc`, or under torchrun).
 
@@ -9,35 +11,19 @@ Distributed training as in train_teacher (`distributed.nproc`, or under torchrun
 
 from pathlib import Path
 
-from distill import distributed, training
-from distill.config import load_params
-from stages.common import cli_main, training_parser
+from distill import distributed
+from distill.task import TrainPaths
+from stages.common import cli_main, logged, stage_params, training_parser
 
 
 def main(argv=None) -> dict:
     parser = training_parser(__doc__)
     parser.add_argument("--soft-labels", required=True, help="soft-label directory")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-
-    def train(world: distributed.World) -> dict:
-        logged = {"seed": params.seed, "student": params.student.model_dump(),
-                  "distributed": params.distributed.model_dump(), "runtime": params.runtime.model_dump()}
-        with distributed.stage_run(world, "train_student", params.tracking, logged, args.receipt) as run:
-            job = training.TrainJob(params.student, params.seed, "student", on_epoch=run.log_epoch, world=world,
-                                     precision=params.runtime.precision)
-            out = training.Outputs(Path(args.model), Path(args.history), {"mlflow_run_id": run.run_id})
-            result = training.train_student(job, args.prepared, args.soft_labels, out, params.resume)
-            lineage = result["soft_labels"]
-            run.set_tags({"distill.teacher_run_id": lineage["teacher_run_id"],
-                          "distill.soft_labels_run_id": lineage["soft_labels_run_id"]})
-            # the folder; the digest is provenance.json's, which lists every shard's sha256
-            run.log_dataset(Path(args.soft_labels), "soft_labels", lineage["soft_labels_sha256"],
-                            context="training")
-            run.log_training(result, args.model, mlflow_model=True)
-        return result
-
-    return distributed.run_stage(params.distributed, params.runtime, "stages.train_student", argv, train)
+    params, task = stage_params(args.params)
+    paths = TrainPaths(Path(args.prepared), Path(args.model), Path(args.history), Path(args.soft_labels))
+    return distributed.run_training("train_student", task, params, paths, args.receipt,
+                                    logged("train_student", params, task), argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import yaml
 
 from conftest import REPO, write_params
 from distill import corpus
-from distill.config import LM_DISTILLATION_KEYS, CorpusConfig, LMParams, LMStudentConfig, load_params
+from distill.config import load_params
 from distill.errors import UserError
+from distill.lm_params import LM_DISTILLATION_KEYS, CorpusConfig, LMParams, LMStudentConfig
 from stages.common import cli_main
 from test_config import _missing_keys
 from tiny_lm import make_corpus, tiny_lm_params
@@ -80,7 +81,7 @@ def test_the_rotten_tomatoes_corpus_is_one_document_per_movie():
 
 def run_prepare(tmp_path: Path, params: dict, caplog) -> tuple[int, str]:
     """The stage's exit status and its one error line (distill.errors.report logs it)."""
-    from stages.lm import prepare
+    from stages import prepare
 
     path = write_params(tmp_path / "params.yaml", params)
     caplog.clear()
@@ -150,9 +151,9 @@ def test_the_lm_baseline_reads_every_student_key_except_the_distillation_ones():
 
 
 def test_a_stage_refuses_the_other_tasks_params_by_name(tmp_path):
-    with pytest.raises(UserError, match="its task is language_model, but this is the classify pipeline"):
+    with pytest.raises(UserError, match="its task is language_model, but the caller runs classify"):
         load_params(REPO / "lm" / "params.yaml")
-    with pytest.raises(UserError, match="its task is classify, but this is the language_model pipeline"):
+    with pytest.raises(UserError, match="its task is classify, but the caller runs language_model"):
         load_params(REPO / "params.yaml", task="language_model")
     raw = yaml.safe_load((REPO / "lm" / "params.yaml").read_text())
     raw["student"]["width"] = 129  # not a multiple of 2 heads

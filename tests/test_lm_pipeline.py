@@ -20,10 +20,10 @@ import yaml
 from conftest import REPO, TINY_PARAMS, dvc, git_commit, make_scratch_project, repro, run_pipeline_in_process
 from conftest import run_stage_in_process, write_params
 from distill import corpus, lm, lm_soft_labels
-from distill.config import LMResumeConfig, LMStudentConfig
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import file_sha256
+from distill.lm_params import LMResumeConfig, LMStudentConfig
 from distill.text import tokenizer_sha256
 from tiny_lm import make_corpus, tiny_lm_params
 
@@ -113,7 +113,7 @@ def test_a_vocabulary_larger_than_uint16_is_refused_before_any_work(built, tmp_p
     from transformers import PreTrainedTokenizerFast
 
     from stages.common import cli_main
-    from stages.lm import soft_labels
+    from stages import soft_labels
 
     words = {f"w{i}": i for i in range(70_000)} | {"<|endoftext|>": 70_000}
     tok = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))

@@ -1,0 +1,132 @@
+"""The classification task: tables, signals and text into classes (task: classify).
+
+One implementation of distill.task.Task. Data are prepared into Parquet splits (distill/data.py),
+models are the built-in or the user's architectures, a pretrained Hugging Face encoder or a
+checkpoint (distill/models.py, distill/pretrained.py), trained epoch by epoch on labels or on
+the teacher's stored logits (distill/training.py, distill/losses.py), whose soft labels are raw
+logits per row (distill/softlabels.py), scored by accuracy, NLL, calibration and agreement
+(distill/evaluation.py) and reported in distill/report.py.
+
+Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
+its own import closure (distill/task.py says why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from distill.classification_params import DISTILLATION_KEYS, Params
+from distill.task import EvaluatePaths, TrainPaths
+
+
+class ClassificationTask:
+    """Classifiers over vectors, signals and text: the teacher's logits are the soft labels."""
+
+    name: ClassVar[str] = "classify"
+    params_model: ClassVar[type] = Params
+    distillation_keys: ClassVar[tuple[str, ...]] = DISTILLATION_KEYS
+    reports: ClassVar[dict[str, str]] = {
+        "compare": "markdown comparison to write", "predictions": "per-example predictions CSV to write",
+        "reliability": "directory of reliability-diagram CSVs", "report": "HTML report to write",
+        "figures": "directory of the report's PNG figures",
+        "curves": "directory of each model's per-epoch CSV (plot data)"}
+    user_files: ClassVar[dict[str, list[tuple[str, str]]]] = {
+        "prepare": [("${data.path}", "your data file (data/raw, the folder, when the source generates its data)"),
+                    ("${data.transfer_path}", "your file of unlabeled rows (data/raw when none)"),
+                    ("${data.text.tokenizer}", "text: the tokenizer folder (data/raw when the data is not text)")],
+        "train_teacher": [("${teacher.model}", "a pretrained folder or checkpoint file (data/raw when trained here)")]}
+    # dvc.yaml's plots: report files drawn by `dvc plots show`, and the curves across models
+    report_plots: ClassVar[dict[str, dict]] = {"predictions": {"template": "confusion", "x": "actual", "y": "student"},
+                                               "figures": {}}
+    pipeline_plots: ClassVar[list[dict]] = [
+        {"Validation accuracy by epoch": {
+            "template": "by_model",  # .dvc/plots/by_model.json: a colour per model, a dash per git revision
+            "x": "epoch", "y": {f"reports/curves/{role}.csv": "val_accuracy" for role in ("teacher", "student", "baseline")}}},
+        {"Reliability diagram (test)": {
+            "x": "confidence", "y": {f"reports/reliability/{role}.csv": "accuracy"
+                                     for role in ("teacher", "student", "baseline")}}}]
+
+    def prepare(self, params: Params, out: Path, run: Any) -> dict:
+        from distill import data
+
+        summary = data.prepare(params.data, out).summary()
+        run.log_metrics({f"rows_{split}": n for split, n in summary["splits"].items()}
+                        | {"num_classes": summary["num_classes"], "num_features": summary["num_features"]})
+        return summary
+
+    def train_teacher(self, params: Params, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import data, pretrained, training
+        from distill.errors import UserError
+
+        teacher = params.teacher
+        job, out = self._job(params, "teacher", paths, world, run)
+        if teacher.source == "checkpoint":
+            meta = data.read_meta(paths.prepared)
+            model, model_args, info = pretrained.load_user_checkpoint(teacher.model, meta.num_features,
+                                                                      meta.num_classes, meta.tokens, meta.class_names)
+            record = pretrained.source_record(teacher.model)
+            run.set_tags({"distill.teacher_source": "checkpoint",
+                          "distill.teacher_source_sha256": record["teacher_source_sha256"]})
+            source_info = {k: v for k, v in info.items() if k != "history"}
+            result = training.use_as_is(model, model_args, job, paths.prepared, out, record | {"source_info": source_info})
+        else:
+            def from_folder(meta):
+                if meta.tokens is None:
+                    raise UserError(f"teacher.source pretrained reads text; data.source '{params.data.source}' is "
+                                    "not text (set data.text_column, or use teacher.source: train)")
+                return pretrained.load_pretrained(teacher.model, meta.num_classes, meta.tokens, meta.num_features,
+                                                  teacher.trainable_layers)
+
+            start = from_folder if teacher.source == "pretrained" else None
+            result = training.train_on_labels(job, paths.prepared, out, params.resume, start=start)
+        run.log_training(result, str(paths.model))
+        return result
+
+    def soft_labels(self, params: Params, teacher: Path, prepared: Path, out: Path, run: Any) -> dict:
+        from distill import device, softlabels
+
+        where = device.resolve(params.runtime)  # a device that is not there: one sentence, before any work
+        result = softlabels.dump(teacher, prepared, out, params.soft_labels, run_id=run.run_id,
+                                 device=where, precision=params.runtime.precision)
+        run.log_metrics({"rows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
+                         "bytes_per_row": result["bytes"] / max(result["rows"], 1)})
+        return result
+
+    def train_student(self, params: Params, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import training
+
+        job, out = self._job(params, "student", paths, world, run)
+        result = training.train_student(job, paths.prepared, paths.soft_labels, out, params.resume)
+        run.log_training(result, str(paths.model), mlflow_model=True)
+        return result
+
+    def train_baseline(self, params: Params, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import training
+
+        job, out = self._job(params, "baseline", paths, world, run)
+        result = training.train_on_labels(job, paths.prepared, out, params.resume)
+        run.log_training(result, str(paths.model))
+        return result
+
+    def _job(self, params: Params, role: str, paths: TrainPaths, world: Any, run: Any) -> tuple:
+        """The training job of `role` (its config, seed, ranks, precision) and where it writes."""
+        from distill import training
+
+        cfg = params.teacher if role == "teacher" else params.student
+        job = training.TrainJob(cfg, params.seed, role, on_epoch=run.log_epoch, world=world,
+                                precision=params.runtime.precision)
+        return job, training.Outputs(paths.model, paths.history, {"mlflow_run_id": run.run_id})
+
+    def evaluate(self, params: Params, paths: EvaluatePaths, run: Any) -> dict:
+        from distill import device, evaluation, report, run_logging
+        from distill.io import write_text
+
+        out = paths.outputs
+        result = evaluation.evaluate(params.evaluate, paths.prepared, paths.checkpoints, device.resolve(params.runtime))
+        evaluation.write_outputs(result, out["metrics"], out["predictions"], out["reliability"], out["curves"])
+        write_text(out["compare"], report.compare_table(result.metrics))
+        report.write_report(result, out["report"], out["figures"])
+        run_logging.log_evaluation(run, result, [Path(p) for p in out.values()])
+        passed = evaluation.passes_gate(result.metrics["student"], params.registry)
+        return result.metrics | {"run_ids": result.run_ids, "passed": passed}

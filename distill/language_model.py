@@ -1,0 +1,127 @@
+"""The language-model task: a causal LM distilled from per-token soft labels (task: language_model).
+
+One implementation of distill.task.Task. Documents are split whole and cut into token windows
+(distill/corpus.py); teacher and student are GPT-2s built from params or a Hugging Face
+causal-LM folder (distill/lm.py), trained step by step; the soft labels are the teacher's
+next-token targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
+distill/sparse.py); models are scored in bits per token against the live teacher
+(distill/lm_evaluation.py).
+
+Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
+its own import closure (distill/task.py says why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
+from distill.task import EvaluatePaths, TrainPaths
+
+
+class LanguageModelTask:
+    """Causal language models: the teacher's next-token distributions are the soft labels."""
+
+    name: ClassVar[str] = "language_model"
+    params_model: ClassVar[type] = LMParams
+    distillation_keys: ClassVar[tuple[str, ...]] = LM_DISTILLATION_KEYS
+    reports: ClassVar[dict[str, str]] = {
+        "compare": "markdown comparison and samples to write", "report": "HTML report to write",
+        "figures": "directory of the report's PNG figures", "curves": "directory of each model's val curve CSV"}
+    user_files: ClassVar[dict[str, list[tuple[str, str]]]] = {
+        "prepare": [("${data.path}", "your text (data/raw, the folder, for the built-in corpus)"),
+                    ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)")],
+        "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")]}
+    report_plots: ClassVar[dict[str, dict]] = {"figures": {}}
+    pipeline_plots: ClassVar[list[dict]] = [
+        {"Validation bits per token by step": {
+            "x": "step", "y": {f"reports/curves/{role}.csv": "val_bits_per_token"
+                               for role in ("teacher", "student", "baseline")}}}]
+
+    def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
+        from distill import corpus
+
+        meta = corpus.prepare(params.data, out)
+        run.log_metrics({f"{key}_{split}": n for split, counts in meta.splits.items() for key, n in counts.items()}
+                        | {"vocab_size": meta.vocab_size})
+        return {"vocab_size": meta.vocab_size, "splits": meta.splits}
+
+    def train_teacher(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import corpus, lm
+        from distill.io import tree_sha256
+
+        teacher = params.teacher
+        meta = corpus.read_meta(paths.prepared)
+        model = lm.pretrained(teacher.model, meta) if teacher.source == "pretrained" else lm.gpt2(teacher, meta,
+                                                                                                 params.seed)
+        job = lm.LMJob(teacher, params.seed, "teacher", world=world, precision=params.runtime.precision,
+                       on_eval=run.log_step)
+        from_folder = teacher.source == "pretrained" and teacher.steps and params.resume.every_steps
+        start = {"model_sha256": tree_sha256(teacher.model)} if from_folder else {}
+        job = lm.resumable(job, params.resume, meta, source=teacher.source, **start)
+        out = self._fit(model, job, paths, meta, {"source": teacher.source}, run)
+        run.log_lm_training(out, str(paths.model))
+        return out
+
+    def soft_labels(self, params: LMParams, teacher: Path, prepared: Path, out: Path, run: Any) -> dict:
+        from distill import device, lm_soft_labels
+
+        where = device.resolve(params.runtime)
+        result = lm_soft_labels.dump(teacher, prepared, out, params.soft_labels, run_id=run.run_id, device=where,
+                                     precision=params.runtime.precision)
+        run.log_metrics({"windows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
+                         "bytes_per_token": result["bytes_per_token"]})
+        return result
+
+    def train_student(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import corpus, lm, lm_soft_labels
+
+        student = params.student
+        meta = corpus.read_meta(paths.prepared)
+        model = lm.gpt2(student, meta, params.seed)
+        soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model))
+        lineage = lm_soft_labels.lineage(soft)
+        job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
+                       precision=params.runtime.precision, on_eval=run.log_step)
+        job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
+        out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
+        val = corpus.read_windows(paths.prepared, "val")
+        run.log_lm_training(out, str(paths.model), lm.NextTokenLogits(out["model"]).eval(), val[:2])
+        return out | {"soft_labels": lineage}
+
+    def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
+        from distill import corpus, lm
+
+        meta = corpus.read_meta(paths.prepared)
+        model = lm.gpt2(params.student, meta, params.seed)
+        job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
+                       on_eval=run.log_step)
+        job = lm.resumable(job, params.resume, meta)
+        out = self._fit(model, job, paths, meta, {}, run)
+        run.log_lm_training(out, str(paths.model))
+        return out
+
+    def _fit(self, model: Any, job: Any, paths: TrainPaths, meta: Any, info: dict, run: Any, soft: Any = None) -> dict:
+        """Train `model` on the train windows (and `soft` targets), keep the best on val, save it."""
+        from distill import corpus, lm
+
+        buffer = job.distill.shuffle_buffer if soft is not None else 0
+        batches = lm.WindowBatches(corpus.read_windows(paths.prepared, "train"), job.cfg.batch_size, job.world,
+                                   soft, buffer)
+        result = lm.train(model, job, batches, corpus.read_windows(paths.prepared, "val"))
+        return lm.save_result(result, job, paths.model, paths.history, meta, {"mlflow_run_id": run.run_id} | info)
+
+    def evaluate(self, params: LMParams, paths: EvaluatePaths, run: Any) -> dict:
+        from distill import device, lm_evaluation
+
+        result = lm_evaluation.evaluate(params.evaluate, paths.prepared, paths.checkpoints,
+                                        device.resolve(params.runtime))
+        lm_evaluation.write_outputs(result, paths.outputs)
+        gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
+        run.log_metrics({f"{m}.{k}": v for m in lm_evaluation.MODELS for k, v in result.metrics[m].items()
+                         if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
+        for path in paths.outputs.values():
+            run.log_artifact(Path(path))
+        passed = lm_evaluation.passes_gate(result.metrics["student"], params.registry)
+        return result.metrics | {"run_ids": result.run_ids, "passed": passed}
