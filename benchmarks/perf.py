@@ -48,7 +48,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill import data, device, softlabels, training  # noqa: E402
-from distill.config import Params, RuntimeConfig, SoftLabelsConfig, StudentConfig, load_params  # noqa: E402
+from distill.classification_params import Params, SoftLabelsConfig, StudentConfig  # noqa: E402
+from distill.config import RuntimeConfig, load_params  # noqa: E402
 from distill.losses import Distillation  # noqa: E402
 from distill.models import load_checkpoint, predict_logits  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402

@@ -33,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.config import RAW_DIR, CorpusConfig
+from distill.config import RAW_DIR
 from distill.errors import UserError
 from distill.io import atomic_path, tree_sha256
+from distill.lm_params import CorpusConfig
 from distill.text import TOKENIZER_FILES, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill import text as texts
-from distill.config import RAW_DIR, DataConfig
+from distill.classification_params import DataConfig
+from distill.config import RAW_DIR
 from distill.errors import UserError
 from distill.io import atomic_path, tree_sha256
 

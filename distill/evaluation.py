@@ -23,7 +23,7 @@ from torch import nn
 
 from distill import data
 from distill import device as devices
-from distill.config import EvaluateConfig, RegistryConfig
+from distill.classification_params import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json
 from distill.models import count_parameters, load_checkpoint, predict_logits

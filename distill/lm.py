@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import device as devices
-from distill.config import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
 from distill.corpus import CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint, write_csv
+from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
 from distill.progress import bar
 from distill.resume import Resume
 from distill.sparse import Targets, token_kl_loss

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from distill import lm
-from distill.config import LMEvaluateConfig, LMRegistryConfig
 from distill.corpus import read_meta, read_windows
 from distill.errors import UserError
 from distill.evaluation import gap_closed, latency_ms
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
+from distill.lm_params import LMEvaluateConfig, LMRegistryConfig
 from distill.report import COLORS, PAGE, png_bytes
 
 MODELS = ("teacher", "student", "baseline")

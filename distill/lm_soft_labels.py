@@ -26,10 +26,10 @@ import torch
 
 from distill import device as devices
 from distill import lm, sparse
-from distill.config import LMSoftLabelsConfig
 from distill.corpus import CorpusMeta, read_meta, read_windows
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
+from distill.lm_params import LMSoftLabelsConfig
 from distill.progress import bar
 from distill.softlabels import (PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance,
                                 write_shards)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import StudentConfig
+from distill.classification_params import StudentConfig
 from distill.errors import UserError
 
 UNLABELED = -1

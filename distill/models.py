@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import AUTO_ARCH, BUILTIN_ARCHS, IMPORT_PATH, ModelTrainConfig
+from distill.classification_params import AUTO_ARCH, BUILTIN_ARCHS, IMPORT_PATH, ModelTrainConfig
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint
 

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill import device as devices
-from distill.config import SoftLabelsConfig
+from distill.classification_params import SoftLabelsConfig
 from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.config import BUNDLED_MODEL, TextConfig
+from distill.classification_params import TextConfig
+from distill.config import BUNDLED_MODEL
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)

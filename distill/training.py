@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill import data, softlabels
 from distill import device as devices
-from distill.config import ModelTrainConfig, ResumeConfig
+from distill.classification_params import ModelTrainConfig, ResumeConfig
 from distill.distributed import World
 from distill.io import file_sha256, write_csv
 from distill.losses import UNLABELED, Distillation, cross_entropy, rank_share

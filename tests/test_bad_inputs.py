@@ -113,7 +113,7 @@ def provenance_without_last_shard(root: Path) -> None:
 def shard_of_another_set(root: Path) -> None:
     """part-00001 replaced by the same shard of a float16 set made from the same teacher and data."""
     from distill import softlabels
-    from distill.config import SoftLabelsConfig
+    from distill.classification_params import SoftLabelsConfig
 
     other = root / "other_soft_labels"
     cfg = SoftLabelsConfig(**TINY_PARAMS["soft_labels"] | {"dtype": "float16"})

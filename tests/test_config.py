@@ -5,7 +5,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distill.config import DISTILLATION_KEYS, Params, StudentConfig, load_params
+from distill.classification_params import DISTILLATION_KEYS, Params, StudentConfig
+from distill.config import load_params
 from distill.errors import UserError
 from distill.tracking import resolve
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_wine
 
 from distill import data
-from distill.config import DataConfig
+from distill.classification_params import DataConfig
 from distill.errors import UserError
 
 

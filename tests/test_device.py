@@ -8,7 +8,8 @@ import torch
 
 from conftest import BIN, tiny_params, write_params
 from distill import data, device, training
-from distill.config import RuntimeConfig, StudentConfig, load_params
+from distill.classification_params import StudentConfig
+from distill.config import RuntimeConfig, load_params
 from distill.errors import UserError
 from distill.models import load_checkpoint, predict_logits
 
@@ -50,7 +51,7 @@ def test_a_stage_asked_for_cuda_without_it_exits_2_in_one_line_before_any_work(p
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from distill.config import DataConfig
+    from distill.classification_params import DataConfig
 
     out = tmp_path_factory.mktemp("device") / "prepared"
     data.prepare(DataConfig(source="synthetic", num_samples=600, transfer_size=0,
@@ -97,7 +98,7 @@ def test_training_on_cuda_saves_a_checkpoint_that_loads_and_predicts_on_the_cpu(
 @needs_cuda
 def test_soft_labels_on_cuda_match_the_cpu_ones(prepared, tmp_path):
     from distill import softlabels
-    from distill.config import SoftLabelsConfig
+    from distill.classification_params import SoftLabelsConfig
 
     _train(prepared, tmp_path, torch.device("cpu"), "fp32")
     cfg = SoftLabelsConfig()

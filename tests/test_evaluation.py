@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill.config import RegistryConfig
+from distill.classification_params import RegistryConfig
 from distill.evaluation import expected_calibration_error, gap_closed, passes_gate, quality_metrics
 from distill.report import COLUMNS, compare_table
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from distill import pretrained
-from distill.config import BUILTIN_ARCHS, StudentConfig, TeacherConfig
+from distill.classification_params import BUILTIN_ARCHS, StudentConfig, TeacherConfig
 from distill.errors import UserError
 from distill.models import (ARCHS, MLP, build_model, count_parameters, get_arch, load_checkpoint, model_args,
                             register_arch, save_checkpoint)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 
 from distill import progress
-from distill.config import ModelTrainConfig
+from distill.classification_params import ModelTrainConfig
 from distill.models import build_model, model_args
 from distill.rows import InMemoryRows
 from distill.training import TrainJob, fit

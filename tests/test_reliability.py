@@ -16,7 +16,7 @@ import yaml
 
 from conftest import BIN, run_pipeline_in_process, run_stage_in_process, subprocess_env, tiny_params
 from distill import data, training
-from distill.config import DataConfig, StudentConfig
+from distill.classification_params import DataConfig, StudentConfig
 from distill.models import load_checkpoint
 from distill.resume import Resume
 from distill.rows import InMemoryRows

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distill import data, softlabels, training
-from distill.config import DataConfig, SoftLabelsConfig, StudentConfig, TeacherConfig
+from distill.classification_params import DataConfig, SoftLabelsConfig, StudentConfig, TeacherConfig
 from distill.errors import UserError
 from distill.io import file_sha256
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill import data, softlabels, training
-from distill.config import DataConfig, SoftLabelsConfig, TeacherConfig
+from distill.classification_params import DataConfig, SoftLabelsConfig, TeacherConfig
 from distill.errors import UserError
 from distill.losses import Distillation
 from distill.io import file_sha256
@@ -159,7 +159,7 @@ def test_student_rows_join_features_labels_and_logits_block_by_block(tmp_path, p
 
 
 def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(tmp_path, prepared_and_teacher):
-    from distill.config import StudentConfig
+    from distill.classification_params import StudentConfig
     from distill.rows import InMemoryRows
 
     prepared, teacher = prepared_and_teacher

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill import data, pretrained, text
-from distill.config import DataConfig, Params, TextConfig
+from distill.classification_params import DataConfig, Params, TextConfig
 from distill.errors import UserError
 from distill.models import TextCNN, predict_logits
 from tiny_text import make_bert_folder, make_reviews

@@ -178,7 +178,7 @@ def test_the_inputs_fingerprint_follows_deps_and_params(tmp_path, monkeypatch):
 def test_with_tracking_off_evaluate_registers_nothing_even_for_a_student_trained_with_it_on(monkeypatch):
     import mlflow
 
-    from distill.config import RegistryConfig
+    from distill.classification_params import RegistryConfig
     from distill.tracking import StageRun, register_student
 
     monkeypatch.setattr(mlflow, "register_model", lambda *a, **k: pytest.fail("registered with tracking off"))

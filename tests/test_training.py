@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distill import data, training
-from distill.config import DataConfig, StudentConfig
+from distill.classification_params import DataConfig, StudentConfig
 from distill.losses import Distillation
 from distill.models import predict_logits
 
@@ -45,7 +45,7 @@ def test_training_learns_and_keeps_the_best_epoch_on_val(prepared, tmp_path):
 
 
 def _config(**update):
-    from distill.config import TeacherConfig
+    from distill.classification_params import TeacherConfig
 
     return TeacherConfig(arch="mlp", hidden=[8], **update)
 
