@@ -163,7 +163,7 @@ def compare_runs(run_ids: list[str]) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from distill.tracking import project_root, tracking_uri
+    from distill.store import project_root, tracking_uri
 
     client = MlflowClient(tracking_uri(project_root()))
     runs = []
@@ -242,7 +242,7 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     Example: distill ui --port 5000, then open the link it prints
     """
     from distill.config import load_params
-    from distill.tracking import artifact_root, tracking_uri
+    from distill.store import artifact_root, tracking_uri
 
     root = project()
     uri = tracking_uri(root)
@@ -277,15 +277,15 @@ def catch_up() -> None:
 
     Example: distill catch-up   (after moving a corrupt mlflow.db aside, or restarting the server)
     """
-    from distill import lm, tracking
+    from distill import catchup, journal, lm, store
     from distill.models import load_checkpoint
 
     def model_of(path: str):  # a classifier's checkpoint, or a language model's (ids -> next-token logits)
         return lm.NextTokenLogits(lm.load(path)[0]).eval() if lm.is_checkpoint(path) else load_checkpoint(path)[0]
 
-    root = tracking.project_root()
-    done = tracking.catch_up(root, model_of, on_each=typer.echo)
-    typer.echo(f"{len(done)} run(s) recorded" if done else f"nothing waits in {tracking.PENDING_DIR}/")
+    root = store.project_root()
+    done = catchup.catch_up(root, model_of, on_each=typer.echo)
+    typer.echo(f"{len(done)} run(s) recorded" if done else f"nothing waits in {journal.PENDING_DIR}/")
 
 
 @app.command(short_help="make a copied or moved project's MLflow store its own")
@@ -297,9 +297,9 @@ def relocate() -> None:
 
     Example: cp -r old-project new-project && cd new-project && distill relocate && distill catch-up
     """
-    from distill import tracking
+    from distill import store
 
-    changed = tracking.relocate(tracking.project_root())
+    changed = store.relocate(store.project_root())
     typer.echo(f"mlflow.db now keeps its artifacts in ./mlruns ({changed} record(s) updated)")
 
 

@@ -118,7 +118,7 @@ def run_in_clone(root: Path, name: str, overrides: dict[str, str], baseline: str
     share one stash), so each point gets what DVC's own temporary executor builds, but to
     itself: a git clone at `baseline` with the workspace `patch` applied, under the
     project's .dvc/tmp/exps/ (MLflow runs find the project's store from there, see
-    tracking.project_root), using the project's DVC cache (outputs and run cache shared,
+    store.project_root), using the project's DVC cache (outputs and run cache shared,
     so unchanged stages are checked out, not rerun). There a plain `dvc exp run --name`
     runs, and `dvc exp push` sends the experiment's ref to the project, where `dvc exp show`
     lists it. The clone is deleted afterwards.

@@ -13,7 +13,8 @@ import torch
 from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
 from distill import data
 from distill.models import load_checkpoint
-from distill.tracking import flatten, project_root, stage_inputs_sha256
+from distill.store import project_root
+from distill.tracking import flatten, stage_inputs_sha256
 
 STAGES = {"prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"}
 SAME_KEYS = {"test_accuracy", "nll", "ece", "teacher_agreement", "kl_from_teacher", "entropy", "params",
@@ -179,7 +180,8 @@ def test_with_tracking_off_evaluate_registers_nothing_even_for_a_student_trained
     import mlflow
 
     from distill.classification_params import RegistryConfig
-    from distill.tracking import StageRun, register_student
+    from distill.model_registry import register_student
+    from distill.tracking import StageRun
 
     monkeypatch.setattr(mlflow, "register_model", lambda *a, **k: pytest.fail("registered with tracking off"))
     untracked = StageRun(None, "standalone-1")  # the evaluate stage's run with tracking.enabled: false

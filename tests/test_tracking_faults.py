@@ -252,26 +252,26 @@ def test_a_copied_project_writes_no_artifact_into_the_original_and_relocate_make
 
 
 def test_catch_up_links_to_the_complete_run_that_replaced_a_half_recorded_one(tmp_path):
-    from distill import tracking
+    from distill import catchup
 
     ids = {"old-student": "new-student"}
-    register = tracking._replayable({"op": "register", "student_run": "old-student", "model_name": "m",
-                                     "alias": "a", "passed": True}, tmp_path, ids)
-    child = tracking._replayable({"op": "child", "name": "evaluate student", "params": {}, "metrics": {},
-                                  "tags": {"distill.model_run_id": "old-student", "x": "y"}}, tmp_path, ids)
-    artifact = tracking._replayable({"op": "artifact", "path": "files/003/model.pt", "folder": "checkpoint"},
-                                    tmp_path, ids)
+    register = catchup._replayable({"op": "register", "student_run": "old-student", "model_name": "m",
+                                    "alias": "a", "passed": True}, tmp_path, ids)
+    child = catchup._replayable({"op": "child", "name": "evaluate student", "params": {}, "metrics": {},
+                                 "tags": {"distill.model_run_id": "old-student", "x": "y"}}, tmp_path, ids)
+    artifact = catchup._replayable({"op": "artifact", "path": "files/003/model.pt", "folder": "checkpoint"},
+                                   tmp_path, ids)
     assert register["student_run"] == "new-student"
     assert child["tags"] == {"distill.model_run_id": "new-student", "x": "y"}
     assert artifact["path"] == str(tmp_path / "files/003/model.pt")
 
 
 def test_a_model_torch_cannot_export_is_a_warning_not_a_store_failure(tmp_path, monkeypatch, caplog):
-    from distill import tracking
+    from distill import run_logging, tracking
     from distill.config import TrackingConfig
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "_log_torch_model", lambda model, example: (_ for _ in ()).throw(
+    monkeypatch.setattr(run_logging, "_log_torch_model", lambda model, example: (_ for _ in ()).throw(
         RuntimeError("torch.export could not trace this model")))
     (tmp_path / "model.pt").write_bytes(b"weights")
     with tracking.stage_run("train_student", TrackingConfig(experiment="faults"), {"p": 1}, "receipt.json") as run:

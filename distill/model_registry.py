@@ -1,0 +1,42 @@
+"""The MLflow model registry: the evaluate stage registers the student's logged model, tagged
+with the quality gate's verdict, and moves the serving alias to it only when it passed.
+
+A registration is an operation of the evaluate stage's run like any other: journalled, and
+recorded by `distill catch-up` (distill/catchup.py) when the store failed.
+"""
+
+from __future__ import annotations
+
+from distill.config import BaseRegistryConfig
+from distill.run_logging import TAG_MODEL_URI
+from distill.tracking import StageRun
+
+
+def register_student(run: StageRun, student_run: str | None, registry: BaseRegistryConfig, passed: bool) -> dict:
+    """Register the student's model, tagged with the quality gate's verdict (evaluation.passes_gate);
+    give the new version the alias only if it passed.
+
+    Returns {"registered_version": ..., "gate_passed": ...}: (None, None) when this evaluate run is
+    not tracked (tracking off now, whatever the checkpoint recorded), the student was not, or the
+    store failed (the registration then waits in the journal with the rest of the run).
+    """
+    if not run.tracked or not student_run:
+        return {"registered_version": None, "gate_passed": None}
+    op = {"op": "register", "student_run": student_run, "model_name": registry.model_name,
+          "alias": registry.alias, "passed": passed}
+    version = run._log(op, live=lambda: _register(op))
+    return {"registered_version": version, "gate_passed": passed if version else None}
+
+
+def _register(op: dict) -> str:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, student_run = op["model_name"], op["student_run"]
+    model_uri = client.get_run(student_run).data.tags.get(TAG_MODEL_URI, f"runs:/{student_run}/model")
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, "quality_gate", "passed" if op["passed"] else "failed")
+    if op["passed"]:
+        client.set_registered_model_alias(name, op["alias"], version)
+    return version
