@@ -47,7 +47,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill import data, device, softlabels, training  # noqa: E402
+from distill import data, device, shards, softlabels, training  # noqa: E402
 from distill.classification_params import Params, SoftLabelsConfig, StudentConfig  # noqa: E402
 from distill.config import RuntimeConfig, load_params  # noqa: E402
 from distill.losses import Distillation  # noqa: E402
@@ -121,7 +121,7 @@ def merge_report(old: dict, new: dict) -> dict:
 
 
 def storage_entry(folder: Path, rows: int, accuracy: float) -> dict:
-    size = sum(p.stat().st_size for p in softlabels.shard_paths(folder))
+    size = sum(p.stat().st_size for p in shards.shard_paths(folder))
     return {"bytes": size, "bytes_per_row": size / rows, "student_test_accuracy": accuracy}
 
 
@@ -420,7 +420,7 @@ def scale_project(project: Project, tmp: Path, n: int) -> tuple[Path, dict]:
             measured[stage] = {"peak_rss_bytes": rss, "peak_rss_gb": rss / GB, "seconds": seconds}
         else:
             run(cmd, root, code)
-    prov = softlabels.read_provenance(root / "data" / "soft_labels")
+    prov = shards.read_provenance(root / "data" / "soft_labels")
     for entry in measured.values():
         entry |= {"rows": prov["rows"], "shards": len(prov["shards"])}
     return root, measured

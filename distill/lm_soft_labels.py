@@ -2,7 +2,7 @@
 
 data/soft_labels holds part-NNNNN.parquet shards (one row per train window, in window order,
 `soft_labels.shard_rows` rows each; the columns of distill/sparse.py's `schema`) and
-provenance.json, as for a classifier (distill/softlabels.py writes and checks the shards):
+provenance.json, as for a classifier (distill/shards.py writes and checks the shards):
 the teacher checkpoint's sha256, the prepared data's fingerprint, the tokenizer's sha256, the
 vocabulary size, context length and positions per window, which targets (top_k with k,
 sampled with the draws and their seed, or dense), the id type, and per shard its rows, bytes
@@ -31,8 +31,7 @@ from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
 from distill.progress import bar
-from distill.softlabels import (PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance,
-                                write_shards)
+from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance, write_shards
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ A reader rebuilds full logits by giving every other class `rest_logit`: at
 temperature 1 that keeps each top-k probability and the total mass of the rest
 exactly; at higher temperatures the rest is spread evenly.
 
-Shards are zstd-compressed (encodings in `writer_options`) and written one row group
-per teacher batch while the teacher runs (on a writer thread, so compression overlaps
-the next forward pass), so the whole set is never held in memory.
+Shards are zstd-compressed and written one row group per teacher batch while the
+teacher runs (on a writer thread, so compression overlaps the next forward pass), so
+the whole set is never held in memory: distill/shards.py writes and checks the shards,
+for a language model's soft labels too; this module is what a classifier's hold.
 
 `provenance.json`, written last, is the set's one record: schema version, teacher
 checkpoint sha256, prepared-data fingerprint, number and names of classes, dtype,
@@ -36,8 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +55,11 @@ from distill.models import load_checkpoint, predict_logits
 import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
 from distill.progress import bar
 from distill.rows import Block, ParquetRows
+from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance, write_shards
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-METADATA_KEY = b"distill.soft_labels"
-PROVENANCE_NAME = "provenance.json"
-SHARD_NAME = "part-{:05d}.parquet"
-SHARD_GLOB = "part-*.parquet"
-SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token")  # the whole set's provenance keys, not in a shard's metadata
 LABELLED_SPLITS = ("train", "transfer")  # the rows the student trains on, in this order
 LOGIT_COLUMNS = {False: ["logits"], True: ["topk_index", "topk_logits", "rest_logit"]}
 
@@ -133,74 +129,6 @@ def to_record_batch(schema: pa.Schema, ids, split: str, labels, logits: np.ndarr
 def _fixed_lists(a: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(a, dtype=value_type.to_pandas_dtype()).reshape(-1), value_type)
     return pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
-
-
-def writer_options(schema: pa.Schema) -> dict:
-    """Parquet encodings: consecutive row ids delta-encoded; split, label and top-k class (or
-    language-model token) ids dictionary-encoded (few distinct values); logits byte-stream-split (their exponent
-    bytes then compress: about 9 % off float32 files, nothing either way for float16)."""
-    floats = {"logits": "logits.list.element", "topk_logits": "topk_logits.list.element", "rest_logit": "rest_logit"}
-    return {
-        "compression": "zstd",
-        "use_dictionary": [c for c in ("split", "label", "topk_index.list.element", "topk_ids.list.element",
-                                       "sample_ids.list.element") if c.split(".")[0] in schema.names],
-        "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("id", "window") if c in schema.names}
-        | {path: "BYTE_STREAM_SPLIT" for name, path in floats.items() if name in schema.names},
-    }
-
-
-class ShardWriter:
-    """Record batches into part-NNNNN.parquet files of at most `shard_rows` rows each,
-    cut exactly (a batch that crosses the limit is split), in the order written.
-
-    Each shard's schema metadata is `header` plus its index; `shards` lists the closed
-    shards' file name, rows, bytes and sha256 for provenance.json.
-    """
-
-    def __init__(self, folder: Path, schema: pa.Schema, header: dict, shard_rows: int):
-        self.folder, self.schema, self.header, self.shard_rows = Path(folder), schema, header, shard_rows
-        self.shards: list[dict] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._rows = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        while batch.num_rows:
-            if self._writer is None:
-                self._open()
-            part = batch.slice(0, self.shard_rows - self._rows)
-            self._writer.write_batch(part)
-            self._rows += part.num_rows
-            batch = batch.slice(part.num_rows)
-            if self._rows == self.shard_rows:
-                self._close()
-
-    def close(self) -> list[dict]:
-        """Close the last shard (an empty set still gets one, empty, shard); the shard list."""
-        if self._writer is None and not self.shards:
-            self._open()
-        if self._writer is not None:
-            self._close()
-        return self.shards
-
-    def abort(self) -> None:
-        """Close an open shard's file without recording it (no-op once `close` has run)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def _open(self) -> None:
-        index = len(self.shards)
-        metadata = {METADATA_KEY: json.dumps(self.header | {"shard": index}, sort_keys=True).encode()}
-        schema = self.schema.with_metadata(metadata)
-        self._writer = pq.ParquetWriter(self.folder / SHARD_NAME.format(index), schema, **writer_options(schema))
-        self._rows = 0
-
-    def _close(self) -> None:
-        self._writer.close()
-        path = self.folder / SHARD_NAME.format(len(self.shards))
-        self.shards.append({"file": path.name, "rows": self._rows, "bytes": path.stat().st_size,
-                            "sha256": file_sha256(path)})
-        self._writer = None
 
 
 def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: SoftLabelsConfig,
@@ -275,41 +203,6 @@ def teacher_batches(model: torch.nn.Module, prepared_dir: str | Path, schema: pa
         log.info("soft labels: %d rows computed (%s done)", rows, split)
 
 
-def write_shards(batches: Iterable[pa.RecordBatch], shards: ShardWriter) -> tuple[list[dict], int]:
-    """Write the batches through `shards` on a writer thread, one batch in flight (so compression
-    overlaps computing the next batch and memory stays bounded); the shard list and the rows.
-    After an error the open shard's file is released (the caller's atomic_path removes the folder)."""
-    rows = 0
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as pool:
-            pending = None
-            for record in batches:
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(shards.write, record)
-                rows += record.num_rows
-            if pending is not None:
-                pending.result()
-        return shards.close(), rows
-    finally:
-        shards.abort()
-
-
-def read_provenance(soft_dir: str | Path) -> dict:
-    """A soft-label folder's provenance.json as written (`checked_provenance` checks it)."""
-    folder = Path(soft_dir)
-    path = folder / PROVENANCE_NAME
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the soft_labels stage first (dvc repro soft_labels)")
-    try:
-        prov = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        prov = None
-    if not isinstance(prov, dict):
-        raise UserError(f"{path}: unreadable or truncated provenance; rerun the soft_labels stage")
-    return prov
-
-
 def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
     """The folder's provenance, after refusing a missing, foreign or stale set, or one whose
     shard files are not exactly those the provenance lists, by name."""
@@ -328,64 +221,6 @@ def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
         )
     check_shard_list(folder, prov)
     return prov
-
-
-def check_shard_list(folder: Path, prov: dict) -> None:
-    """Refuse a provenance whose shard list is malformed, or whose folder holds other shard files
-    than it lists (missing or extra), by name."""
-    path = folder / PROVENANCE_NAME
-    shards = prov.get("shards")
-    if not isinstance(shards, list) or not shards or not all(
-            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int)
-            and isinstance(s.get("bytes"), int) for s in shards):
-        raise UserError(f"{path}: no list of shards (file, rows, bytes); rerun soft_labels")
-    names = [s["file"] for s in shards]
-    if names != [SHARD_NAME.format(i) for i in range(len(shards))]:
-        raise UserError(f"{path}: lists shards {names}, not {SHARD_NAME.format(0)} onwards in order; rerun soft_labels")
-    if sum(s["rows"] for s in shards) != prov.get("rows"):
-        raise UserError(f"{path}: its {len(shards)} shards add up to {sum(s['rows'] for s in shards)} rows, not the "
-                        f"{prov.get('rows')} it records; rerun soft_labels")
-    present = {p.name for p in folder.glob(SHARD_GLOB)}
-    if missing := [n for n in names if n not in present]:
-        raise UserError(f"{folder / missing[0]}: not found, though {PROVENANCE_NAME} lists {len(names)} shards; "
-                        "rerun soft_labels")
-    if extra := sorted(present - set(names)):
-        raise UserError(f"{folder / extra[0]}: a shard that {PROVENANCE_NAME} does not list (it lists "
-                        f"{len(names)}); rerun soft_labels")
-
-
-def open_shards(soft_dir: str | Path, prov: dict, columns: list[str]) -> ParquetRows:
-    """`columns` of the shards a checked provenance lists, as one table in row order, after
-    checking each shard against it: same header and index in its metadata, same rows and
-    bytes. Opening reads each shard's footer only."""
-    folder = Path(soft_dir)
-    listed = prov["shards"]
-    rows = ParquetRows([folder / s["file"] for s in listed], columns)  # refuses an unreadable shard by name
-    header = {k: v for k, v in prov.items() if k not in SET_KEYS}
-    for index, (entry, file, path) in enumerate(zip(listed, rows.files, rows.paths)):
-        own = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
-        if own is None:
-            raise UserError(f"{path}: no provenance metadata, so the soft_labels stage did not write it; "
-                            "rerun soft_labels")
-        try:
-            own = json.loads(own)
-        except json.JSONDecodeError:
-            own = {}
-        if not isinstance(own, dict) or own.pop("shard", None) != index or own != header:
-            raise UserError(f"{path}: not shard {index} of this soft-label set (its metadata does not match "
-                            f"{PROVENANCE_NAME}); rerun soft_labels")
-        if file.metadata.num_rows != entry["rows"]:
-            raise UserError(f"{path}: {file.metadata.num_rows} rows but {PROVENANCE_NAME} lists {entry['rows']}; "
-                            "rerun soft_labels")
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(f"{path}: {path.stat().st_size} bytes but {PROVENANCE_NAME} lists {entry['bytes']}, "
-                            "so it changed after soft_labels wrote it; rerun soft_labels")
-    return rows
-
-
-def shard_paths(soft_dir: str | Path) -> list[Path]:
-    """The shard files a soft-label folder's provenance lists, in row order (unchecked)."""
-    return [Path(soft_dir) / s["file"] for s in read_provenance(soft_dir).get("shards", [])]
 
 
 def logits_of(table: pa.Table, prov: dict) -> np.ndarray:

@@ -15,6 +15,7 @@ from distill import data, softlabels, training
 from distill.classification_params import DataConfig, SoftLabelsConfig, StudentConfig, TeacherConfig
 from distill.errors import UserError
 from distill.io import file_sha256
+from distill.shards import METADATA_KEY, ShardWriter, shard_paths
 
 SHARD_ROWS = 150
 
@@ -54,7 +55,7 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
     header = {k: v for k, v in prov.items() if k not in ("rows", "shards")}
     for i, name in enumerate(names):
         f = pq.ParquetFile(folder / name)
-        assert json.loads(f.schema_arrow.metadata[softlabels.METADATA_KEY]) == header | {"shard": i}
+        assert json.loads(f.schema_arrow.metadata[METADATA_KEY]) == header | {"shard": i}
         assert f.metadata.num_rows == counts[i]
 
 
@@ -66,7 +67,7 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
 ])
 def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_rows, expected):
     schema = softlabels.soft_label_schema(3, "float32")
-    writer = softlabels.ShardWriter(tmp_path, schema, {"schema_version": softlabels.SCHEMA_VERSION}, shard_rows)
+    writer = ShardWriter(tmp_path, schema, {"schema_version": softlabels.SCHEMA_VERSION}, shard_rows)
     start = 0
     for n in batches:
         ids = np.arange(start, start + n)
@@ -86,7 +87,7 @@ def test_sharded_rows_are_the_one_shard_rows_in_the_same_order(sets):
     np.testing.assert_array_equal(sharded.logits, one.logits)
     # every column, split and label included, row for row
     one_table = pq.read_table(sets["one"] / "part-00000.parquet").replace_schema_metadata()
-    shards = [pq.read_table(p).replace_schema_metadata() for p in softlabels.shard_paths(sets["sharded"])]
+    shards = [pq.read_table(p).replace_schema_metadata() for p in shard_paths(sets["sharded"])]
     assert pa.concat_tables(shards).equals(one_table)
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill import data, softlabels, training
+from distill import data, shards, softlabels, training
 from distill.classification_params import DataConfig, SoftLabelsConfig, TeacherConfig
 from distill.errors import UserError
 from distill.losses import Distillation
@@ -50,14 +50,14 @@ def test_float16_soft_labels_round_trip_within_half_precision_and_are_smaller(tm
     _, expected = teacher_logits(teacher, prepared)
     assert soft.logits.dtype == np.float32
     np.testing.assert_allclose(soft.logits, expected, rtol=2**-10, atol=2**-14)
-    size = {d: sum(p.stat().st_size for p in softlabels.shard_paths(tmp_path / d)) for d in ("float32", "float16")}
+    size = {d: sum(p.stat().st_size for p in shards.shard_paths(tmp_path / d)) for d in ("float32", "float16")}
     assert size["float16"] < size["float32"]
 
 
 def test_the_file_has_the_documented_schema_rows_groups_and_provenance(tmp_path, prepared_and_teacher):
     prepared, teacher = prepared_and_teacher
     softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig(batch_size=100))
-    (shard,) = softlabels.shard_paths(tmp_path / "soft")  # the default shard_rows: one shard for these rows
+    (shard,) = shards.shard_paths(tmp_path / "soft")  # the default shard_rows: one shard for these rows
     f = pq.ParquetFile(shard)
     assert shard.name == "part-00000.parquet"
     assert f.schema_arrow.names == ["id", "split", "label", "logits"]
@@ -70,7 +70,7 @@ def test_the_file_has_the_documented_schema_rows_groups_and_provenance(tmp_path,
     assert set(table.column("split").to_pylist()) == {"train", "transfer"}
     transfer = np.asarray(table.column("split").to_pylist()) == "transfer"
     assert all(v is None for v, t in zip(table.column("label").to_pylist(), transfer) if t)
-    prov = softlabels.read_provenance(tmp_path / "soft")
+    prov = shards.read_provenance(tmp_path / "soft")
     assert sorted(p.name for p in (tmp_path / "soft").iterdir()) == ["part-00000.parquet", "provenance.json"]
     assert prov["shards"] == [{"file": "part-00000.parquet", "rows": table.num_rows, "bytes": shard.stat().st_size,
                                "sha256": file_sha256(shard)}]
@@ -99,7 +99,7 @@ def test_a_truncated_or_foreign_parquet_is_refused(tmp_path, prepared_and_teache
     prepared, teacher = prepared_and_teacher
     meta = data.read_meta(prepared)
     softlabels.dump(teacher, prepared, tmp_path / "soft", SoftLabelsConfig())
-    (path,) = softlabels.shard_paths(tmp_path / "soft")
+    (path,) = shards.shard_paths(tmp_path / "soft")
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError, match="unreadable or truncated"):
         softlabels.read_soft_labels(tmp_path / "soft", meta)
@@ -126,7 +126,7 @@ def test_top_k_soft_labels_are_stored_as_k_values_and_read_back_as_full_logits(t
     prepared, teacher = prepared_and_teacher
     meta = data.read_meta(prepared)
     softlabels.dump(teacher, prepared, tmp_path / "top3", SoftLabelsConfig(top_k=3))
-    f = pq.ParquetFile(softlabels.shard_paths(tmp_path / "top3")[0])
+    f = pq.ParquetFile(shards.shard_paths(tmp_path / "top3")[0])
     assert f.schema_arrow.names == ["id", "split", "label", "topk_index", "topk_logits", "rest_logit"]
     assert f.schema_arrow.field("topk_logits").type.list_size == 3
     soft = softlabels.read_soft_labels(tmp_path / "top3", meta)
