@@ -51,7 +51,8 @@ from distill import data, device, shards, softlabels, training  # noqa: E402
 from distill.classification_params import Params, SoftLabelsConfig, StudentConfig  # noqa: E402
 from distill.config import RuntimeConfig, load_params  # noqa: E402
 from distill.losses import Distillation  # noqa: E402
-from distill.models import load_checkpoint, predict_logits  # noqa: E402
+from distill import checkpoint
+from distill.models import predict_logits  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402
 from pipelines.tools import BIN  # noqa: E402
 from tests.scratch import PROJECT_DIR, env, make_scratch_project  # noqa: E402
@@ -285,7 +286,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
     print("student, offline soft labels ...", flush=True)
     rows = softlabels.StudentRows(p.prepared, p.root / "data" / "soft_labels", data.read_meta(p.prepared))
     offline = train_student(cfg, params.seed, p.prepared, rows, kd)
-    teacher, _ = load_checkpoint(p.root / "models" / "teacher.pt")
+    teacher, _ = checkpoint.load(p.root / "models" / "teacher.pt")
     print("student, online teacher ...", flush=True)
     in_memory = student_rows_in_memory(p.prepared)
     online = train_student(cfg, params.seed, p.prepared, in_memory,
@@ -315,7 +316,7 @@ def offline_vs_online(project: Project, tmp: Path) -> dict:
 def dump_throughput(project: Project, tmp: Path, repeats: int = 3) -> dict:
     p = project.get()
     cfg = p.params.soft_labels
-    teacher, _ = load_checkpoint(p.root / "models" / "teacher.pt")
+    teacher, _ = checkpoint.load(p.root / "models" / "teacher.pt")
     x = torch.from_numpy(student_rows_in_memory(p.prepared).block.x)
     bare, stage = [], []
     for i in range(repeats):  # interleaved, so drifts in machine load hit both

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from distill import data, softlabels, training  # noqa: E402
 from distill.config import load_params  # noqa: E402
 from distill.losses import Distillation  # noqa: E402
-from distill.models import TOKEN_BATCH, load_checkpoint  # noqa: E402
+from distill import checkpoint  # noqa: E402
+from distill.models import TOKEN_BATCH  # noqa: E402
 from distill.rows import InMemoryRows  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def offline_vs_online(work: Path, n: int) -> dict:
     offline_rows = InMemoryRows(block.x[take], block.y[take], block.logits[take])
     online_rows = InMemoryRows(block.x[take], block.y[take])
     params = load_params(work / "params.yaml")
-    teacher, _ = load_checkpoint(work / "models" / "teacher.pt")
+    teacher, _ = checkpoint.load(work / "models" / "teacher.pt")
     print(f"student epoch over {len(take)} rows, offline ...", flush=True)
     offline = student_epoch(work, offline_rows, Distillation.of(params.student))
     print("... and online (the teacher on every batch)", flush=True)
@@ -93,7 +94,7 @@ def bare_loop(model, x: torch.Tensor, row_group: int, pad_id: int) -> float:
 def dump_throughput(work: Path, repeats: int) -> dict:
     prepared = work / "data" / "prepared"
     cfg = load_params(work / "params.yaml").soft_labels
-    teacher, _ = load_checkpoint(work / "models" / "teacher.pt")
+    teacher, _ = checkpoint.load(work / "models" / "teacher.pt")
     meta = data.read_meta(prepared)
     x = torch.from_numpy(np.concatenate([data.read_split(prepared, s).x for s in softlabels.LABELLED_SPLITS
                                          if (prepared / f"{s}.parquet").exists()]))

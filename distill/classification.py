@@ -130,3 +130,7 @@ class ClassificationTask:
         run_logging.log_evaluation(run, result, [Path(p) for p in out.values()])
         passed = evaluation.passes_gate(result.metrics["student"], params.registry)
         return result.metrics | {"run_ids": result.run_ids, "passed": passed}
+
+    def served(self, model: Any) -> Any:
+        """A classifier is served as it is: features or token ids -> logits."""
+        return model

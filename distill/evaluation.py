@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import data
+from distill import checkpoint, data
 from distill import device as devices
+from distill.checkpoint import count_parameters
 from distill.classification_params import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json
-from distill.models import count_parameters, load_checkpoint, predict_logits
+from distill.models import predict_logits
 import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
 
 MODELS = ("teacher", "student", "baseline")
@@ -143,7 +144,7 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
     meta = data.read_meta(prepared_dir)
     test = data.read_split(prepared_dir, "test")
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    models = {name: load_checkpoint(checkpoints[name]) for name in MODELS}
+    models = {name: checkpoint.load(checkpoints[name], task="classify") for name in MODELS}
     _check_lineage(checkpoints, models, meta)
     pad_id = (meta.tokens or {}).get("pad_id")  # text: token ids padded with it
     logits = {name: predict_logits(model, x, pad_id=pad_id) for name, (model, _) in models.items()}

@@ -87,7 +87,7 @@ class LanguageModelTask:
         job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
         out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
         val = corpus.read_windows(paths.prepared, "val")
-        run.log_lm_training(out, str(paths.model), lm.NextTokenLogits(out["model"]).eval(), val[:2])
+        run.log_lm_training(out, str(paths.model), self.served(out["model"]), val[:2])
         return out | {"soft_labels": lineage}
 
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
@@ -125,3 +125,9 @@ class LanguageModelTask:
             run.log_artifact(Path(path))
         passed = lm_evaluation.passes_gate(result.metrics["student"], params.registry)
         return result.metrics | {"run_ids": result.run_ids, "passed": passed}
+
+    def served(self, model: Any) -> Any:
+        """A causal LM is served as token ids -> next-token logits."""
+        from distill import lm
+
+        return lm.NextTokenLogits(model).eval()

@@ -21,10 +21,8 @@ gradients (shares weighted by their size); rank 0 alone writes.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,20 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import device as devices
+from distill import checkpoint, loop
+from distill.checkpoint import count_parameters, register_arch
 from distill.corpus import CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
-from distill.io import atomic_path, read_checkpoint, write_csv
+from distill.io import write_csv
 from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
-from distill.progress import bar
 from distill.resume import Resume
 from distill.sparse import Targets, token_kl_loss
 from distill.text import load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KIND = "causal_lm"
-CHECKPOINT_VERSION = 1
+ARCH = "causal_lm"  # the architecture registry's name for a Hugging Face causal LM
 LN2 = math.log(2)
 
 
@@ -99,38 +97,23 @@ def vocab_of(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+@register_arch(ARCH)
+def _causal_lm(args: dict[str, Any]) -> nn.Module:
+    """A causal LM from its Hugging Face config (a checkpoint's model_args["config"]), weights untrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(args["config"])
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
 def save(path: str | Path, model: nn.Module, **info: Any) -> None:
-    """The model's config and weights, and `info` (history, lineage), written atomically."""
-    ckpt = {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "config": model.config.to_dict(),
-            "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, **info}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not ours, or not a torch file at all
-        return False
-    return isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND
+    """The checkpoint (distill/checkpoint.py) of a causal LM: its config and weights, and `info`."""
+    checkpoint.save(path, model, {"arch": ARCH, "config": model.config.to_dict()}, "language_model", **info)
 
 
 def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A checkpoint written by `save`: the model (eval mode, on the CPU) and the checkpoint dict."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: not a language-model checkpoint of this pipeline; rerun its stage")
-    try:
-        config = dict(ckpt["config"])
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: the model does not rebuild from its checkpoint ({type(exc).__name__}); "
-                        "rerun its stage") from None
-    return model.eval(), ckpt
+    """A language model's checkpoint: the model (eval mode, on the CPU) and the checkpoint dict."""
+    return checkpoint.load(path, task="language_model")
 
 
 def check_lineage(path: str | Path, ckpt: dict, meta: CorpusMeta) -> None:
@@ -148,11 +131,6 @@ class NextTokenLogits(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids).logits
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (GPT-2's tied input and output embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- scoring
@@ -249,87 +227,69 @@ def resumable(job: LMJob, cfg: LMResumeConfig, meta: CorpusMeta, **inputs: Any) 
 
 
 def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray) -> LMResult:
-    """`job.cfg.steps` optimizer steps over `batches`, scored on `val` every `eval_every` steps;
-    the best model on val (its weights as at that step) is returned. With `job.resume`, rank 0
-    saves the training state every `resume.every` steps and a matching saved state is picked up:
-    the same batches, dropout masks and schedule follow, bit for bit in one process on a CPU."""
-    from transformers import get_cosine_schedule_with_warmup
+    """`job.cfg.steps` optimizer steps over `batches` in the one training loop (distill/loop.py),
+    scored on `val` every `eval_every` steps; the best model on val (its weights as at that step)
+    is returned. With `job.resume`, rank 0 saves the training state every `resume.every` steps and
+    a matching saved state is picked up: the same batches, dropout masks and schedule follow, bit
+    for bit in one process on a CPU."""
+    cfg = job.cfg
+    run = loop.Run(cfg.lr, cfg.weight_decay, job.world, job.precision, job.on_eval, job.resume)
+    best = loop.fit(model, LMTrainee(job, batches, val), run)
+    return LMResult(best.model, best.step, best.row.get("val_bits_per_token", math.inf), best.history, best.seconds)
 
-    cfg, device, world = job.cfg, job.world.device, job.world
-    gen = torch.Generator().manual_seed(job.seed)
-    torch.manual_seed(job.seed + world.rank)  # dropout: each rank its own masks
-    model.to(device).train()
-    net = model
-    if world.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_fraction * cfg.steps), max(cfg.steps, 1))
-    scaler = devices.grad_scaler(device, job.precision)
-    best = LMResult(model, 0, math.inf)
-    sums: dict[str, float] = {}
-    started, step, skip = time.perf_counter(), 0, 0
-    saved = {"model": model, "optimizer": opt, "scheduler": sched} | ({"scaler": scaler} if scaler.is_enabled() else {})
-    carried = ("step", "in_epoch", "sums", "epoch_generator", "best_model", "best_step", "best_val_bits", "history")
-    state = job.resume.restore(saved, job.name, carried) if job.resume else None
-    if state is not None:  # the epoch's generator as it began, and the batches of it already done
-        step, skip, sums = state["step"], state["in_epoch"], dict(state["sums"])
-        gen.set_state(state["epoch_generator"])
-        best.best_step, best.best_val_bits, best.history = state["best_step"], state["best_val_bits"], state["history"]
-        if best.best_step and world.is_main:
-            best.model = copy.deepcopy(model).cpu().eval()
-            best.model.load_state_dict(state["best_model"])
-        if world.rank:  # the state holds rank 0's generator: the other ranks' dropout, seeded afresh
-            torch.manual_seed(job.seed + world.rank + 1_000_003 * step)
-        log.info("%s: resuming after step %d from %s", job.name, step, job.resume.path)
-        for row in best.history if job.on_eval else ():  # the tracked history is the whole run's
-            job.on_eval(row)
 
-    def score() -> None:
-        bits = nats_per_token(model, val, 4 * cfg.batch_size, device, job.precision) / LN2
-        row = {"step": step, **{f"train_{k}": v / max(sums.get("n", 1), 1) for k, v in sums.items() if k != "n"},
-               "val_bits_per_token": bits, "lr": sched.get_last_lr()[0]}
-        best.history.append(row)
-        sums.clear()
-        if bits < best.best_val_bits:
-            best.best_step, best.best_val_bits = step, bits
-            best.model = copy.deepcopy(model).cpu().eval() if world.is_main else model
-        log.info("%s: step %d, val %.4f bits/token", job.name, step, bits)
-        if job.on_eval:
-            job.on_eval(row)
+class LMTrainee:
+    """A language model's side of the training loop: windows in batches, val bits per token every
+    `eval_every` steps (fewer is better), the next-token cross-entropy or the sparse KL to the
+    stored targets."""
 
-    with bar(cfg.steps, job.name, unit="step", initial=step) as progress:
-        while step < cfg.steps:
-            epoch_generator = gen.get_state()
-            for done, (ids, targets, global_rows) in enumerate(batches.epoch(gen), 1):
-                if done <= skip:  # a resumed epoch: its first batches ran before the save
-                    continue
-                parts = _loss(net, ids.to(device), targets, job, device)
-                share = len(ids) * world.size / global_rows  # DDP averages: weight this rank by its rows
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(parts["loss"] * share).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                progress.update(1)
-                sums["n"] = sums.get("n", 0) + 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    score()
-                if step == cfg.steps:
-                    break
-                if job.resume and world.is_main and step % job.resume.every == 0:
-                    job.resume.save(saved, step=step, in_epoch=done, epoch_generator=epoch_generator, sums=sums,
-                                    best_model=best.model.state_dict(), best_step=best.best_step,
-                                    best_val_bits=best.best_val_bits, history=best.history)
-            skip = 0
-    if cfg.steps == 0:
-        score()
-    if job.resume and world.is_main:
-        job.resume.finish()
-    best.seconds = time.perf_counter() - started
-    return best
+    unit = "step"
+
+    def __init__(self, job: LMJob, batches: WindowBatches, val: np.ndarray):
+        self.job, self.batches, self.val, self.name = job, batches, val, job.name
+        self.steps, self.eval_every = job.cfg.steps, job.cfg.eval_every
+
+    def seed(self) -> torch.Generator:
+        torch.manual_seed(self.job.seed + self.job.world.rank)  # dropout: each rank its own masks
+        return torch.Generator().manual_seed(self.job.seed)
+
+    def schedule(self, opt: torch.optim.Optimizer):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self._schedule = get_cosine_schedule_with_warmup(opt, int(self.job.cfg.warmup_fraction * self.steps),
+                                                         max(self.steps, 1))
+        return self._schedule
+
+    def epoch(self, gen: torch.Generator):
+        return self.batches.epoch(gen)
+
+    def loss(self, net: nn.Module, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        ids, targets, global_rows = batch
+        parts = _loss(net, ids.to(self.job.world.device), targets, self.job, self.job.world.device)
+        share = len(ids) * self.job.world.size / global_rows  # DDP averages: weight this rank by its rows
+        return parts, parts["loss"] * share
+
+    def score(self, model: nn.Module, step: int, train: dict[str, float]) -> tuple[dict, dict]:
+        job = self.job
+        bits = nats_per_token(model, self.val, 4 * job.cfg.batch_size, job.world.device, job.precision) / LN2
+        row = {"step": step, **{f"train_{k}": v for k, v in train.items()}, "val_bits_per_token": bits,
+               "lr": self._schedule.get_last_lr()[0]}
+        log.info("%s: step %d, val %.4f bits/token", self.name, step, bits)
+        return row, row
+
+    def key(self, row: dict) -> tuple:
+        return (-row["val_bits_per_token"],)
+
+    def stop(self, row: dict, best_row: dict) -> bool:
+        return False
+
+    def describe(self, row: dict) -> str:
+        return f"val {row['val_bits_per_token']:.4f} bits/token"
+
+    def resumed(self, step: int) -> str:
+        if self.job.world.rank:  # the state holds rank 0's generator: the other ranks' dropout, seeded afresh
+            torch.manual_seed(self.job.seed + self.job.world.rank + 1_000_003 * step)
+        return f"step {step}"
 
 
 def _loss(net: nn.Module, ids: torch.Tensor, targets: Targets | None, job: LMJob, device: torch.device
@@ -347,7 +307,7 @@ def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_pa
                 meta: CorpusMeta, info: dict) -> dict:
     """Rank 0: the best checkpoint (with its history and lineage) and the history CSV; the summary."""
     if job.world.is_main:
-        save(model_path, result.model, name=job.name, config_params=job.cfg.model_dump(), seed=job.seed,
+        save(model_path, result.model, name=job.name, config=job.cfg.model_dump(), seed=job.seed,
              step=result.best_step, val_bits_per_token=result.best_val_bits, history=result.history,
              prepared_fingerprint=meta.fingerprint, tokenizer_sha256=meta.tokenizer_sha256, **info)
         write_csv(history_path, result.history)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from distill import lm
+from distill.checkpoint import count_parameters
 from distill.corpus import read_meta, read_windows
 from distill.errors import UserError
 from distill.evaluation import gap_closed, latency_ms
@@ -94,7 +95,7 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
         metrics[name] = {"test_bits_per_token": nats[name]["ce"] / LN2,
                          "test_perplexity": math.exp(nats[name]["ce"]),
                          "kl_bits_per_token": max(nats[name]["kl"], 0.0) / LN2,  # not -0.000 from rounding
-                         "params": lm.count_parameters(models[name]),
+                         "params": count_parameters(models[name]),
                          "latency_ms_b1": latency_ms(lm.NextTokenLogits(models[name]), torch.from_numpy(test[:1]), 1,
                                                      LATENCY_REPEATS, device),
                          "best_step": ckpts[name].get("step")}

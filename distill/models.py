@@ -6,34 +6,25 @@ and `textcnn` (and `transformer`, a pretrained Hugging Face encoder with a head:
 distill.pretrained), `arch` may be an import path `package.module:factory` to the
 user's own model: the factory is called as `factory(num_features=D, num_classes=C,
 **arch_kwargs)` (on text also `vocab_size=` and `pad_id=`), must return an
-`nn.Module`, and is checked on a dummy batch before training (`check_model`). A checkpoint is a plain dict (weights, the args that rebuild the
-model, the resolved config, epoch, validation metric, training history and input
-provenance), loadable with `torch.load(weights_only=True)` and `load_checkpoint`.
+`nn.Module`, and is checked on a dummy batch before training (`check_model`).
 
-Architectures are a registry: `register_arch(name)` maps a name to the builder of an
-untrained model from a checkpoint's model_args (less `arch`), and `get_arch(name)` finds it
-(an import path needs no entry). This module registers the built-in three;
+This module registers the built-in three and the import-path factory in the architecture
+registry (distill/checkpoint.py, which also holds the one checkpoint format);
 distill.pretrained registers `transformer` and `torchscript` when it is imported (this
 module never imports it), so code that loads a teacher's checkpoint imports it too.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import re
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.classification_params import AUTO_ARCH, BUILTIN_ARCHS, IMPORT_PATH, ModelTrainConfig
+from distill.checkpoint import IMPORTED, register_arch
+from distill.classification_params import AUTO_ARCH, BUILTIN_ARCHS, ModelTrainConfig
 from distill.errors import UserError
-from distill.io import atomic_path, read_checkpoint
-
-CHECKPOINT_VERSION = 1
 
 
 class MLP(nn.Module):
@@ -127,32 +118,6 @@ class TextCNN(nn.Module):
 
 # ---------------------------------------------------------------- the architecture registry
 
-Builder = Callable[[dict[str, Any]], nn.Module]  # a checkpoint's model_args, less `arch` -> an untrained model
-ARCHS: dict[str, Builder] = {}
-
-
-def register_arch(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder` as arch `name` (a name taken is a programming error)."""
-
-    def register(builder: Builder) -> Builder:
-        if name in ARCHS:
-            raise ValueError(f"arch {name} is registered already (by {ARCHS[name].__qualname__})")
-        ARCHS[name] = builder
-        return builder
-
-    return register
-
-
-def get_arch(name: str) -> Builder:
-    """The builder of arch `name`: a registered one, or the user's `package.module:factory`."""
-    if name in ARCHS:
-        return ARCHS[name]
-    if re.match(IMPORT_PATH, name):
-        return functools.partial(_build_imported, name)
-    raise UserError(f"arch {name} is not known: use one of {', '.join(sorted(ARCHS))}, "
-                    "or package.module:factory for your own model")
-
-
 @register_arch("mlp")
 def _mlp(kwargs: dict[str, Any]) -> nn.Module:
     return MLP(**kwargs)
@@ -196,12 +161,7 @@ def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signa
     return args
 
 
-def build_model(args: dict[str, Any]) -> nn.Module:
-    """Instantiate a model from `model_args` (a checkpoint's), weights untrained."""
-    kwargs = dict(args)
-    return get_arch(kwargs.pop("arch"))(kwargs)
-
-
+@register_arch(IMPORTED)
 def _build_imported(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """The user's model: `factory(num_features=, num_classes=, [vocab_size=, pad_id=,] **arch_kwargs)`."""
     factory = _import_factory(arch)
@@ -275,28 +235,3 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096, pa
     step = min(batch_size, TOKEN_BATCH)
     out = torch.cat([model(x[order[i : i + step]]) for i in range(0, len(x), step)])
     return out[torch.argsort(order)]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **info: Any) -> None:
-    """Save weights, rebuild args and any extra `info` (config, epoch, metrics) atomically."""
-    ckpt = {"version": CHECKPOINT_VERSION, "model_args": args, "state_dict": model.state_dict(), **info}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint; return the model in eval mode and the checkpoint dict."""
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: not a checkpoint of this pipeline (version mismatch); rerun its stage")
-    model = build_model(ckpt["model_args"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not match its model arguments; rerun its stage") from None
-    return model.eval(), ckpt

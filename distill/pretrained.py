@@ -29,7 +29,8 @@ from torch import nn
 from distill import text
 from distill.errors import UserError
 from distill.io import file_sha256
-from distill.models import CHECKPOINT_VERSION, build_model, check_model, padding_mask, register_arch
+from distill.checkpoint import build_model, register_arch, upgraded
+from distill.models import check_model, padding_mask
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int, 
 
 def _checkpoint_parts(path: Path, ckpt: Any, num_features: int, num_classes: int,
                       tokens: dict | None) -> tuple[dict, dict, dict]:
-    if isinstance(ckpt, dict) and ckpt.get("version") == CHECKPOINT_VERSION and "model_args" in ckpt:
-        args = ckpt["model_args"]
+    ours = upgraded(ckpt)  # a checkpoint of this pipeline's (another project's classifier, say)
+    if ours is not None and ours["task"] == "classify":
+        ckpt, args = ours, ours["model_args"]
         for key in ("vocab_size", "pad_id"):  # token ids from another tokenizer would be read as these
             if tokens and key in args and args[key] != tokens[key]:
                 raise UserError(f"{path}: the teacher was made for {key} {args[key]}, the prepared data has "

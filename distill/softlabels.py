@@ -51,7 +51,8 @@ from distill.classification_params import SoftLabelsConfig
 from distill.data import PreparedMeta, features, labels, read_meta
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
-from distill.models import load_checkpoint, predict_logits
+from distill import checkpoint
+from distill.models import predict_logits
 import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
 from distill.progress import bar
 from distill.rows import Block, ParquetRows
@@ -140,7 +141,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
     teacher's own run id from its checkpoint. The teacher runs on `device` at `precision`
     (runtime.*); its logits are copied back to the CPU batch by batch as they are written.
     """
-    model, ckpt = load_checkpoint(teacher_path)
+    model, ckpt = checkpoint.load(teacher_path, task="classify")
     meta = read_meta(prepared_dir)
     if ckpt.get("prepared_fingerprint") != meta.fingerprint:
         raise UserError(f"{teacher_path}: teacher was trained on other prepared data; rerun train_teacher")

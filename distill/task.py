@@ -89,6 +89,8 @@ class Task(Protocol):
 
     def evaluate(self, params: Any, paths: EvaluatePaths, run: Any) -> dict: ...
 
+    def served(self, model: Any) -> Any: ...  # the model as it is logged and served (from a checkpoint's)
+
 
 def task_class(name: str, folder: Path | None = None) -> type:
     """The class of the task `name` (a built-in name or `package.module:Class`, importable as it is

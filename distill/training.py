@@ -9,7 +9,6 @@ never looked at here.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -19,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from distill import data, softlabels
+from distill import data, loop, softlabels
 from distill import device as devices
 from distill.classification_params import ModelTrainConfig, ResumeConfig
 from distill.distributed import World
 from distill.io import file_sha256, write_csv
 from distill.losses import UNLABELED, Distillation, cross_entropy, rank_share
-from distill.models import build_model, check_model, count_parameters, model_args, predict_logits, save_checkpoint
-from distill.progress import bar
+from distill import checkpoint
+from distill.checkpoint import build_model, count_parameters
+from distill.models import check_model, model_args, predict_logits
 from distill.resume import Resume
 from distill.rows import Batches, EpochTiming, InMemoryRows, Rows, timed
 
@@ -87,51 +86,93 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.ndarray],
         resume: Resume | None = None) -> TrainResult:
-    """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y).
+    """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y), in
+    the one training loop (distill/loop.py), epoch by epoch.
 
     Without `job.distillation` the loss is cross-entropy on the labelled rows; with it,
-    the distillation loss against the teacher's logits. With `resume`, the training state
-    (weights, optimizer, schedule, random generators, best model, history) is saved every
-    few epochs and a matching saved state is picked up, so an interrupted run ends as an
-    uninterrupted one would (bit for bit in one process on a CPU). Under torchrun (`job.world`),
-    the model is wrapped in DistributedDataParallel, each rank trains on its share of
-    every global batch, and only rank 0 saves resume state.
+    the distillation loss against the teacher's logits. With `resume` (every `resume.every`
+    epochs), the training state is saved and a matching saved state is picked up, so an
+    interrupted run ends as an uninterrupted one would (bit for bit in one process on a CPU).
+    Under torchrun (`job.world`), each rank trains on its share of every global batch.
     """
-    cfg, world = job.cfg, job.world
-    gen = seed_everything(job.seed)
-    batches = Batches(train, cfg.batch_size, job.buffer_rows, world.rank, world.size)
-    model.to(world.device)
-    val_x, val_y = (torch.as_tensor(v).to(world.device) for v in val)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epochs = planned_epochs(cfg, batches.steps_per_epoch)
-    sched = lr_schedule(opt, cfg, epochs * batches.steps_per_epoch)
-    scaler = devices.grad_scaler(world.device, job.precision)
-    best = TrainResult(copy.deepcopy(model), 0, -1.0)
-    if job.distillation is not None and job.distillation.teacher is not None:
-        job.distillation.teacher.to(world.device).eval()
-    done = _restore(resume, model, opt, sched, gen, best, job.name) if resume else 0
-    net = model
-    if world.distributed:
-        net = DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    for row in best.history if job.on_epoch else ():  # a resumed run reports the epochs it picked up, too
-        job.on_epoch(row)
-    with bar(epochs * batches.steps_per_epoch, job.name, unit="batch", initial=done * batches.steps_per_epoch,
-             disable=not world.is_main) as progress:
-        for epoch in range(done + 1, epochs + 1):
-            sums, timing = train_epoch(net, batches, gen, (opt, sched, scaler), job, progress)
-            row = _epoch_row(epoch, sums, model, val_x, val_y, job.distillation is not None)
-            _record(best, model, row, timing, job, epochs)
-            progress.set_postfix_str(f"epoch {epoch}/{epochs} val_accuracy {row['val_accuracy']:.4f}")
-            if cfg.patience and epoch - best.best_epoch >= cfg.patience:
-                log.info("%s: stopping after epoch %d, no better checkpoint on val for %d epochs (patience)",
-                         job.name, epoch, cfg.patience)
-                break
-            if resume and world.is_main and epoch % resume.every == 0 and epoch < epochs:
-                _save(resume, epoch, model, opt, sched, gen, best)
-    if resume and world.is_main:
-        resume.finish()
-    best.model.cpu().eval()  # checkpoints are saved from the CPU copy: they load on any machine
-    return best
+    cfg = job.cfg
+    trainee = ClassifierTrainee(job, Batches(train, cfg.batch_size, job.buffer_rows, job.world.rank, job.world.size),
+                                val)
+    if resume is not None:  # saved every few epochs: the loop counts steps
+        resume = replace(resume, every=resume.every * trainee.eval_every)
+    best = loop.fit(model, trainee, loop.Run(cfg.lr, cfg.weight_decay, job.world, job.precision, job.on_epoch, resume))
+    return TrainResult(best.model, best.row.get("epoch", 0), best.row.get("val_accuracy", -1.0),
+                       best.row.get("val_loss", float("inf")), best.history, trainee.timings)
+
+
+class ClassifierTrainee:
+    """A classifier's side of the training loop: rows in batches, an epoch between val scores,
+    cross-entropy or the distillation loss, val accuracy (then the lower val loss) is better."""
+
+    unit = "batch"
+
+    def __init__(self, job: TrainJob, batches: Batches, val: tuple[np.ndarray, np.ndarray]):
+        self.job, self.batches, self.name = job, batches, job.name
+        self.val_x, self.val_y = (torch.as_tensor(v).to(job.world.device) for v in val)
+        self.eval_every = batches.steps_per_epoch
+        self.epochs = planned_epochs(job.cfg, batches.steps_per_epoch)
+        self.steps = self.epochs * batches.steps_per_epoch
+        self.timings: list[EpochTiming] = []  # not in the history: it varies run to run
+        self._timing, self._started = EpochTiming(), 0.0
+        if job.distillation is not None and job.distillation.teacher is not None:
+            job.distillation.teacher.to(job.world.device).eval()
+
+    def seed(self) -> torch.Generator:
+        return seed_everything(self.job.seed)
+
+    def schedule(self, opt: torch.optim.Optimizer):
+        return lr_schedule(opt, self.job.cfg, self.steps)
+
+    def epoch(self, gen: torch.Generator):
+        self._timing, self._started = EpochTiming(), time.perf_counter()
+        return timed(self.batches.epoch(gen), self._timing)
+
+    def loss(self, net: nn.Module, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss parts under the job's precision's autocast; DDP averages over ranks, so each
+        rank's shares of the batch, times the ranks, sum to the batch's loss."""
+        world = self.job.world
+        x, y, teacher_logits = (devices.to_device(t, world.device) for t in batch)
+        with devices.autocast(world.device, self.job.precision):
+            logits = net(x)
+            parts = _loss_parts(logits, y, x, teacher_logits, self.job.distillation)
+            if world.distributed:
+                parts = _rank_shares(parts, y, logits, self.job.distillation)
+        return parts, parts["loss"] * world.size if world.distributed else parts["loss"]
+
+    def score(self, model: nn.Module, step: int, train: dict[str, float]) -> tuple[dict, dict]:
+        self._timing.seconds = time.perf_counter() - self._started
+        self.timings.append(self._timing)
+        if self.job.world.distributed:  # each rank holds its shares of the global batches' means: add them up
+            train = _sum_over_ranks(train)
+        row = _epoch_row(step // self.eval_every, train, model, self.val_x, self.val_y,
+                         self.job.distillation is not None)
+        log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", self.name, row["epoch"], self.epochs,
+                 row["train_loss"], row["val_accuracy"])
+        timing = {"epoch_seconds": self._timing.seconds, "data_wait_fraction": self._timing.data_wait_fraction}
+        return row, row | timing
+
+    def key(self, row: dict) -> tuple:
+        """The highest accuracy; among equal accuracies, as happen on a small val split, the lowest loss."""
+        return row["val_accuracy"], -row["val_loss"]
+
+    def stop(self, row: dict, best_row: dict) -> bool:
+        patience = self.job.cfg.patience
+        if patience and row["epoch"] - best_row["epoch"] >= patience:
+            log.info("%s: stopping after epoch %d, no better checkpoint on val for %d epochs (patience)",
+                     self.name, row["epoch"], patience)
+            return True
+        return False
+
+    def describe(self, row: dict) -> str:
+        return f"epoch {row['epoch']}/{self.epochs} val_accuracy {row['val_accuracy']:.4f}"
+
+    def resumed(self, step: int) -> str:
+        return f"epoch {step // self.eval_every}"
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg: ModelTrainConfig, total: int):
@@ -148,38 +189,6 @@ def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
     return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
 
-def train_epoch(net: nn.Module, batches: Batches, gen: torch.Generator, optim: tuple, job: TrainJob,
-                progress) -> tuple[dict[str, float], EpochTiming]:
-    """One pass over the batches: each loss part's mean over the epoch's steps (summed over the
-    ranks under torchrun), and the epoch's timing. `optim` is (optimizer, LR schedule, loss
-    scaler); batches go to the job's device, forward and loss under its precision's autocast."""
-    opt, sched, scaler = optim
-    device = job.world.device
-    net.train()
-    sums: dict[str, float] = {}
-    timing, start = EpochTiming(), time.perf_counter()
-    for batch in timed(batches.epoch(gen), timing):
-        x, y, teacher_logits = (devices.to_device(t, device) for t in batch)
-        with devices.autocast(device, job.precision):
-            logits = net(x)
-            parts = _loss_parts(logits, y, x, teacher_logits, job.distillation)
-            if job.world.distributed:
-                parts = _rank_shares(parts, y, logits, job.distillation)
-        opt.zero_grad(set_to_none=True)
-        # DDP averages over ranks; each rank's shares of the batch sum to the batch's loss
-        scaler.scale(parts["loss"] * job.world.size if job.world.distributed else parts["loss"]).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        progress.update()
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / batches.steps_per_epoch
-    timing.seconds = time.perf_counter() - start
-    if job.world.distributed:  # each rank holds its shares of the global batches' means: add them up
-        sums = _sum_over_ranks(sums)
-    return sums, timing
-
-
 def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_logits: torch.Tensor | None,
                 distillation: Distillation | None) -> dict[str, torch.Tensor]:
     """Cross-entropy alone, or the distillation loss's parts (the teacher run online when the rows carry no logits)."""
@@ -188,22 +197,6 @@ def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_
     if teacher_logits is None:
         teacher_logits = _teacher_forward(distillation, x)
     return distillation(logits, teacher_logits, y)
-
-
-def _record(best: TrainResult, model: nn.Module, row: dict[str, float], timing: EpochTiming, job: TrainJob,
-            epochs: int) -> None:
-    """Add an epoch to the history and the tracker, keep the model if it is the best on val (the
-    highest accuracy; among equal accuracies, as happen on a small val split, the lowest loss), log
-    a line."""
-    best.history.append(row)
-    best.timings.append(timing)
-    if job.on_epoch:
-        job.on_epoch(row | {"epoch_seconds": timing.seconds, "data_wait_fraction": timing.data_wait_fraction})
-    if (row["val_accuracy"], -row["val_loss"]) > (best.best_val_accuracy, -best.best_val_loss):
-        best.model, best.best_epoch = copy.deepcopy(model), row["epoch"]
-        best.best_val_accuracy, best.best_val_loss = row["val_accuracy"], row["val_loss"]
-    log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", job.name, row["epoch"], epochs,
-             row["train_loss"], row["val_accuracy"])
 
 
 def _rank_shares(parts: dict[str, torch.Tensor], y: torch.Tensor, logits: torch.Tensor,
@@ -228,26 +221,6 @@ def _sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
     values = torch.tensor(list(sums.values()), dtype=torch.float64)
     dist.all_reduce(values)
     return dict(zip(sums, values.tolist()))
-
-
-def _save(resume: Resume, epoch: int, model, opt, sched, gen: torch.Generator, best: TrainResult) -> None:
-    resume.save({"model": model, "optimizer": opt, "scheduler": sched, "generator": gen, "best_model": best.model},
-                epoch=epoch, best_epoch=best.best_epoch, best_val_accuracy=best.best_val_accuracy,
-                best_val_loss=best.best_val_loss, history=best.history)
-
-
-def _restore(resume: Resume, model, opt, sched, gen: torch.Generator, best: TrainResult, name: str) -> int:
-    """Load a matching saved state into the training objects; return the epochs it covers (0: none)."""
-    state = resume.restore({"model": model, "optimizer": opt, "scheduler": sched, "generator": gen,
-                            "best_model": best.model}, name,
-                           ("epoch", "best_epoch", "best_val_accuracy", "best_val_loss", "history"))
-    if state is None:
-        return 0
-    best.best_epoch, best.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
-    best.best_val_loss = state["best_val_loss"]
-    best.history = list(state["history"])
-    log.info("%s: resuming after epoch %d from %s", name, state["epoch"], resume.path)
-    return state["epoch"]
 
 
 def _teacher_forward(d: Distillation, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +276,7 @@ def use_as_is(model: nn.Module, args: dict, job: TrainJob, prepared_dir: str | P
     if job.on_epoch:
         job.on_epoch(row)
     if job.world.is_main:
-        save_checkpoint(out.model, model, args, config=job.cfg.model_dump(), seed=job.seed, epoch=0,
+        checkpoint.save(out.model, model, args, "classify", config=job.cfg.model_dump(), seed=job.seed, epoch=0,
                         val_accuracy=row["val_accuracy"], history=[row], class_names=meta.class_names,
                         prepared_fingerprint=meta.fingerprint, **out.info, **info)
         write_csv(out.history, [row])
@@ -358,7 +331,7 @@ def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tu
     result = fit(model, job, train, val, Resume.make(resume.dir, resume.every_epochs, job.name, inputs) if resume else None)
     if job.world.is_main:
         info = out.info | ({"processes": job.world.size} if job.world.distributed else {})
-        save_checkpoint(out.model, result.model, args, config=job.cfg.model_dump(), seed=job.seed,
+        checkpoint.save(out.model, result.model, args, "classify", config=job.cfg.model_dump(), seed=job.seed,
                         epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, history=result.history,
                         class_names=meta.class_names, prepared_fingerprint=meta.fingerprint, **info)
         write_csv(out.history, result.history)

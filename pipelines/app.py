@@ -9,6 +9,8 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
     distill serve [--cron "0 3 * * *"]
     distill ui [--port 5000]
     distill validate [params.yaml]
+    distill new FOLDER [--task language_model]
+    distill dvc-yaml [FOLDER] [--check]
 """
 
 from __future__ import annotations
@@ -277,11 +279,14 @@ def catch_up() -> None:
 
     Example: distill catch-up   (after moving a corrupt mlflow.db aside, or restarting the server)
     """
-    from distill import catchup, journal, lm, store
-    from distill.models import load_checkpoint
+    import distill.lm  # noqa: F401  (registers the causal_lm arch)
+    import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs)
+    from distill import catchup, checkpoint, journal, store
+    from distill.task import get_task
 
-    def model_of(path: str):  # a classifier's checkpoint, or a language model's (ids -> next-token logits)
-        return lm.NextTokenLogits(lm.load(path)[0]).eval() if lm.is_checkpoint(path) else load_checkpoint(path)[0]
+    def model_of(path: str):  # the model as its task logs and serves it
+        model, ckpt = checkpoint.load(path)
+        return get_task(ckpt["task"]).served(model)
 
     root = store.project_root()
     done = catchup.catch_up(root, model_of, on_each=typer.echo)
@@ -337,6 +342,42 @@ def validate(params: Path = typer.Argument(Path("params.yaml"), help="the params
 
     load_params(params, task=None)
     typer.echo(f"{params}: valid")
+
+
+@app.command(name="new", short_help="a new project folder for a task")
+@user_errors
+def new(folder: Path = typer.Argument(..., help="the folder to create"),
+        task: str = typer.Option("classify", help="classify, language_model, or package.module:Class of your own")
+        ) -> None:
+    """Start a project folder: params.yaml with every key of the task at its default and commented,
+    dvc.yaml with the six stages, data/raw/ for your files, DVC set up.
+
+    Example: distill new my-lm --task language_model && cd my-lm && distill run
+    """
+    from pipelines.scaffold import new_project
+
+    made = new_project(folder, task)
+    typer.echo(f"{folder}: {', '.join(made)}")
+    typer.echo(f"next: edit {folder / 'params.yaml'} (your files go in {folder / 'data' / 'raw'}), "
+               f"then cd {folder} && distill run")
+
+
+@app.command(name="dvc-yaml", short_help="remake dvc.yaml from the task")
+@user_errors
+def dvc_yaml(folder: Path = typer.Argument(Path("."), help="the project folder (holds params.yaml)"),
+             check: bool = typer.Option(False, help="only check that dvc.yaml is current (exit 1 if not)")) -> None:
+    """Write FOLDER/dvc.yaml from pipelines/dvcfile.py for the task its params.yaml names: the six
+    stages, each with its params keys and its code's import closure as deps.
+
+    Example: distill dvc-yaml lm --check
+    """
+    from pipelines.scaffold import write_dvc_yaml
+
+    current = write_dvc_yaml(folder, check=check)
+    if check and not current:
+        typer.echo(f"{folder / 'dvc.yaml'}: differs from what its task makes; run distill dvc-yaml {folder}")
+        raise typer.Exit(1)
+    typer.echo(f"{folder / 'dvc.yaml'}: " + ("current" if check else "written"))
 
 
 def main() -> None:

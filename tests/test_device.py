@@ -11,7 +11,8 @@ from distill import data, device, training
 from distill.classification_params import StudentConfig
 from distill.config import RuntimeConfig, load_params
 from distill.errors import UserError
-from distill.models import load_checkpoint, predict_logits
+from distill import checkpoint
+from distill.models import predict_logits
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 
@@ -63,7 +64,7 @@ def _train(prepared, tmp_path, where: torch.device, precision: str) -> tuple[dic
     cfg = StudentConfig(arch="mlp", hidden=[32], epochs=6, batch_size=32, lr=0.01)
     job = training.TrainJob(cfg, 0, "m", world=training.World(device=where), precision=precision)
     result = training.train_on_labels(job, prepared, training.Outputs(tmp_path / "m.pt", tmp_path / "m.csv"))
-    return result, load_checkpoint(tmp_path / "m.pt")[0]
+    return result, checkpoint.load(tmp_path / "m.pt")[0]
 
 
 def test_bf16_autocast_on_the_cpu_trains_and_the_checkpoint_is_float32_and_predicts(prepared, tmp_path):

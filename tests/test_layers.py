@@ -114,6 +114,15 @@ def test_no_library_function_takes_more_than_eight_parameters(path):
         assert count <= 8, f"distill/{path.name}: {fn.name} takes {count} parameters"
 
 
-def test_the_training_loop_reads_in_one_go():
-    (fit,) = [fn for fn in functions(REPO / "distill" / "training.py") if fn.name == "fit"]
+def test_the_one_training_loop_reads_in_one_go():
+    (fit,) = [fn for fn in functions(REPO / "distill" / "loop.py") if fn.name == "fit"]
     assert fit.end_lineno - fit.lineno + 1 <= 60
+
+
+@pytest.mark.parametrize("path", [REPO / "distill" / "training.py", REPO / "distill" / "lm.py"], ids=lambda p: p.name)
+def test_every_task_trains_in_the_one_loop(path):
+    """No task keeps an optimizer loop of its own: the optimizer, the backward pass and the
+    schedule's step are written once, in distill/loop.py."""
+    source = path.read_text()
+    for own_loop in ("torch.optim.AdamW(", ".backward()", "sched.step()", "DistributedDataParallel("):
+        assert own_loop not in source, f"distill/{path.name} has {own_loop}"

@@ -223,7 +223,7 @@ def test_a_killed_lm_training_stage_resumes_from_its_saved_state(built, tmp_path
         run_stage_in_process(root, "train_student")
     assert len(list((root / ".resume").glob("student-*.pt"))) == 1  # saved at steps 4 and 8
     monkeypatch.setattr(lm, "_loss", real)
-    with caplog.at_level("INFO", logger="distill.lm"):
+    with caplog.at_level("INFO", logger="distill"):
         result = run_stage_in_process(root, "train_student")
     assert "student: resuming after step 8" in caplog.text
     uninterrupted = torch.load(built / "models" / "student.pt", weights_only=True)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from distill import pretrained
+from distill import checkpoint, pretrained
+from distill.checkpoint import ARCHS, build_model, count_parameters, get_arch, register_arch
 from distill.classification_params import BUILTIN_ARCHS, StudentConfig, TeacherConfig
 from distill.errors import UserError
-from distill.models import (ARCHS, MLP, build_model, count_parameters, get_arch, load_checkpoint, model_args,
-                            register_arch, save_checkpoint)
+from distill.models import MLP, model_args
 
 TOKENS = {"vocab_size": 30, "pad_id": 0}
 
@@ -38,33 +38,45 @@ def test_a_checkpoint_rebuilds_the_same_model_and_carries_its_description(tmp_pa
     cfg = TeacherConfig(arch="cnn1d", channels=[4, 4], hidden=[8])
     args = model_args(cfg, 40, 10)
     model = build_model(args).eval()
-    save_checkpoint(tmp_path / "m.pt", model, args, config=cfg.model_dump(), epoch=3, val_accuracy=0.5)
-    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    checkpoint.save(tmp_path / "m.pt", model, args, "classify", config=cfg.model_dump(), epoch=3, val_accuracy=0.5)
+    loaded, ckpt = checkpoint.load(tmp_path / "m.pt")
     x = torch.randn(6, 40)
     torch.testing.assert_close(loaded(x), model(x))
     assert ckpt["epoch"] == 3 and ckpt["config"]["channels"] == [4, 4] and ckpt["model_args"] == args
-    assert isinstance(torch.load(tmp_path / "m.pt", weights_only=True), dict)
+    assert isinstance(torch.load(tmp_path / "m.pt", weights_only=True), dict) and ckpt["task"] == "classify"
+
+
+def test_a_checkpoint_of_the_earlier_format_still_loads_as_the_task_that_made_it(tmp_path):
+    args = model_args(TeacherConfig(arch="mlp", hidden=[8]), 40, 10)
+    model = build_model(args).eval()
+    torch.save({"version": 1, "model_args": args, "state_dict": model.state_dict(), "epoch": 2}, tmp_path / "v1.pt")
+    loaded, ckpt = checkpoint.load(tmp_path / "v1.pt")
+    assert ckpt["task"] == "classify" and ckpt["epoch"] == 2
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(UserError, match="a classify checkpoint, not a language_model one"):
+        checkpoint.load(tmp_path / "v1.pt", task="language_model")
 
 
 def test_a_missing_truncated_or_foreign_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
-        load_checkpoint(tmp_path / "none.pt")
+        checkpoint.load(tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
+        checkpoint.load(tmp_path / "junk.pt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a checkpoint of this pipeline"):
-        load_checkpoint(tmp_path / "foreign.pt")
+        checkpoint.load(tmp_path / "foreign.pt")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     args = model_args(TeacherConfig(arch="mlp", hidden=[8]), 40, 10)
-    save_checkpoint(tmp_path / "m.pt", build_model(args), args)
+    checkpoint.save(tmp_path / "m.pt", build_model(args), args, "classify")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     ckpt["model_args"] = model_args(TeacherConfig(arch="cnn1d", channels=[4], hidden=[8]), 40, 10)
     torch.save(ckpt, tmp_path / "m.pt")
     with pytest.raises(UserError, match="weights do not match"):
-        load_checkpoint(tmp_path / "m.pt")
+        checkpoint.load(tmp_path / "m.pt")
 
 
 def test_every_builtin_arch_the_config_accepts_has_a_builder():
@@ -76,7 +88,7 @@ def test_importing_pretrained_registers_the_transformer_and_torchscript_archs():
 
 
 def test_an_unknown_arch_is_refused_in_one_sentence_naming_the_known_ones():
-    with pytest.raises(UserError, match=r"^arch resnet is not known: use one of cnn1d, mlp, textcnn, torchscript, "
+    with pytest.raises(UserError, match=r"^arch resnet is not known: use one of (causal_lm, )?cnn1d, mlp, textcnn, torchscript, "
                                         r"transformer, or package.module:factory for your own model$"):
         get_arch("resnet")
     with pytest.raises(UserError, match="arch resnet is not known"):
@@ -99,8 +111,8 @@ def test_a_registered_arch_is_found_by_name_and_its_checkpoint_round_trips(tmp_p
     assert get_arch("linear") is linear_arch
     args = {"arch": "linear", "num_features": 5, "num_classes": 3}
     model = build_model(args)
-    save_checkpoint(tmp_path / "m.pt", model, args)
-    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    checkpoint.save(tmp_path / "m.pt", model, args, "classify")
+    loaded, _ = checkpoint.load(tmp_path / "m.pt")
     x = torch.randn(4, 5)
     torch.testing.assert_close(loaded(x), model(x))
 
@@ -123,8 +135,8 @@ def test_a_checkpoint_of_every_builtin_arch_round_trips(tmp_path, arch):
     tokens = TOKENS if arch == "textcnn" else None
     args = model_args(cfg, 12, 3, tokens=tokens)
     model = build_model(args).eval()
-    save_checkpoint(tmp_path / "m.pt", model, args)
-    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    checkpoint.save(tmp_path / "m.pt", model, args, "classify")
+    loaded, ckpt = checkpoint.load(tmp_path / "m.pt")
     x = torch.randint(1, 30, (4, 12)) if tokens else torch.randn(4, 12)
     assert type(loaded) is type(model) and ckpt["model_args"] == args
     torch.testing.assert_close(loaded(x), model(x))
@@ -138,8 +150,8 @@ def test_a_transformer_checkpoint_round_trips_without_its_folder(tmp_path):
     args = {"arch": pretrained.TRANSFORMER, "num_features": 12, "num_classes": 3, "config": config, **TOKENS}
     model = build_model(args).eval()
     assert isinstance(model, pretrained.TransformerClassifier)
-    save_checkpoint(tmp_path / "t.pt", model, args)
-    loaded, _ = load_checkpoint(tmp_path / "t.pt")
+    checkpoint.save(tmp_path / "t.pt", model, args, "classify")
+    loaded, _ = checkpoint.load(tmp_path / "t.pt")
     x = torch.randint(1, 30, (4, 12))
     torch.testing.assert_close(loaded(x), model(x))
 
@@ -149,7 +161,7 @@ def test_a_torchscript_checkpoint_round_trips(tmp_path):
     torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
     args = {"arch": pretrained.TORCHSCRIPT, "num_features": 6, "num_classes": 3,
             "script": (tmp_path / "net.ts").read_bytes()}
-    save_checkpoint(tmp_path / "t.pt", build_model(args), args)
-    loaded, _ = load_checkpoint(tmp_path / "t.pt")
+    checkpoint.save(tmp_path / "t.pt", build_model(args), args, "classify")
+    loaded, _ = checkpoint.load(tmp_path / "t.pt")
     x = torch.randn(4, 6)
     torch.testing.assert_close(loaded(x), net(x))

@@ -8,7 +8,8 @@ import numpy as np
 
 from distill import progress
 from distill.classification_params import ModelTrainConfig
-from distill.models import build_model, model_args
+from distill.checkpoint import build_model
+from distill.models import model_args
 from distill.rows import InMemoryRows
 from distill.training import TrainJob, fit
 

@@ -17,7 +17,7 @@ import yaml
 from conftest import BIN, run_pipeline_in_process, run_stage_in_process, subprocess_env, tiny_params
 from distill import data, training
 from distill.classification_params import DataConfig, StudentConfig
-from distill.models import load_checkpoint
+from distill import checkpoint
 from distill.resume import Resume
 from distill.rows import InMemoryRows
 from scratch import make_scratch_project
@@ -117,8 +117,8 @@ def test_a_training_stage_killed_mid_epoch_resumes_and_matches_the_uninterrupted
     rerun = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True)
     assert "teacher: resuming after epoch" in rerun.stderr
     assert "teacher epoch 1/6" not in rerun.stderr
-    _, resumed = load_checkpoint(root / "models" / "teacher.pt")
-    _, uninterrupted = load_checkpoint(root / "models" / "reference.pt")
+    _, resumed = checkpoint.load(root / "models" / "teacher.pt")
+    _, uninterrupted = checkpoint.load(root / "models" / "reference.pt")
     assert resumed["epoch"] == uninterrupted["epoch"]
     assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
     assert resumed["history"] == uninterrupted["history"]

@@ -11,7 +11,8 @@ from distill.classification_params import DataConfig, SoftLabelsConfig, TeacherC
 from distill.errors import UserError
 from distill.losses import Distillation
 from distill.io import file_sha256
-from distill.models import load_checkpoint, predict_logits
+from distill import checkpoint
+from distill.models import predict_logits
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def prepared_and_teacher(tmp_path):
 
 
 def teacher_logits(teacher, prepared) -> tuple[np.ndarray, np.ndarray]:
-    model, _ = load_checkpoint(teacher)
+    model, _ = checkpoint.load(teacher)
     parts = [data.read_split(prepared, s) for s in ("train", "transfer")]
     x = torch.from_numpy(np.concatenate([p.x for p in parts]))
     return np.concatenate([p.ids for p in parts]), predict_logits(model, x).numpy()

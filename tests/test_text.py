@@ -118,7 +118,7 @@ def test_a_pretrained_folder_gets_a_head_and_can_be_frozen_below_the_top(tmp_pat
     learning = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "head.weight" in learning and any(".layer.1." in n for n in learning)
     assert not any(".layer.0." in n or "embeddings" in n for n in learning)
-    from distill.models import build_model
+    from distill.checkpoint import build_model
 
     rebuilt = build_model(args)  # from the checkpoint's args alone, no folder
     rebuilt.load_state_dict(model.state_dict())
@@ -150,12 +150,12 @@ def test_bad_pretrained_folders_are_refused_in_one_sentence(tmp_path, bert):
         pretrained.load_pretrained(str(bert), 2, meta.tokens, 100)
     # a checkpoint teacher made for another vocabulary, or other classes, is refused too
     model, args = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
-    from distill.models import save_checkpoint
+    from distill import checkpoint
 
-    save_checkpoint(tmp_path / "t.pt", model, args | {"vocab_size": 99}, class_names=["fresh", "rotten"])
+    checkpoint.save(tmp_path / "t.pt", model, args | {"vocab_size": 99}, "classify", class_names=["fresh", "rotten"])
     with pytest.raises(UserError, match="made for vocab_size 99, the prepared data has 41: another tokenizer"):
         pretrained.load_user_checkpoint(tmp_path / "t.pt", 24, 2, meta.tokens, meta.class_names)
-    save_checkpoint(tmp_path / "t.pt", model, args, class_names=["rotten", "fresh"])
+    checkpoint.save(tmp_path / "t.pt", model, args, "classify", class_names=["rotten", "fresh"])
     with pytest.raises(UserError, match=r"classes are \['rotten', 'fresh'\], the data's \['fresh', 'rotten'\]"):
         pretrained.load_user_checkpoint(tmp_path / "t.pt", 24, 2, meta.tokens, meta.class_names)
 
@@ -211,7 +211,7 @@ def test_a_checkpoint_teacher_is_taken_as_it_is_or_refused(tmp_path):
     model, args, _ = pretrained.load_user_checkpoint(scripted, 6, 3)
     x = torch.randn(4, 6)
     assert torch.allclose(model(x), net(x))
-    from distill.models import build_model
+    from distill.checkpoint import build_model
 
     rebuilt = build_model(args)  # the TorchScript bytes travel in the checkpoint
     assert torch.allclose(rebuilt(x), net(x))

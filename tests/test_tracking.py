@@ -12,7 +12,7 @@ import torch
 
 from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
 from distill import data
-from distill.models import load_checkpoint
+from distill import checkpoint
 from distill.store import project_root
 from distill.tracking import flatten, stage_inputs_sha256
 
@@ -115,7 +115,7 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny-student@champion")
     test = data.read_split(project / "data/prepared", "test")
-    model, _ = load_checkpoint(project / "models/student.pt")
+    model, _ = checkpoint.load(project / "models/student.pt")
     with torch.inference_mode():
         expected = model(torch.from_numpy(test.x)).numpy()
     np.testing.assert_allclose(np.asarray(loaded.predict(test.x)), expected, rtol=1e-5, atol=1e-5)

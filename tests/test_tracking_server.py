@@ -14,7 +14,7 @@ import torch
 
 from conftest import git_commit, tiny_params, write_params
 from distill import data
-from distill.models import load_checkpoint
+from distill import checkpoint
 from servers import loopback_postgres, mlflow_server, postgres_bin_dir
 from test_tracking import STAGES, assert_evaluate_children, repro, stage_runs
 
@@ -87,7 +87,7 @@ def test_the_pipeline_logs_runs_artifacts_and_the_registered_model_to_a_postgres
         dst_path=str(tmp_path / "model"), tracking_uri=uri, registry_uri=uri)
     loaded = mlflow.pyfunc.load_model(local)
     test = data.read_split(project / "data/prepared", "test")
-    model, _ = load_checkpoint(project / "models/student.pt")
+    model, _ = checkpoint.load(project / "models/student.pt")
     with torch.inference_mode():
         expected = model(torch.from_numpy(test.x)).numpy()
     np.testing.assert_allclose(np.asarray(loaded.predict(test.x)), expected, rtol=1e-5, atol=1e-5)

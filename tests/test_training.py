@@ -71,11 +71,11 @@ def test_patience_ends_training_after_epochs_without_a_better_checkpoint(prepare
 def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp_path):
     import torch
 
-    from distill.models import load_checkpoint
+    from distill import checkpoint
     from distill.rows import InMemoryRows
 
     train(prepared, tmp_path, seed=0, name="teacher")
-    teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
+    teacher, _ = checkpoint.load(tmp_path / "teacher.pt")
     meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
     stored = predict_logits(teacher, torch.from_numpy(split.x)).numpy()
     histories = {}
@@ -95,11 +95,11 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
 def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_path):
     import torch
 
-    from distill.models import load_checkpoint
+    from distill import checkpoint
     from distill.rows import InMemoryRows
 
     train(prepared, tmp_path, seed=0, name="teacher")
-    teacher, _ = load_checkpoint(tmp_path / "teacher.pt")
+    teacher, _ = checkpoint.load(tmp_path / "teacher.pt")
     meta, split, val = data.read_meta(prepared), data.read_split(prepared, "train"), data.read_split(prepared, "val")
     logits = predict_logits(teacher, torch.from_numpy(split.x)).numpy()
     cfg = StudentConfig(arch="mlp", hidden=[32], epochs=4, batch_size=32, lr=0.01, loss="dkd",

@@ -8,7 +8,7 @@ import torch
 from distill import data, softlabels, training
 from distill.classification_params import DataConfig, SoftLabelsConfig, StudentConfig, TeacherConfig
 from distill.errors import UserError
-from distill.models import load_checkpoint
+from distill import checkpoint
 
 USER_MODULE = '''
 import torch
@@ -69,7 +69,7 @@ def test_a_student_given_by_import_path_trains_saves_and_reloads(tmp_path, user_
                                     training.Outputs(tmp_path / "student.pt", tmp_path / "student.csv"))
     assert result["best_val_accuracy"] > 0.5
     assert result["parameters"] == 2 * (12 * 16 + 16) + (16 * 3 + 3)
-    model, ckpt = load_checkpoint(tmp_path / "student.pt")
+    model, ckpt = checkpoint.load(tmp_path / "student.pt")
     assert type(model).__name__ == "Gated"
     assert ckpt["model_args"] == {"arch": "my_nets:gated", "num_features": 12, "num_classes": 3,
                                   "kwargs": {"width": 16}}
