@@ -19,6 +19,7 @@ from distill.errors import UserError
 from distill.io import write_text
 from distill.task import task_class
 from pipelines.dvcfile import REPO, render
+from pipelines.tools import dvc
 
 
 def params_yaml(schema: type[BaseModel], task: str) -> str:
@@ -35,7 +36,7 @@ def _fields(schema: type[BaseModel], depth: int, skip: frozenset | set = frozens
             continue
         kind = field.annotation
         if isinstance(kind, type) and issubclass(kind, BaseModel):
-            doc = (kind.__doc__ or "").strip().split("\n")[0]
+            doc = " ".join((kind.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
             empty = " {}" if not kind.model_fields else ""
             lines += ([""] if depth == 0 else []) + [f"{pad}{name}:{empty}" + (f"  # {doc}" if doc else "")]
             lines += _fields(kind, depth + 1)
@@ -57,14 +58,12 @@ def new_project(folder: Path, task: str) -> list[str]:
     write_text(folder / "params.yaml", params_yaml(schema, task))
     made = ["params.yaml", "data/raw/"]
     if not (folder / ".dvc").is_dir():
-        inside_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True,
-                                    text=True).returncode == 0
-        if not inside_git:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+        if top.returncode != 0:  # not inside a repository: the folder becomes one
             subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
-        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True,
-                                  text=True, check=True).stdout.strip())
-        subdir = ["--subdir"] if top.resolve() != folder.resolve() else []
-        subprocess.run(["dvc", "init", "-q", *subdir], cwd=folder, check=True)
+            made.append(".git/ (git init)")
+        subdir = ["--subdir"] if top.returncode == 0 and Path(top.stdout.strip()).resolve() != folder.resolve() else []
+        dvc(folder, "init", "-q", *subdir)
         made.append(".dvc/ (dvc init" + (" --subdir)" if subdir else ")"))
     if (REPO / ".dvc" / "plots").is_dir():  # the plot templates dvc.yaml may name (by_model)
         shutil.copytree(REPO / ".dvc" / "plots", folder / ".dvc" / "plots", dirs_exist_ok=True)
