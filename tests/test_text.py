@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from distill import data, pretrained, text
+from distill import data, pretrained, sources, text
 from distill.classification_params import DataConfig, Params, TextConfig
 from distill.errors import UserError
 from distill.models import TextCNN, predict_logits
@@ -39,9 +39,9 @@ def test_a_text_csv_is_prepared_as_token_ids_with_the_text_beside_them(tmp_path,
     assert meta.splits["transfer"] == 300
 
 
-def groups_by_split(raw: data.RawData, cfg: DataConfig) -> tuple[dict[str, set], dict]:
+def groups_by_split(raw: sources.RawData, cfg: DataConfig) -> tuple[dict[str, set], dict]:
     """The groups each split holds: the rows are split with their index as their text."""
-    numbered = data.RawData(np.arange(len(raw.y)).astype(str).astype(object), raw.y, raw.feature_names,
+    numbered = sources.RawData(np.arange(len(raw.y)).astype(str).astype(object), raw.y, raw.feature_names,
                             groups=raw.groups)
     splits, names = data.split_raw(numbered, cfg)
     return {name: {raw.groups[int(i)] for i in x} for name, (x, _) in splits.items()}, splits
@@ -49,7 +49,7 @@ def groups_by_split(raw: data.RawData, cfg: DataConfig) -> tuple[dict[str, set],
 
 def test_groups_never_straddle_splits(tmp_path, bert):
     cfg = text_data(tmp_path, bert, transfer_size=0)
-    groups, _ = groups_by_split(data.load_source(cfg), cfg)
+    groups, _ = groups_by_split(sources.load_source(cfg), cfg)
     assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
     assert not groups["val"] & groups["test"]
 
@@ -57,7 +57,7 @@ def test_groups_never_straddle_splits(tmp_path, bert):
 def test_rotten_tomatoes_holds_the_reviews_grouped_by_movie():
     cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "transfer_size": 0,
                                           "text": {"tokenizer": "minilm"}}}).data
-    raw = data.load_source(cfg)
+    raw = sources.load_source(cfg)
     assert len(raw.y) == 7403 + 5405 and set(raw.y) == {"fresh", "rotten"}
     groups, splits = groups_by_split(raw, cfg)
     assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
@@ -72,7 +72,7 @@ def test_rotten_tomatoes_reads_a_copy_at_data_path_when_there_is_one(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "rt.csv.bz2", index=False)
     cfg = Params.model_validate({"data": {"source": "rotten_tomatoes", "path": str(tmp_path / "rt.csv.bz2"),
                                           "text": {"tokenizer": "minilm"}}}).data
-    raw = data.load_source(cfg)
+    raw = sources.load_source(cfg)
     assert len(raw.y) == 20 and set(raw.y) == {"fresh", "rotten"}  # the plot rows left out
 
 

