@@ -37,9 +37,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from distill import corpus, lm  # noqa: E402
+from distill import checkpoint, corpus, lm  # noqa: E402
 from distill.sources import rotten_tomatoes_file  # noqa: E402
-from distill.lm_evaluation import MODELS  # noqa: E402
+from distill.task import ROLES  # noqa: E402
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 # name -> soft_labels overrides
@@ -112,7 +112,7 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
         seconds[stage] = timed(stage_command(stage), work)
         print(f"seed {seed}: {stage} {seconds[stage]:.0f} s", flush=True)
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
-    record = {"seed": seed, "metrics": {m: metrics[m] for m in MODELS}, "gap_closed": metrics["gap_closed"],
+    record = {"seed": seed, "metrics": {m: metrics[m] for m in ROLES}, "gap_closed": metrics["gap_closed"],
               "stage_seconds": seconds, "wall_minutes": sum(seconds.values()) / 60}
     if not targets:
         (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -143,7 +143,7 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
             bits = metrics["student"]["test_bits_per_token"]
         else:
             prov = json.loads((variants[name] / "data" / "soft_labels" / "provenance.json").read_text())
-            model, _ = lm.load(variants[name] / "models" / "student.pt")
+            model, _ = checkpoint.load(variants[name] / "models" / "student.pt", task="language_model")
             bits = lm.nats_per_token(model, test, 64, torch.device("cpu")) / math.log(2)
             if name == "dense":  # gigabytes; the others stay for benchmarks/lm_tails.py
                 shutil.rmtree(variants[name] / "data" / "soft_labels")
@@ -160,10 +160,10 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def aggregate(records: list[dict]) -> dict:
-    agg = {"bits_per_token": {m: mean_std([r["metrics"][m]["test_bits_per_token"] for r in records]) for m in MODELS},
+    agg = {"bits_per_token": {m: mean_std([r["metrics"][m]["test_bits_per_token"] for r in records]) for m in ROLES},
            "kl_bits_per_token": {m: mean_std([max(r["metrics"][m]["kl_bits_per_token"], 0.0) for r in records])
-                                 for m in MODELS},
-           "params": {m: records[0]["metrics"][m]["params"] for m in MODELS},
+                                 for m in ROLES},
+           "params": {m: records[0]["metrics"][m]["params"] for m in ROLES},
            "gap_closed": mean_std([r["gap_closed"] for r in records]),
            "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
            # the fastest seed: the others may have shared the machine with other work
@@ -206,7 +206,7 @@ def markdown(agg: dict, seeds: list[int]) -> str:
     lines = [f"Language-model distillation, Rotten Tomatoes (split by movie), seeds {seeds}: held-out bits per "
              f"token, mean ± std (stored targets: seeds {agg['target_seeds']}).", "", "| model | parameters | bits / token | KL(teacher ‖ model), bits / token |",
              "|---|---|---|---|"]
-    for m in MODELS:
+    for m in ROLES:
         lines.append(f"| {m} | {agg['params'][m]:,} | {pm(agg['bits_per_token'][m])} | "
                      f"{pm(agg['kl_bits_per_token'][m])} |")
     lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(agg['gap_closed'], '{:.1%}')}; "

@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.lm_quality import stage_command, timed  # noqa: E402
-from distill import corpus, lm  # noqa: E402
+from distill import checkpoint, corpus, lm  # noqa: E402
 
 TAILS = ("zero", "uniform", "bucket")
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         params["student"]["tail"] = tail
         (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         seconds = timed(stage_command("train_student"), folder)
-        model, _ = lm.load(folder / "models" / "student.pt")
+        model, _ = checkpoint.load(folder / "models" / "student.pt", task="language_model")
         bits = lm.nats_per_token(model, test, 64, torch.device("cpu")) / math.log(2)
         result["students"][tail] = {"test_bits_per_token": bits, "seconds": seconds}
         print(f"tail {tail}: student {bits:.4f} bits/token ({seconds:.0f} s)", flush=True)

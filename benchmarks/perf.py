@@ -191,7 +191,7 @@ def train_student(cfg: StudentConfig, seed: int, prepared: Path, rows, distillat
     val = data.read_split(prepared, "val")
     job = training.TrainJob(cfg, seed, "student", distillation=distillation, buffer_rows=cfg.shuffle_buffer,
                             world=training.World(device=RUNTIME["device"]), precision=RUNTIME["precision"])
-    return training.fit(model, job, rows, (val.x, val.y))
+    return training.fit_classifier(model, job, rows, (val.x, val.y))
 
 
 def student_rows_in_memory(prepared: Path) -> InMemoryRows:

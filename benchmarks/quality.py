@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from distill.evaluation import MODELS, gap_closed  # noqa: E402
+from distill.evaluation import gap_closed  # noqa: E402
+from distill.task import ROLES  # noqa: E402
 from pipelines import experiments  # noqa: E402
 from pipelines.tools import BIN  # noqa: E402
 
@@ -62,13 +63,13 @@ def aggregate(records: list[dict]) -> dict:
     per seed (mean ± std) and from the mean accuracies.
     """
     out: dict = {}
-    for model in MODELS:
+    for model in ROLES:
         keys = [k for k, v in records[0][model].items() if isinstance(v, (int, float))]
         out[model] = {k: mean_std([r[model][k] for r in records]) for k in keys}
-    gaps = [gap_closed(*(r[m]["test_accuracy"] for m in MODELS)) for r in records]
+    gaps = [gap_closed(*(r[m]["test_accuracy"] for m in ROLES)) for r in records]
     known = [g for g in gaps if g is not None]
     out["gap_closed"] = mean_std(known) if known else None
-    acc = {m: out[m]["test_accuracy"]["mean"] for m in MODELS}
+    acc = {m: out[m]["test_accuracy"]["mean"] for m in ROLES}
     out["gap_closed_of_means"] = gap_closed(acc["teacher"], acc["student"], acc["baseline"])
     out["param_ratio"] = out["student"]["params"]["mean"] / out["teacher"]["params"]["mean"]
     out["speedup_b1"] = out["teacher"]["latency_ms_b1"]["mean"] / out["student"]["latency_ms_b1"]["mean"]
@@ -88,7 +89,7 @@ def check_bar(results: dict[str, dict]) -> dict[str, bool]:
     cnn, mlp = results.get("mnist1d-cnn"), results.get("mnist1d-mlp")
     checks = {}
     if rt := results.get("rotten-tomatoes"):
-        acc = {m: rt[m]["test_accuracy"]["mean"] for m in MODELS}
+        acc = {m: rt[m]["test_accuracy"]["mean"] for m in ROLES}
         checks["text_teacher_at_least_80"] = acc["teacher"] >= TEXT_BAR["teacher_min"]
         checks["text_student_3_points_over_baseline"] = (acc["student"] - acc["baseline"]
                                                          >= TEXT_BAR["student_over_baseline_min"])
@@ -117,7 +118,7 @@ def markdown_table(results: dict[str, dict]) -> str:
     lines = ["| data set / student | model | test accuracy % (mean ± std) | params | latency ms @b1 | gap closed % |",
              "|---|---|---|---|---|---|"]
     for name, agg in results.items():
-        for model in MODELS:
+        for model in ROLES:
             gap = fmt(agg["gap_closed"]) if model == "student" and agg["gap_closed"] else ""
             lines.append(f"| {name} ({agg['seeds']} seeds) | {model} | {fmt(agg[model]['test_accuracy'])} | "
                          f"{agg[model]['params']['mean']:,.0f} | {agg[model]['latency_ms_b1']['mean']:.3f} | {gap} |")
@@ -195,7 +196,7 @@ def main() -> None:
             else:
                 metrics = run_experiment(f"quality-{config}-seed{seed}", CONFIGS[config], seed)
             per_seed.setdefault(config, []).append({"seed": seed, **metrics})
-            print(f"{config} seed {seed}: " + ", ".join(f"{m} {metrics[m]['test_accuracy']:.4f}" for m in MODELS)
+            print(f"{config} seed {seed}: " + ", ".join(f"{m} {metrics[m]['test_accuracy']:.4f}" for m in ROLES)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     results = {config: aggregate(records) for config, records in per_seed.items()}
     report = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),

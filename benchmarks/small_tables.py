@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from distill import data, evaluation, softlabels, training  # noqa: E402
 from distill.config import load_params  # noqa: E402
+from distill.task import ROLES  # noqa: E402
 
 TABLES = ("breast_cancer", "wine", "iris", "digits")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,7 +67,7 @@ def run_once(table: str, seed: int, work: Path, params_file: Path) -> dict:
     prepared, soft = out / "prepared", out / "soft_labels"
     start = time.perf_counter()
     meta = data.prepare(params.data, prepared)
-    ckpt = {name: out / f"{name}.pt" for name in evaluation.MODELS}
+    ckpt = {name: out / f"{name}.pt" for name in ROLES}
 
     def outputs(name: str) -> training.Outputs:
         return training.Outputs(ckpt[name], out / f"{name}.csv", {})
@@ -86,7 +87,7 @@ def run_once(table: str, seed: int, work: Path, params_file: Path) -> dict:
         "logistic_regression": logistic_regression(prepared),
         **{m: {"test_accuracy": result.metrics[m]["test_accuracy"], "params": result.metrics[m]["params"],
                "epochs_run": len(epochs[m]["history"]), "best_epoch": epochs[m]["best_epoch"]}
-           for m in evaluation.MODELS},
+           for m in ROLES},
         "gap_closed": result.metrics["gap_closed"],
     }
 
@@ -107,7 +108,7 @@ def summarise(runs: list[dict]) -> tuple[dict, str]:
     for table in dict.fromkeys(r["table"] for r in runs):
         rs = [r for r in runs if r["table"] == table]
         acc = {k: [r[k] if k == "logistic_regression" else r[k]["test_accuracy"] for r in rs]
-               for k in ("logistic_regression", *evaluation.MODELS)}
+               for k in ("logistic_regression", *ROLES)}
         mean = {k: statistics.fmean(v) for k, v in acc.items()}
         teacher_vs_lr = 100 * (mean["teacher"] - mean["logistic_regression"])
         student_vs_base = 100 * (mean["student"] - mean["baseline"])
@@ -117,7 +118,7 @@ def summarise(runs: list[dict]) -> tuple[dict, str]:
                           "student_not_below_baseline": student_vs_base >= 0.0}
         rows = sum(rs[0]["rows"][s] for s in ("train", "val", "test"))
         lines.append(f"| {table} ({rows} × {rs[0]['features']}, {rs[0]['classes']}) | "
-                     + " | ".join(mean_std(acc[k]) for k in ("logistic_regression", *evaluation.MODELS))
+                     + " | ".join(mean_std(acc[k]) for k in ("logistic_regression", *ROLES))
                      + f" | {teacher_vs_lr:+.1f} | {student_vs_base:+.1f} |")
     return summary, "\n".join(lines) + "\n"
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r = runs[-1]
                 print(f"{table} seed {seed}: LR {r['logistic_regression']:.3f} "
                       + " ".join(f"{m} {r[m]['test_accuracy']:.3f} ({r[m]['epochs_run']} ep)"
-                                 for m in evaluation.MODELS) + f"  {r['seconds']:.0f} s", flush=True)
+                                 for m in ROLES) + f"  {r['seconds']:.0f} s", flush=True)
     summary, table_md = summarise(runs)
     result = {"command": "python benchmarks/small_tables.py " + " ".join(argv or sys.argv[1:]),
               "summary": summary, "runs": runs}

@@ -49,7 +49,7 @@ def student_epoch(work: Path, rows: InMemoryRows, distillation: Distillation) ->
     model = training.initial_model(cfg, meta, params.seed)
     val = data.read_split(work / "data" / "prepared", "val")
     job = training.TrainJob(cfg, params.seed, "student", distillation=distillation)
-    return training.fit(model, job, rows, (val.x[:64], val.y[:64])).timings[0].seconds
+    return training.fit_classifier(model, job, rows, (val.x[:64], val.y[:64])).timings[0].seconds
 
 
 def offline_vs_online(work: Path, n: int) -> dict:

@@ -27,9 +27,9 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint
+from distill.task import IMPORT_PATH
 
 VERSION = 2  # 1: before the task was recorded (a language model's then had "kind": "causal_lm")
-IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:factory, a user's own model
 IMPORTED = "package.module:factory"  # the registry's entry that builds a user's import-path model
 
 Builder = Callable[[dict[str, Any]], nn.Module]

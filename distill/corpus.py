@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.config import RAW_DIR
+from distill.config import META_FILE, RAW_DIR
 from distill.errors import UserError
 from distill.io import atomic_path, tree_sha256
 from distill.lm_params import CorpusConfig
@@ -41,11 +41,10 @@ from distill.text import TOKENIZER_FILES, load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+CORPUS_SCHEMA_VERSION = 1
 TASK = "language_model"
-META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
-SPLITS = ("train", "val", "test")
+CORPUS_SPLITS = ("train", "val", "test")
 END_OF_TEXT = "<|endoftext|>"
 ID_DTYPE = np.int32
 
@@ -191,7 +190,7 @@ def windows(docs: list[str], tok, context_length: int) -> tuple[np.ndarray, int]
 # ---------------------------------------------------------------- prepared data
 
 
-def prepare(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
+def prepare_corpus(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
     """Stage step prepare (language model): documents -> split -> tokenizer -> windows, written
     atomically (a failure leaves no folder)."""
     docs = load_documents(cfg)
@@ -204,7 +203,7 @@ def prepare(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
         tok = given_tokenizer(cfg.tokenizer)
         origin = f"{cfg.tokenizer} ({len(tok)} ids)"
     splits, arrays = {}, {}
-    for split in SPLITS:
+    for split in CORPUS_SPLITS:
         arrays[split], tokens = windows(texts[split], tok, cfg.context_length)
         if len(arrays[split]) == 0:
             raise UserError(f"the {split} split has {tokens} tokens in {len(texts[split])} document(s), fewer than "
@@ -225,16 +224,16 @@ def prepare(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
                               "ids": pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), pa.int32()),
                                                                        cfg.context_length)})
             pq.write_table(table, tmp / f"{split}.parquet", compression="zstd")
-        meta = {"schema_version": SCHEMA_VERSION, "task": TASK, "source": cfg.source, "vocab_size": len(tok),
-                "context_length": cfg.context_length, "eos_id": int(tok.eos_token_id),
+        meta = {"schema_version": CORPUS_SCHEMA_VERSION, "task": TASK, "source": cfg.source,
+                "vocab_size": len(tok), "context_length": cfg.context_length, "eos_id": int(tok.eos_token_id),
                 "tokenizer_sha256": tokenizer_sha256(tmp / TOKENIZER_DIR), "tokenizer": origin, "splits": splits}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("prepared %s: %s; windows of %d tokens: %s", cfg.source, origin, cfg.context_length,
              ", ".join(f"{s} {v['windows']} ({v['documents']} docs)" for s, v in splits.items()))
-    return read_meta(out_dir)
+    return read_corpus_meta(out_dir)
 
 
-def read_meta(prepared_dir: str | Path) -> CorpusMeta:
+def read_corpus_meta(prepared_dir: str | Path) -> CorpusMeta:
     """data/prepared's meta.json, checked to be a language model's, with the folder's fingerprint."""
     path = Path(prepared_dir) / META_FILE
     if not path.is_file():
@@ -248,8 +247,9 @@ def read_meta(prepared_dir: str | Path) -> CorpusMeta:
     if meta.get("task") != TASK:
         raise UserError(f"{path}: prepared for classification, not a language model; rerun prepare with "
                         "task: language_model")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; rerun prepare")
+    if meta.get("schema_version") != CORPUS_SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {CORPUS_SCHEMA_VERSION}; "
+                        "rerun prepare")
     try:
         return CorpusMeta(meta["vocab_size"], meta["context_length"], meta["eos_id"], meta["tokenizer_sha256"],
                           meta["splits"], tree_sha256(prepared_dir), Path(prepared_dir))

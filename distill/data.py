@@ -29,15 +29,15 @@ import pyarrow.parquet as pq
 
 from distill import text as texts
 from distill.classification_params import DataConfig
+from distill.config import META_FILE
 from distill.errors import UserError
 from distill.io import atomic_path, tree_sha256
 from distill.sources import GENERATED, SIGNALS, RawData, load_source, load_transfer_file
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+PREPARED_SCHEMA_VERSION = 1  # meta.json's, as `prepare` writes it
 SPLITS = ("train", "val", "test", "transfer")
-META_FILE = "meta.json"
 ROW_GROUP_ROWS = 16384  # the unit a streaming reader decodes: ~2.6 MB of x at 40 features
 
 
@@ -216,7 +216,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> PreparedMeta:
     raw = load_source(cfg)
     splits, class_names = split_raw(raw, cfg, tok.mask_token if tok is not None else None)
     meta = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": PREPARED_SCHEMA_VERSION,
         "source": cfg.source,
         "feature_names": raw.feature_names,
         "class_names": class_names,
@@ -270,8 +270,8 @@ def read_meta(prepared_dir: str | Path) -> PreparedMeta:
     if not path.is_file():
         raise UserError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
     meta = json.loads(path.read_text())
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; "
+    if meta.get("schema_version") != PREPARED_SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {meta.get('schema_version')} is not {PREPARED_SCHEMA_VERSION}; "
                         "rerun prepare")
     return PreparedMeta(
         num_features=meta["tokens"]["max_length"] if "tokens" in meta else len(meta["feature_names"]),

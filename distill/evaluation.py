@@ -28,9 +28,8 @@ from distill.classification_params import EvaluateConfig, RegistryConfig
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256, write_csv, write_json
 from distill.models import predict_logits
+from distill.task import ROLES
 import distill.pretrained  # noqa: F401  (registers the transformer and torchscript archs a teacher may be)
-
-MODELS = ("teacher", "student", "baseline")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
     meta = data.read_meta(prepared_dir)
     test = data.read_split(prepared_dir, "test")
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    models = {name: checkpoint.load(checkpoints[name], task="classify") for name in MODELS}
+    models = {name: checkpoint.load(checkpoints[name], task="classify") for name in ROLES}
     _check_lineage(checkpoints, models, meta)
     pad_id = (meta.tokens or {}).get("pad_id")  # text: token ids padded with it
     logits = {name: predict_logits(model, x, pad_id=pad_id) for name, (model, _) in models.items()}
@@ -160,7 +159,7 @@ def evaluate(cfg: EvaluateConfig, prepared_dir: str | Path, checkpoints: dict[st
             on_device = copy.deepcopy(model).to(device)
             metrics[name] |= {f"device_latency_ms_{key}": latency_ms(on_device, x, size, cfg.latency_repeats, device)
                               for key, size in (("b1", 1), ("batch", cfg.latency_batch_size))}
-    acc = {name: metrics[name]["test_accuracy"] for name in MODELS}
+    acc = {name: metrics[name]["test_accuracy"] for name in ROLES}
     metrics["gap_closed"] = gap_closed(acc["teacher"], acc["student"], acc["baseline"])
     run_ids = {name: ckpt.get("mlflow_run_id") for name, (_, ckpt) in models.items()}
     described = (f"{len(test.y):,} test rows, {meta.num_classes} classes, prepared data {meta.fingerprint[:12]}; "

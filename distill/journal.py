@@ -20,7 +20,7 @@ PENDING_DIR = ".mlflow-pending"  # under the project root: stage records that tr
 FILE_KEYS = {"artifact": "path", "model": "checkpoint"}
 
 
-def save(root: Path, run, experiment: str, tags: dict) -> str:
+def write(root: Path, run, experiment: str, tags: dict) -> str:
     """Write the journal of `run` (a tracking.StageRun), with copies of the files it names, to a
     new folder under .mlflow-pending/; return the folder (relative to the project)."""
     import shutil

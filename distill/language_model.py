@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
-from distill.task import EvaluatePaths, TrainPaths
+from distill.task import ROLES, EvaluatePaths, TrainPaths
 
 
 class LanguageModelTask:
@@ -42,7 +42,7 @@ class LanguageModelTask:
     def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
         from distill import corpus
 
-        meta = corpus.prepare(params.data, out)
+        meta = corpus.prepare_corpus(params.data, out)
         run.log_metrics({f"{key}_{split}": n for split, counts in meta.splits.items() for key, n in counts.items()}
                         | {"vocab_size": meta.vocab_size})
         return {"vocab_size": meta.vocab_size, "splits": meta.splits}
@@ -52,7 +52,7 @@ class LanguageModelTask:
         from distill.io import tree_sha256
 
         teacher = params.teacher
-        meta = corpus.read_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(paths.prepared)
         model = lm.pretrained(teacher.model, meta) if teacher.source == "pretrained" else lm.gpt2(teacher, meta,
                                                                                                  params.seed)
         job = lm.LMJob(teacher, params.seed, "teacher", world=world, precision=params.runtime.precision,
@@ -68,8 +68,8 @@ class LanguageModelTask:
         from distill import device, lm_soft_labels
 
         where = device.resolve(params.runtime)
-        result = lm_soft_labels.dump(teacher, prepared, out, params.soft_labels, run_id=run.run_id, device=where,
-                                     precision=params.runtime.precision)
+        result = lm_soft_labels.dump_targets(teacher, prepared, out, params.soft_labels, run_id=run.run_id,
+                                             device=where, precision=params.runtime.precision)
         run.log_metrics({"windows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
                          "bytes_per_token": result["bytes_per_token"]})
         return result
@@ -78,7 +78,7 @@ class LanguageModelTask:
         from distill import corpus, lm, lm_soft_labels
 
         student = params.student
-        meta = corpus.read_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(paths.prepared)
         model = lm.gpt2(student, meta, params.seed)
         soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model))
         lineage = lm_soft_labels.lineage(soft)
@@ -93,7 +93,7 @@ class LanguageModelTask:
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
         from distill import corpus, lm
 
-        meta = corpus.read_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(paths.prepared)
         model = lm.gpt2(params.student, meta, params.seed)
         job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
                        on_eval=run.log_step)
@@ -115,15 +115,15 @@ class LanguageModelTask:
     def evaluate(self, params: LMParams, paths: EvaluatePaths, run: Any) -> dict:
         from distill import device, lm_evaluation
 
-        result = lm_evaluation.evaluate(params.evaluate, paths.prepared, paths.checkpoints,
-                                        device.resolve(params.runtime))
-        lm_evaluation.write_outputs(result, paths.outputs)
+        result = lm_evaluation.evaluate_lm(params.evaluate, paths.prepared, paths.checkpoints,
+                                           device.resolve(params.runtime))
+        lm_evaluation.write_lm_outputs(result, paths.outputs)
         gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
-        run.log_metrics({f"{m}.{k}": v for m in lm_evaluation.MODELS for k, v in result.metrics[m].items()
+        run.log_metrics({f"{m}.{k}": v for m in ROLES for k, v in result.metrics[m].items()
                          if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
         for path in paths.outputs.values():
             run.log_artifact(Path(path))
-        passed = lm_evaluation.passes_gate(result.metrics["student"], params.registry)
+        passed = lm_evaluation.lm_passes_gate(result.metrics["student"], params.registry)
         return result.metrics | {"run_ids": result.run_ids, "passed": passed}
 
     def served(self, model: Any) -> Any:

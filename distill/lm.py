@@ -36,7 +36,7 @@ from torch import nn
 from distill import device as devices
 from distill import checkpoint, loop
 from distill.checkpoint import count_parameters, register_arch
-from distill.corpus import CorpusMeta
+from distill.corpus import TASK, CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import write_csv
@@ -106,14 +106,11 @@ def _causal_lm(args: dict[str, Any]) -> nn.Module:
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
-def save(path: str | Path, model: nn.Module, **info: Any) -> None:
-    """The checkpoint (distill/checkpoint.py) of a causal LM: its config and weights, and `info`."""
-    checkpoint.save(path, model, {"arch": ARCH, "config": model.config.to_dict()}, "language_model", **info)
-
-
-def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A language model's checkpoint: the model (eval mode, on the CPU) and the checkpoint dict."""
-    return checkpoint.load(path, task="language_model")
+def lm_model_args(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint (distill/checkpoint.py) rebuilds a causal LM from: its arch and Hugging Face config.
+    A language model's checkpoint is `checkpoint.save(path, model, lm_model_args(model), TASK, **info)`,
+    read back with `checkpoint.load(path, task=TASK)` (TASK: distill.corpus's, "language_model")."""
+    return {"arch": ARCH, "config": model.config.to_dict()}
 
 
 def check_lineage(path: str | Path, ckpt: dict, meta: CorpusMeta) -> None:
@@ -307,9 +304,10 @@ def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_pa
                 meta: CorpusMeta, info: dict) -> dict:
     """Rank 0: the best checkpoint (with its history and lineage) and the history CSV; the summary."""
     if job.world.is_main:
-        save(model_path, result.model, name=job.name, config=job.cfg.model_dump(), seed=job.seed,
-             step=result.best_step, val_bits_per_token=result.best_val_bits, history=result.history,
-             prepared_fingerprint=meta.fingerprint, tokenizer_sha256=meta.tokenizer_sha256, **info)
+        checkpoint.save(model_path, result.model, lm_model_args(result.model), TASK, name=job.name,
+                        config=job.cfg.model_dump(), seed=job.seed, step=result.best_step,
+                        val_bits_per_token=result.best_val_bits, history=result.history,
+                        prepared_fingerprint=meta.fingerprint, tokenizer_sha256=meta.tokenizer_sha256, **info)
         write_csv(history_path, result.history)
     return {"best_step": result.best_step, "best_val_bits_per_token": result.best_val_bits,
             "parameters": count_parameters(result.model), "train_seconds": result.seconds,

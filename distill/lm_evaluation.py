@@ -24,19 +24,19 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from distill import lm
+from distill import checkpoint, lm
 from distill.checkpoint import count_parameters
-from distill.corpus import read_meta, read_windows
+from distill.corpus import TASK, read_corpus_meta, read_windows
 from distill.errors import UserError
 from distill.evaluation import gap_closed, latency_ms
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
+from distill.lm import LN2
 from distill.lm_params import LMEvaluateConfig, LMRegistryConfig
 from distill.report import COLORS, PAGE, png_bytes
+from distill.task import ROLES
 
-MODELS = ("teacher", "student", "baseline")
 LATENCY_REPEATS = 20
-LN2 = math.log(2)
-COLUMNS = (  # key, header, format
+LM_COLUMNS = (  # key, header, format
     ("test_bits_per_token", "bits / token", "{:.3f}"),
     ("test_perplexity", "perplexity", "{:.1f}"),
     ("kl_bits_per_token", "KL(teacher ‖ model), bits / token", "{:.3f}"),
@@ -75,13 +75,13 @@ def score(models: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: i
     return {m: {k: v / max(count, 1) for k, v in s.items()} for m, s in sums.items()}
 
 
-def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
-             device: torch.device) -> LMEvaluation:
+def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
+                device: torch.device) -> LMEvaluation:
     """Stage step evaluate (language model)."""
-    meta = read_meta(prepared_dir)
+    meta = read_corpus_meta(prepared_dir)
     models, ckpts = {}, {}
-    for name in MODELS:
-        models[name], ckpts[name] = lm.load(checkpoints[name])
+    for name in ROLES:
+        models[name], ckpts[name] = checkpoint.load(checkpoints[name], task=TASK)
         lm.check_lineage(checkpoints[name], ckpts[name], meta)
         models[name].to(device)
     test = read_windows(prepared_dir, "test")
@@ -91,7 +91,7 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
                         "rerun soft_labels and train_student (dvc repro)")
     nats = score(models, test, cfg.batch_size, device, meta.vocab_size)
     metrics: dict = {}
-    for name in MODELS:
+    for name in ROLES:
         metrics[name] = {"test_bits_per_token": nats[name]["ce"] / LN2,
                          "test_perplexity": math.exp(nats[name]["ce"]),
                          "kl_bits_per_token": max(nats[name]["kl"], 0.0) / LN2,  # not -0.000 from rounding
@@ -102,10 +102,10 @@ def evaluate(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[
     metrics["student"]["soft_label_bytes_per_token"] = lineage.get("bytes_per_token")
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
     # lower is better in bits: the gap closed is (baseline - student) / (baseline - teacher)
-    metrics["gap_closed"] = gap_closed(*(-metrics[m]["test_bits_per_token"] for m in MODELS))
+    metrics["gap_closed"] = gap_closed(*(-metrics[m]["test_bits_per_token"] for m in ROLES))
     samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, test, meta)
-    return LMEvaluation(metrics, samples, {m: ckpts[m].get("history", []) for m in MODELS},
-                        {m: ckpts[m].get("mlflow_run_id") for m in MODELS},
+    return LMEvaluation(metrics, samples, {m: ckpts[m].get("history", []) for m in ROLES},
+                        {m: ckpts[m].get("mlflow_run_id") for m in ROLES},
                         f"{meta.splits['test']['windows']} test windows of {meta.context_length} tokens "
                         f"({meta.splits['test']['documents']} documents); vocabulary {meta.vocab_size}")
 
@@ -131,15 +131,15 @@ def _document_start(window: np.ndarray, eos_id: int, size: int) -> np.ndarray:
     return window[start:start + size]
 
 
-def passes_gate(student: dict, registry: LMRegistryConfig) -> bool:
+def lm_passes_gate(student: dict, registry: LMRegistryConfig) -> bool:
     return student["test_bits_per_token"] <= registry.max_test_bits_per_token
 
 
 # ---------------------------------------------------------------- outputs
 
 
-def headline(metrics: dict) -> str:
-    bits = {m: metrics[m]["test_bits_per_token"] for m in MODELS}
+def lm_headline(metrics: dict) -> str:
+    bits = {m: metrics[m]["test_bits_per_token"] for m in ROLES}
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     gap = metrics["gap_closed"]
     closed = ("no gap to close: the teacher is not better than the baseline" if gap is None
@@ -148,10 +148,10 @@ def headline(metrics: dict) -> str:
             f"{bits['teacher']:.3f}; {closed}. The student has {smaller:.1f}x fewer parameters than the teacher.")
 
 
-def compare_table(metrics: dict) -> str:
-    lines = ["| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for m in MODELS:
-        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt in COLUMNS) + " |")
+def lm_compare_table(metrics: dict) -> str:
+    lines = ["| model | " + " | ".join(h for _, h, _ in LM_COLUMNS) + " |", "|---" * (len(LM_COLUMNS) + 1) + "|"]
+    for m in ROLES:
+        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt in LM_COLUMNS) + " |")
     gap = metrics["gap_closed"]
     shown = "n/a (the teacher is not better than the baseline)" if gap is None else f"{100 * gap:.1f}%"
     student = metrics["student"]
@@ -174,7 +174,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def training_figure(histories: dict[str, list[dict]]) -> Figure:
+def lm_training_figure(histories: dict[str, list[dict]]) -> Figure:
     fig = Figure(figsize=(6.5, 3.6), dpi=110, layout="constrained")
     ax = fig.subplots()
     for m, rows in histories.items():
@@ -188,35 +188,36 @@ def training_figure(histories: dict[str, list[dict]]) -> Figure:
     return fig
 
 
-def write_outputs(result: LMEvaluation, out: dict[str, str | Path]) -> None:
+def write_lm_outputs(result: LMEvaluation, out: dict[str, str | Path]) -> None:
     """metrics.json, compare.md, report.html, figures/, curves/ (out: their paths by name)."""
     write_json(out["metrics"], result.metrics)
-    table = compare_table(result.metrics)
+    table = lm_compare_table(result.metrics)
     write_text(out["compare"], table + "\n" + samples_markdown(result.samples))
     with atomic_path(out["curves"]) as tmp:
         tmp.mkdir()
         for m, rows in result.histories.items():
             write_csv(tmp / f"{m}.csv", [{"step": r["step"], "val_bits_per_token": r["val_bits_per_token"]}
                                          for r in rows])
-    png = png_bytes(training_figure(result.histories))
+    png = png_bytes(lm_training_figure(result.histories))
     with atomic_path(out["figures"]) as tmp:
         tmp.mkdir()
         (tmp / "training.png").write_bytes(png)
     rows = "".join(f'<tr><th><span class="dot" style="background:{COLORS[m]}"></span>{m}</th>'
-                   + "".join(f"<td>{fmt.format(result.metrics[m][k])}</td>" for k, _, fmt in COLUMNS) + "</tr>"
-                   for m in MODELS)
-    table_html = f'<table><tr><th>model</th>{"".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLUMNS)}</tr>{rows}</table>'
+                   + "".join(f"<td>{fmt.format(result.metrics[m][k])}</td>" for k, _, fmt in LM_COLUMNS) + "</tr>"
+                   for m in ROLES)
+    heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in LM_COLUMNS)
+    table_html = f"<table><tr><th>model</th>{heads}</tr>{rows}</table>"
     samples = "".join(
         f"<h3>Prompt {i + 1}</h3><p><em>{html.escape(result.samples['teacher'][i]['prompt'])}</em></p><ul>"
-        + "".join(f"<li><b>{m}</b>: …{html.escape(result.samples[m][i]['continuation'])}</li>" for m in MODELS)
+        + "".join(f"<li><b>{m}</b>: …{html.escape(result.samples[m][i]['continuation'])}</li>" for m in ROLES)
         + "</ul>" for i in range(len(result.samples.get("teacher", []))))
     figures = (f'<figure id="training"><img alt="training" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                "<figcaption>Val bits per token by step (the checkpoint kept is each model's best).</figcaption>"
                f'</figure><h2 id="samples">Samples</h2>{samples}')
     note = ("Bits per token: mean next-token cross-entropy over every test position, in bits (perplexity = "
             "2^bits). KL: the live teacher's next-token distribution against the model's, averaged over the same "
-            "positions. " + compare_table(result.metrics).split("\n\n", 1)[1].strip().replace("\n", ". ") + ".")
+            "positions. " + lm_compare_table(result.metrics).split("\n\n", 1)[1].strip().replace("\n", ". ") + ".")
     page = PAGE.format(title="Language-model distillation report", meta=html.escape(result.described),
-                       headline=html.escape(headline(result.metrics)), student=COLORS["student"], table=table_html,
+                       headline=html.escape(lm_headline(result.metrics)), student=COLORS["student"], table=table_html,
                        note=html.escape(note), figures=figures)
     write_text(out["report"], page)

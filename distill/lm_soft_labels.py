@@ -25,8 +25,8 @@ import pyarrow as pa
 import torch
 
 from distill import device as devices
-from distill import lm, sparse
-from distill.corpus import CorpusMeta, read_meta, read_windows
+from distill import checkpoint, lm, sparse
+from distill.corpus import TASK, CorpusMeta, read_corpus_meta, read_windows
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
@@ -35,17 +35,16 @@ from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, open_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-TASK = "language_model"
+TARGETS_SCHEMA_VERSION = 1
 MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
-def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: LMSoftLabelsConfig,
+def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: LMSoftLabelsConfig,
          run_id: str | None = None, device: torch.device = devices.CPU, precision: str = "fp32") -> dict:
     """Stage step soft_labels (language model): the teacher over every train window, its targets
     packed into shards as it goes, then provenance.json; written atomically."""
-    meta = read_meta(prepared_dir)
-    model, ckpt = lm.load(teacher_path)
+    meta = read_corpus_meta(prepared_dir)
+    model, ckpt = checkpoint.load(teacher_path, task=TASK)
     lm.check_lineage(teacher_path, ckpt, meta)
     vocab = meta.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
     sparse.check_id_type(vocab, cfg.id_dtype)
@@ -55,7 +54,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
                         "smaller k, or targets: dense")
     positions = meta.context_length - 1
     header = {
-        "schema_version": SCHEMA_VERSION, "task": TASK, "teacher_sha256": file_sha256(teacher_path),
+        "schema_version": TARGETS_SCHEMA_VERSION, "task": TASK, "teacher_sha256": file_sha256(teacher_path),
         "prepared_fingerprint": meta.fingerprint, "tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": vocab,
         "context_length": meta.context_length, "positions": positions, "targets": cfg.targets, "width": width,
         "top_k": cfg.top_k if cfg.targets == "top_k" else None,
@@ -93,15 +92,16 @@ def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema
             progress.update(len(ids))
 
 
-def checked_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) -> dict:
+def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) -> dict:
     """The set's provenance after refusing, by name, one made with another tokenizer or
     vocabulary (both hashes / sizes named), over other prepared data, or with other shards."""
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     prov = read_provenance(folder)
-    if (prov.get("task") != TASK or prov.get("schema_version") != SCHEMA_VERSION
-            or prov.get("targets") not in sparse.COLUMNS):
-        raise UserError(f"{path}: not a language model's soft labels (schema {SCHEMA_VERSION}); rerun soft_labels")
+    if (prov.get("task") != TASK or prov.get("schema_version") != TARGETS_SCHEMA_VERSION
+            or prov.get("targets") not in sparse.TARGET_COLUMNS):
+        raise UserError(f"{path}: not a language model's soft labels (schema {TARGETS_SCHEMA_VERSION}); "
+                        "rerun soft_labels")
     if prov.get("tokenizer_sha256") != meta.tokenizer_sha256:
         raise UserError(f"{path}: made with tokenizer sha256 {prov.get('tokenizer_sha256')}, but the prepared data "
                         f"was tokenized with sha256 {meta.tokenizer_sha256}; rerun soft_labels (dvc repro)")
@@ -118,7 +118,7 @@ def checked_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) 
 
 
 @dataclass
-class Block:
+class WindowBlock:
     """Windows held in memory together: their indices into train, and their stored targets."""
 
     windows: np.ndarray
@@ -133,16 +133,16 @@ class SoftLabelSet:
     """The checked shards of a soft-label set, read a buffer of row groups at a time."""
 
     def __init__(self, soft_dir: str | Path, meta: CorpusMeta, vocab_size: int):
-        self.provenance = checked_provenance(soft_dir, meta, vocab_size)
+        self.provenance = checked_targets_provenance(soft_dir, meta, vocab_size)
         self.kind, self.positions = self.provenance["targets"], self.provenance["positions"]
-        self.columns = sparse.COLUMNS[self.kind]
+        self.columns = sparse.TARGET_COLUMNS[self.kind]
         self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])
         self.path = Path(soft_dir) / PROVENANCE_NAME
         schema = self.rows.files[0].schema_arrow  # the stored bytes of one window's targets
         self.window_bytes = sum(schema.field(c).type.list_size * schema.field(c).type.value_type.bit_width // 8
                                 for c in self.columns)
 
-    def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[Block]:
+    def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[WindowBlock]:
         """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time (at
         most MAX_BUFFER_BYTES of stored targets: dense targets are V values per position)."""
         buffer = min(buffer, max(1, MAX_BUFFER_BYTES // self.window_bytes))
@@ -157,10 +157,10 @@ class SoftLabelSet:
                 yield self._read(taken)
                 taken = []
 
-    def _read(self, ranges: list[tuple[int, int]]) -> Block:
+    def _read(self, ranges: list[tuple[int, int]]) -> WindowBlock:
         table = pa.concat_tables([self.rows.read(lo, hi) for lo, hi in ranges])
-        return Block(table.column("window").to_numpy(), sparse.stored_columns(table, self.kind, self.positions),
-                     self.kind)
+        return WindowBlock(table.column("window").to_numpy(),
+                           sparse.stored_columns(table, self.kind, self.positions), self.kind)
 
 
 def lineage(soft: SoftLabelSet) -> dict:

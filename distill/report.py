@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from distill.evaluation import MODELS, Evaluation, no_gap_reason
+from distill.evaluation import Evaluation, no_gap_reason
 from distill.io import atomic_path, write_text
+from distill.task import ROLES
 
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
 FIGURES = ("tradeoff", "training", "confusion", "reliability")
@@ -32,7 +33,7 @@ DPI = 110
 
 def headline(metrics: dict) -> str:
     """One sentence: the gap closed, and what the student costs against the teacher."""
-    acc = {m: 100 * metrics[m]["test_accuracy"] for m in MODELS}
+    acc = {m: 100 * metrics[m]["test_accuracy"] for m in ROLES}
     gap = metrics.get("gap_closed")
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     student_ms, teacher_ms = metrics["student"]["latency_ms_b1"], metrics["teacher"]["latency_ms_b1"]
@@ -53,7 +54,7 @@ def tradeoff_figure(metrics: dict) -> Figure:
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, label in ((axes[0], "params", "parameters (log scale)"),
                            (axes[1], "latency_ms_b1", "CPU latency at batch 1, ms")):
-        for m in MODELS:
+        for m in ROLES:
             x, y = metrics[m][key], 100 * metrics[m]["test_accuracy"]
             ax.scatter([x], [y], s=90, color=COLORS[m], zorder=3, label=m)
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
@@ -61,7 +62,7 @@ def tradeoff_figure(metrics: dict) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.3, y=0.25)
     axes[0].set_xscale("log")
-    axes[1].set_xlim(left=0, right=1.3 * max(metrics[m]["latency_ms_b1"] for m in MODELS))
+    axes[1].set_xlim(left=0, right=1.3 * max(metrics[m]["latency_ms_b1"] for m in ROLES))
     axes[0].set_ylabel("test accuracy, %")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle("Accuracy vs size vs latency: up and to the left is better", fontsize=11)
@@ -72,7 +73,7 @@ def training_figure(histories: dict[str, list[dict]]) -> Figure:
     """Validation accuracy and validation loss by epoch (comparable across the three models)."""
     fig = Figure(figsize=(9, 3.6), dpi=DPI, layout="constrained")
     acc_ax, loss_ax = fig.subplots(1, 2)
-    for m in MODELS:
+    for m in ROLES:
         rows = histories.get(m) or []
         epochs = [r["epoch"] for r in rows]
         acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in rows], marker="o", ms=3, color=COLORS[m], label=m)
@@ -94,9 +95,9 @@ def confusion_figure(labels: np.ndarray, predictions: dict[str, np.ndarray], cla
     """Row-normalised confusion matrices side by side; counts written in when classes are few."""
     n = len(class_names)
     fig = Figure(figsize=(12, 4.2), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(MODELS))
+    axes = fig.subplots(1, len(ROLES))
     image = None
-    for ax, m in zip(axes, MODELS):
+    for ax, m in zip(axes, ROLES):
         counts = confusion(labels, predictions[m], n)
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
@@ -121,7 +122,7 @@ def reliability_figure(reliability: dict[str, list[dict]], metrics: dict) -> Fig
     fig = Figure(figsize=(9, 4.2), dpi=DPI, layout="constrained")
     curve_ax, count_ax = fig.subplots(1, 2, width_ratios=[3, 2])
     curve_ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1, label="calibrated")
-    for m in MODELS:
+    for m in ROLES:
         bins = reliability[m]
         conf, accuracy = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
         curve_ax.plot(conf, accuracy, color=COLORS[m], lw=1.2, alpha=0.8, label=f"{m} (ECE {metrics[m]['ece']:.3f})")
@@ -178,7 +179,7 @@ def matters(key: str, value: float, other: float) -> bool:
 def compare_table(metrics: dict) -> str:
     """A markdown table of the three models, plus the gap-closed line (reports/compare.md)."""
     lines = ["| model | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for m in MODELS:
+    for m in ROLES:
         lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt, _ in COLUMNS) + " |")
     gap = metrics.get("gap_closed")
     shown = f"n/a ({no_gap_reason(metrics)})" if gap is None else f"{100 * gap:.1f}%"
@@ -189,7 +190,7 @@ def table_html(metrics: dict) -> str:
     """The comparison table; the student's cells are marked better / worse than the baseline's."""
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in COLUMNS)
     rows = []
-    for m in MODELS:
+    for m in ROLES:
         cells = []
         for key, _, fmt, better in COLUMNS:
             value = metrics[m][key]

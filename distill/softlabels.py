@@ -60,7 +60,7 @@ from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, open_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SOFT_LABELS_SCHEMA_VERSION = 3
 LABELLED_SPLITS = ("train", "transfer")  # the rows the student trains on, in this order
 LOGIT_COLUMNS = {False: ["logits"], True: ["topk_index", "topk_logits", "rest_logit"]}
 
@@ -149,7 +149,7 @@ def dump(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the data has {meta.num_classes} "
                         "classes; use a smaller k, or null to keep every logit")
     header = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SOFT_LABELS_SCHEMA_VERSION,
         "teacher_sha256": file_sha256(teacher_path),
         "prepared_fingerprint": meta.fingerprint,
         "num_classes": meta.num_classes,
@@ -210,8 +210,8 @@ def checked_provenance(soft_dir: str | Path, prepared: PreparedMeta) -> dict:
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     prov = read_provenance(folder)
-    if prov.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: schema version {prov.get('schema_version')} is not {SCHEMA_VERSION}; "
+    if prov.get("schema_version") != SOFT_LABELS_SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {prov.get('schema_version')} is not {SOFT_LABELS_SCHEMA_VERSION}; "
                         "rerun soft_labels")
     if prov.get("prepared_fingerprint") != prepared.fingerprint:
         raise UserError(f"{path}: stale soft labels, made from other prepared data; rerun soft_labels")

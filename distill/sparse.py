@@ -43,8 +43,8 @@ from distill.errors import UserError
 from distill.losses import register_loss, total
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
-COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
-           "sampled": ["sample_ids", "sample_weights"]}
+TARGET_COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
+                  "sampled": ["sample_ids", "sample_weights"]}
 VALUE_TYPE = pa.float16()
 
 
@@ -160,7 +160,7 @@ def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: in
     """The targets' columns of rows written by `pack`, as (N, P, width) arrays in their stored
     dtypes (uint16 / uint32 ids, float16 values): compact, for holding many rows in memory."""
     out = {}
-    for name in COLUMNS[targets]:
+    for name in TARGET_COLUMNS[targets]:
         values = table.column(name)
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         out[name] = values.flatten().to_numpy(zero_copy_only=False).reshape(len(table), positions, -1)

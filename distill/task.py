@@ -32,7 +32,8 @@ from distill.errors import UserError
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 ROLES = ("teacher", "student", "baseline")  # the models a pipeline trains; train_<role> is its stage
-IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"  # package.module:Class
+# package.module:name, how params.yaml names a user's own task (here), model or factory (distill/checkpoint.py)
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 TASKS = {
     "classify": "distill.classification:ClassificationTask",

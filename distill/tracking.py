@@ -171,7 +171,7 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     waiting = None
     if run.failure:
         try:
-            waiting = journal.save(root, run, cfg.experiment, tags)
+            waiting = journal.write(root, run, cfg.experiment, tags)
         except OSError as exc:  # a full or read-only project: the outputs are whole, the record is lost
             log.warning("%s: the record could not be kept for catch-up either (%s)", stage, _os_reason(exc, str(exc)))
     _write_receipt(receipt, {"stage": stage, "run_id": run.run_id, "experiment_id": experiment_id,

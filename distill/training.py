@@ -84,8 +84,8 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def fit(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.ndarray],
-        resume: Resume | None = None) -> TrainResult:
+def fit_classifier(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.ndarray, np.ndarray],
+                   resume: Resume | None = None) -> TrainResult:
     """Train `model` on the `train` rows (y = -1 marks unlabelled rows), select on `val` (x, y), in
     the one training loop (distill/loop.py), epoch by epoch.
 
@@ -328,7 +328,8 @@ def _train_and_save(job: TrainJob, meta: data.PreparedMeta, train: Rows, val: tu
              sum(train.block_sizes))
     inputs = {"name": job.name, "config": job.cfg.model_dump(), "seed": job.seed, "prepared": meta.fingerprint,
               "model_args": args, "processes": job.world.size, "precision": job.precision, **(resume_inputs or {})}
-    result = fit(model, job, train, val, Resume.make(resume.dir, resume.every_epochs, job.name, inputs) if resume else None)
+    resume_state = Resume.make(resume.dir, resume.every_epochs, job.name, inputs) if resume else None
+    result = fit_classifier(model, job, train, val, resume_state)
     if job.world.is_main:
         info = out.info | ({"processes": job.world.size} if job.world.distributed else {})
         checkpoint.save(out.model, result.model, args, "classify", config=job.cfg.model_dump(), seed=job.seed,

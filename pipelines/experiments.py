@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distill.errors import UserError
-from distill.evaluation import MODELS
+from distill.task import ROLES as MODELS
 from distill.io import git_head
 from pipelines.tools import BIN, stage_error, tool_env
 

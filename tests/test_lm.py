@@ -31,10 +31,10 @@ def marked_corpus(path: Path, documents: int = 40) -> Path:
 
 def test_documents_are_split_whole_and_the_windows_hold_each_split_alone(tmp_path):
     cfg = CorpusConfig(**tiny_lm_params(str(marked_corpus(tmp_path / "c.parquet")))["data"])
-    meta = corpus.prepare(cfg, tmp_path / "prepared")
+    meta = corpus.prepare_corpus(cfg, tmp_path / "prepared")
     tok = corpus.given_tokenizer(str(meta.tokenizer_dir))
     seen = {}
-    for split in corpus.SPLITS:
+    for split in corpus.CORPUS_SPLITS:
         text = tok.decode(corpus.read_windows(meta.path, split).reshape(-1))
         seen[split] = set(re.findall(r"docmark(\d+)", text))
     assert all(seen.values())
@@ -48,12 +48,12 @@ def test_documents_are_split_whole_and_the_windows_hold_each_split_alone(tmp_pat
 
 def test_the_tokenizer_is_trained_on_train_alone_and_the_same_every_time(tmp_path):
     cfg = CorpusConfig(**tiny_lm_params(str(make_corpus(tmp_path / "c.parquet")))["data"])
-    a = corpus.prepare(cfg, tmp_path / "a")
-    b = corpus.prepare(cfg, tmp_path / "b")
+    a = corpus.prepare_corpus(cfg, tmp_path / "a")
+    b = corpus.prepare_corpus(cfg, tmp_path / "b")
     assert a.tokenizer_sha256 == b.tokenizer_sha256 and a.fingerprint == b.fingerprint
     assert a.vocab_size == 300
     # a given tokenizer folder (the first run's) is used as it is: its files, and so its hash
-    given = corpus.prepare(cfg.model_copy(update={"tokenizer": str(a.tokenizer_dir)}), tmp_path / "c")
+    given = corpus.prepare_corpus(cfg.model_copy(update={"tokenizer": str(a.tokenizer_dir)}), tmp_path / "c")
     assert given.tokenizer_sha256 == a.tokenizer_sha256 and given.vocab_size == a.vocab_size
     assert np.array_equal(corpus.read_windows(given.path, "test"), corpus.read_windows(a.path, "test"))
 

@@ -19,7 +19,7 @@ import yaml
 
 from conftest import REPO, TINY_PARAMS, dvc, git_commit, make_scratch_project, repro, run_pipeline_in_process
 from conftest import run_stage_in_process, write_params
-from distill import corpus, lm, lm_soft_labels
+from distill import checkpoint, corpus, lm, lm_soft_labels
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import file_sha256
@@ -65,7 +65,7 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
         assert m["test_perplexity"] == pytest.approx(2 ** m["test_bits_per_token"])
     assert student["soft_label_targets"] == "sampled 8" and student["soft_label_bytes_per_token"] > 0
     prov = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
-    meta = corpus.read_meta(built / "data" / "prepared")
+    meta = corpus.read_corpus_meta(built / "data" / "prepared")
     assert prov["tokenizer_sha256"] == meta.tokenizer_sha256 == tokenizer_sha256(meta.tokenizer_dir)
     assert prov["vocab_size"] == 300 and prov["samples"] == 8 and prov["positions"] == 15
     assert prov["teacher_sha256"] == file_sha256(built / "models" / "teacher.pt")
@@ -86,7 +86,7 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
 def test_the_student_refuses_soft_labels_of_another_tokenizer_naming_both_hashes(built, tmp_path):
     other = tiny_lm_params(str(built / "data" / "raw" / "corpus.parquet"), **{"data.vocab_size": 280})
     params = write_params(tmp_path / "params.yaml", other)
-    meta = corpus.prepare(load(params).data, tmp_path / "prepared")
+    meta = corpus.prepare_corpus(load(params).data, tmp_path / "prepared")
     made_with = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())["tokenizer_sha256"]
     with pytest.raises(UserError) as err:
         lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
@@ -94,12 +94,13 @@ def test_the_student_refuses_soft_labels_of_another_tokenizer_naming_both_hashes
     # the same tokenizer over another split of the data: refused as stale
     same_tok = tiny_lm_params(str(built / "data" / "raw" / "corpus.parquet"), **{
         "data.tokenizer": str(built / "data" / "prepared" / "tokenizer"), "data.seed": 7})
-    meta = corpus.prepare(load(write_params(tmp_path / "p2.yaml", same_tok)).data, tmp_path / "prepared2")
+    meta = corpus.prepare_corpus(load(write_params(tmp_path / "p2.yaml", same_tok)).data, tmp_path / "prepared2")
     assert meta.tokenizer_sha256 == made_with
     with pytest.raises(UserError, match="made over other prepared data"):
         lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
     with pytest.raises(UserError, match="vocabulary of 300 ids, but the student predicts 512"):
-        lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", corpus.read_meta(built / "data" / "prepared"), 512)
+        lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", corpus.read_corpus_meta(built / "data" / "prepared"),
+                                    512)
 
 
 def load(path: Path):
@@ -124,10 +125,11 @@ def test_a_vocabulary_larger_than_uint16_is_refused_before_any_work(built, tmp_p
     (tmp_path / "words.txt").write_text("\n\n".join(" ".join(f"w{(d * 7 + i) % 70_000}" for i in range(40))
                                                     for d in range(30)))
     write_params(tmp_path / "params.yaml", params)
-    meta = corpus.prepare(load(tmp_path / "params.yaml").data, tmp_path / "prepared")
+    meta = corpus.prepare_corpus(load(tmp_path / "params.yaml").data, tmp_path / "prepared")
     assert meta.vocab_size == 70_001
     teacher = lm.gpt2(load(built / "params.yaml").student.model_copy(update={"width": 4, "heads": 1}), meta, 0)
-    lm.save(tmp_path / "teacher.pt", teacher, prepared_fingerprint=meta.fingerprint)
+    checkpoint.save(tmp_path / "teacher.pt", teacher, lm.lm_model_args(teacher), "language_model",
+                    prepared_fingerprint=meta.fingerprint)
     caplog.clear()
     code = cli_main(soft_labels.main, ["--params", str(tmp_path / "params.yaml"), "--teacher",
                                        str(tmp_path / "teacher.pt"), "--prepared", str(tmp_path / "prepared"),
@@ -171,7 +173,7 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_lm_training_resumes_from_its_last_save_and_ends_as_an_uninterrupted_one(built, tmp_path):
-    meta = corpus.read_meta(built / "data" / "prepared")
+    meta = corpus.read_corpus_meta(built / "data" / "prepared")
     train, val = corpus.read_windows(meta.path, "train"), corpus.read_windows(meta.path, "val")
     soft = lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
     # dropout on, soft labels streamed in blocks of 16 windows, more than one epoch (8-window batches)
@@ -231,7 +233,7 @@ def test_a_killed_lm_training_stage_resumes_from_its_saved_state(built, tmp_path
 
 
 def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targets(built):
-    meta = corpus.read_meta(built / "data" / "prepared")
+    meta = corpus.read_corpus_meta(built / "data" / "prepared")
     soft = lm_soft_labels.SoftLabelSet(built / "data" / "soft_labels", meta, 300)
     windows = corpus.read_windows(meta.path, "train")
     whole = next(soft.blocks(torch.Generator().manual_seed(0), 10 ** 9))
@@ -253,7 +255,7 @@ def test_streamed_soft_labels_give_every_window_once_per_epoch_with_its_own_targ
 def test_a_pretrained_teacher_folder_is_used_as_it_is_and_its_tokenizer_checked(built, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    meta = corpus.read_meta(built / "data" / "prepared")
+    meta = corpus.read_corpus_meta(built / "data" / "prepared")
     folder = tmp_path / "gpt2"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)

@@ -37,7 +37,7 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         assert table.schema.field("logprobs").type.value_type == pa.float16()
         return
     assert torch.equal(back.ids, kept["ids"])
-    assert table.schema.field(sparse.COLUMNS[targets][0]).type.value_type == pa.uint16()
+    assert table.schema.field(sparse.TARGET_COLUMNS[targets][0]).type.value_type == pa.uint16()
     if targets == "top_k":
         torch.testing.assert_close(back.logp, kept["logprobs"], atol=0.02, rtol=1e-3)
         torch.testing.assert_close(back.tail, kept["tail"], atol=1e-3, rtol=1e-3)

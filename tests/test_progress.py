@@ -11,7 +11,7 @@ from distill.classification_params import ModelTrainConfig
 from distill.checkpoint import build_model
 from distill.models import model_args
 from distill.rows import InMemoryRows
-from distill.training import TrainJob, fit
+from distill.training import TrainJob, fit_classifier
 
 
 class Terminal(io.StringIO):
@@ -39,7 +39,7 @@ def tiny_fit():
     y = (x[:, 0] > 0).astype(np.int64)
     cfg = ModelTrainConfig(arch="mlp", hidden=[8], epochs=2, batch_size=64, lr=0.01)
     model = build_model(model_args(cfg, 6, 2))
-    return fit(model, TrainJob(cfg, seed=0, name="tiny"), InMemoryRows(x, y), (x[:64], y[:64]))
+    return fit_classifier(model, TrainJob(cfg, seed=0, name="tiny"), InMemoryRows(x, y), (x[:64], y[:64]))
 
 
 def test_training_shows_epochs_and_batches_when_forced(monkeypatch, capsys):

@@ -51,7 +51,8 @@ def test_an_interrupted_fit_resumes_from_its_last_save_and_ends_as_an_uninterrup
                 raise Interrupted
 
         model = training.initial_model(cfg, meta, 0)
-        return training.fit(model, training.TrainJob(cfg, 0, on_epoch=on_epoch), rows, (val.x, val.y), resume)
+        job = training.TrainJob(cfg, 0, on_epoch=on_epoch)
+        return training.fit_classifier(model, job, rows, (val.x, val.y), resume)
 
     reference = run()
     resume = Resume.make(tmp_path / "resume", 2, "s", {"k": 1})

@@ -47,7 +47,8 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
     assert sorted(p.name for p in folder.iterdir()) == names + ["provenance.json"]
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["rows"] == rows and prov["shard_rows"] == SHARD_ROWS
-    assert prov["schema_version"] == softlabels.SCHEMA_VERSION and prov["prepared_fingerprint"] == meta.fingerprint
+    assert prov["schema_version"] == softlabels.SOFT_LABELS_SCHEMA_VERSION
+    assert prov["prepared_fingerprint"] == meta.fingerprint
     assert prov["shards"] == [{"file": n, "rows": c, "bytes": (folder / n).stat().st_size,
                                "sha256": file_sha256(folder / n)} for n, c in zip(names, counts)]
     assert sets["results"]["sharded"]["bytes"] == sum(s["bytes"] for s in prov["shards"])
@@ -67,7 +68,7 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
 ])
 def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_rows, expected):
     schema = softlabels.soft_label_schema(3, "float32")
-    writer = ShardWriter(tmp_path, schema, {"schema_version": softlabels.SCHEMA_VERSION}, shard_rows)
+    writer = ShardWriter(tmp_path, schema, {"schema_version": softlabels.SOFT_LABELS_SCHEMA_VERSION}, shard_rows)
     start = 0
     for n in batches:
         ids = np.arange(start, start + n)

@@ -77,7 +77,7 @@ def test_the_file_has_the_documented_schema_rows_groups_and_provenance(tmp_path,
                                "sha256": file_sha256(shard)}]
     assert prov["prepared_fingerprint"] == meta.fingerprint
     assert prov["num_classes"] == meta.num_classes
-    assert len(prov["teacher_sha256"]) == 64 and prov["schema_version"] == softlabels.SCHEMA_VERSION
+    assert len(prov["teacher_sha256"]) == 64 and prov["schema_version"] == softlabels.SOFT_LABELS_SCHEMA_VERSION
 
 
 def test_soft_labels_from_other_prepared_data_are_refused_as_stale(tmp_path, prepared_and_teacher):
@@ -175,8 +175,8 @@ def test_the_student_trains_on_exactly_the_stored_rows_and_learns_when_streamed(
     rows = InMemoryRows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), logits)
     model = training.initial_model(cfg, meta, 0)
     val = data.read_split(prepared, "val")
-    direct = training.fit(model, training.TrainJob(cfg, 0, distillation=Distillation(cfg.temperature, cfg.alpha)), rows,
-                          (val.x, val.y))
+    job = training.TrainJob(cfg, 0, distillation=Distillation(cfg.temperature, cfg.alpha))
+    direct = training.fit_classifier(model, job, rows, (val.x, val.y))
     assert stored["history"] == direct.history
     # streamed through a buffer smaller than the rows: the loss still falls
     small = cfg.model_copy(update={"shuffle_buffer": 100})

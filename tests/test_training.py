@@ -64,7 +64,8 @@ def test_patience_ends_training_after_epochs_without_a_better_checkpoint(prepare
     meta = data.read_meta(prepared)
     cfg = _config(epochs=40, patience=3, lr=0.05)
     model = training.initial_model(cfg, meta, 0)
-    result = training.fit(model, training.TrainJob(cfg, 0, "p"), InMemoryRows(split.x, split.y), (val.x, val.y))
+    result = training.fit_classifier(model, training.TrainJob(cfg, 0, "p"), InMemoryRows(split.x, split.y),
+                                     (val.x, val.y))
     assert len(result.history) == result.best_epoch + 3 < 40
 
 
@@ -84,7 +85,7 @@ def test_online_distillation_matches_offline_from_the_same_teacher(prepared, tmp
         ("online", InMemoryRows(split.x, split.y), Distillation(4.0, 0.9, teacher=teacher)),
     ]:
         student = training.initial_model(CFG, meta, 0)
-        result = training.fit(student, training.TrainJob(CFG, 0, distillation=kd), rows, (val.x, val.y))
+        result = training.fit_classifier(student, training.TrainJob(CFG, 0, distillation=kd), rows, (val.x, val.y))
         histories[mode] = result.history
         assert len(result.timings) == CFG.epochs and all(t.seconds > 0 for t in result.timings)
     for off, on in zip(histories["offline"], histories["online"]):
@@ -108,7 +109,7 @@ def test_a_student_trains_with_decoupled_kd_chosen_in_the_config(prepared, tmp_p
     assert distillation.loss == "dkd" and distillation.loss_options == {"target_weight": 1.0, "nontarget_weight": 8.0}
     student = training.initial_model(cfg, meta, 0)
     job = training.TrainJob(cfg, 0, distillation=distillation)
-    result = training.fit(student, job, InMemoryRows(split.x, split.y, logits), (val.x, val.y))
+    result = training.fit_classifier(student, job, InMemoryRows(split.x, split.y, logits), (val.x, val.y))
     assert {"train_tckd", "train_nckd", "train_kd", "train_ce"} <= set(result.history[0])
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_accuracy > 0.5
