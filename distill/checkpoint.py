@@ -27,35 +27,23 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.io import atomic_path, read_checkpoint
-from distill.task import IMPORT_PATH
+from distill.registry import Registry
+from distill.registry import IMPORT_PATH
 
 VERSION = 2  # 1: before the task was recorded (a language model's then had "kind": "causal_lm")
 IMPORTED = "package.module:factory"  # the registry's entry that builds a user's import-path model
 
 Builder = Callable[[dict[str, Any]], nn.Module]
-ARCHS: dict[str, Builder] = {}
-
-
-def register_arch(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder` as arch `name` (a name taken is a programming error)."""
-
-    def register(builder: Builder) -> Builder:
-        if name in ARCHS:
-            raise ValueError(f"arch {name} is registered already (by {ARCHS[name].__qualname__})")
-        ARCHS[name] = builder
-        return builder
-
-    return register
+ARCHS = Registry("arch")
+register_arch = ARCHS.register
 
 
 def get_arch(name: str) -> Builder:
     """The builder of arch `name`: a registered one, or the user's `package.module:factory`."""
-    if name in ARCHS and name != IMPORTED:
-        return ARCHS[name]
     if re.match(IMPORT_PATH, name) and IMPORTED in ARCHS:
         return functools.partial(ARCHS[IMPORTED], name)
-    known = ", ".join(sorted(set(ARCHS) - {IMPORTED}))
-    raise UserError(f"arch {name} is not known: use one of {known}, or package.module:factory for your own model")
+    known = sorted(set(ARCHS) - {IMPORTED})
+    return ARCHS.find(name, known, ", or package.module:factory for your own model")
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.config import RAW_DIR, BaseRegistryConfig, DistributedConfig, RuntimeConfig, Section, TrackingConfig
-from distill.task import IMPORT_PATH
+from distill.registry import IMPORT_PATH
 
 BUILTIN_ARCHS = ("mlp", "cnn1d", "textcnn")
 AUTO_ARCH = "auto"  # the built-in arch that suits the data: cnn1d on a signal, mlp on a table, textcnn on text

@@ -22,31 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.classification_params import StudentConfig
-from distill.errors import UserError
+from distill.registry import Registry
 
 UNLABELED = -1
 
 Loss = Callable[..., dict[str, torch.Tensor]]
-LOSSES: dict[str, Loss] = {}
-
-
-def register_loss(name: str) -> Callable[[Loss], Loss]:
-    """Decorator: register `loss` under `name` (a name taken is a programming error)."""
-
-    def register(loss: Loss) -> Loss:
-        if name in LOSSES:
-            raise ValueError(f"loss {name} is registered already (by {LOSSES[name].__qualname__})")
-        LOSSES[name] = loss
-        return loss
-
-    return register
+LOSSES = Registry("loss")
+register_loss = LOSSES.register
 
 
 def get_loss(name: str) -> Loss:
     """The loss registered as `name`."""
-    if name not in LOSSES:
-        raise UserError(f"loss {name} is not known: use one of {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    return LOSSES.find(name)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ module never imports it), so code that loads a teacher's checkpoint imports it t
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from distill.checkpoint import IMPORTED, register_arch
 from distill.classification_params import AUTO_ARCH, BUILTIN_ARCHS, ModelTrainConfig
 from distill.errors import UserError
+from distill.registry import imported
 
 
 class MLP(nn.Module):
@@ -164,7 +164,7 @@ def model_args(cfg: ModelTrainConfig, num_features: int, num_classes: int, signa
 @register_arch(IMPORTED)
 def _build_imported(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """The user's model: `factory(num_features=, num_classes=, [vocab_size=, pad_id=,] **arch_kwargs)`."""
-    factory = _import_factory(arch)
+    factory = imported(arch, f"arch {arch}")
     text = {k: kwargs[k] for k in ("vocab_size", "pad_id") if k in kwargs}
     try:
         model = factory(num_features=kwargs["num_features"], num_classes=kwargs["num_classes"], **text,
@@ -176,19 +176,6 @@ def _build_imported(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UserError(f"arch {arch}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _import_factory(path: str):
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"arch {path}: cannot import {module_name} ({exc}); the module must be importable "
-                        "from the project folder") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UserError(f"arch {path}: {module_name} has no callable {attr}")
-    return factory
 
 
 def dummy_batch(num_features: int, tokens: dict | None = None) -> torch.Tensor:

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from distill.errors import UserError
+from distill.registry import IMPORT_PATH, imported
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 ROLES = ("teacher", "student", "baseline")  # the models a pipeline trains; train_<role> is its stage
-# package.module:name, how params.yaml names a user's own task (here), model or factory (distill/checkpoint.py)
-IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 TASKS = {
     "classify": "distill.classification:ClassificationTask",
@@ -102,16 +101,7 @@ def task_class(name: str, folder: Path | None = None) -> type:
     if not re.match(IMPORT_PATH, where):
         raise UserError(f"task = {name!r} is not allowed: must be one of {', '.join(TASKS)}, "
                         "or package.module:Class (a task of your own)")
-    module_name, attr = where.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"task {name}: module {module_name} cannot be imported ({exc}); "
-                        "is it on PYTHONPATH, next to params.yaml?") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise UserError(f"task {name}: {module_name} has no {attr}")
-    return cls
+    return imported(where, f"task {name}")
 
 
 def get_task(name: str) -> Task:

@@ -60,7 +60,7 @@ def test_a_new_folder_has_every_key_of_its_task_commented_and_a_current_dvc_yaml
 def test_an_unknown_task_is_refused_in_one_sentence(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("task: nowhere.to_be:Found\n")
-    with pytest.raises(UserError, match="module nowhere.to_be cannot be imported"):
+    with pytest.raises(UserError, match="cannot import nowhere.to_be"):
         load_params(path, task=None)
 
 
