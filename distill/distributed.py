@@ -137,22 +137,24 @@ def run_stage(cfg: DistributedConfig, runtime: RuntimeConfig, module: str, argv:
         return body(world)
 
 
-def stage_run(world: World, stage: str, cfg: TrackingConfig, params: dict, receipt: str | None):
+def rank_stage_run(world: World, stage: str, cfg: TrackingConfig, params: dict, receipt: str | None,
+                   inputs_sha256: Callable[[], str]):
     """The stage's MLflow run (tracking.stage_run) on rank 0; a no-op run, and no receipt, elsewhere."""
     from distill import tracking
 
     if not world.is_main:
         cfg, receipt = cfg.model_copy(update={"enabled": False}), None
-    return tracking.stage_run(stage, cfg, params, receipt)
+    return tracking.stage_run(stage, cfg, params, receipt, inputs_sha256)
 
 
 def run_training(stage: str, task, params, paths, receipt: str | None, logged: dict,
-                 argv: Sequence[str] | None) -> dict:
+                 argv: Sequence[str] | None, inputs_sha256: Callable[[], str]) -> dict:
     """A training stage (train_teacher, train_student, train_baseline): the task's method of that
-    name on every rank (run_stage), inside the stage's tracked run. A student's run is tagged with
+    name on every rank (run_stage), inside the stage's tracked run (`logged`: its params;
+    `inputs_sha256`: the fingerprint of its DVC inputs, from the stage). A student's run is tagged with
     the teacher and soft-label runs it learned from, and records the soft labels as its dataset."""
     def body(world: World) -> dict:
-        with stage_run(world, stage, params.tracking, logged, receipt) as run:
+        with rank_stage_run(world, stage, params.tracking, logged, receipt, inputs_sha256) as run:
             result = getattr(task, stage)(params, paths, world, run)
             if paths.soft_labels is not None:
                 lineage = result["soft_labels"]

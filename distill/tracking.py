@@ -12,7 +12,6 @@ small receipt file, so downstream runs link to the exact upstream run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from typing import Any
 from distill import journal
 from distill.config import TrackingConfig
 from distill.errors import UserError
-from distill.io import git_head, tree_sha256, write_json
+from distill.io import git_head, write_json
 from distill.run_logging import TAG_PIPELINE_RUN, TAG_STAGE, _model_or_warn, _start, apply, flatten, pipeline_run_id
 from distill.store import (HTTP_SETTINGS, TrackingFailure, _os_reason, _retry_locked, describe_failure, project_root,
                            tracking_uri)
@@ -132,10 +131,13 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path | None) -> Iterator[StageRun]:
+def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path | None,
+              inputs_sha256: Callable[[], str] | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of an executed stage, nested under its pipeline's parent run.
 
-    Logs `params` flattened and the lineage tags; on success writes `receipt` (run ids)
+    Logs `params` flattened and the lineage tags, with `dvc.inputs_sha256` from `inputs_sha256`
+    (the stage's fingerprint of its DVC inputs, stages/common.py; called only when the run is
+    recorded, as hashing the inputs reads them); on success writes `receipt` (run ids)
     atomically. With tracking disabled it yields a no-op StageRun and still writes the
     receipt, with run_id null. A store that fails (at the start or mid-run) costs no
     work: with `tracking.on_error: warn` the stage completes, says so in one line, and
@@ -152,8 +154,9 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     root = project_root()
     uri = tracking_uri(root)
     run = StageRun(None, pipeline_id, uri, stage, tracked=True, on_error=cfg.on_error)
-    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown",
-            "dvc.inputs_sha256": stage_inputs_sha256(stage, params)}
+    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown"}
+    if inputs_sha256 is not None:
+        tags["dvc.inputs_sha256"] = inputs_sha256()
     experiment_id = None
     try:
         experiment_id, run.run_id = _start(root, uri, cfg.experiment, stage, pipeline_id, tags)
@@ -199,43 +202,6 @@ def _finish(run: StageRun, status: str) -> None:
         mlflow.end_run("FAILED" if run.failure else status)  # pops the run, then (again) marks it
     except Exception:
         pass
-
-
-
-def stage_inputs_sha256(stage: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> str:
-    """A fingerprint of what DVC records as the stage's inputs: its deps (as listed in
-    dvc.yaml, hashed by content) and its params. Equal fingerprints, equal dvc.lock deps."""
-    import hashlib
-
-    import yaml
-
-    deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]["deps"] if dvc_yaml.is_file() else []
-    deps = [resolve(dep, dvc_yaml.parent / "params.yaml") for dep in deps]
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for dep in deps:
-        digest.update(dep.encode())
-        digest.update(tree_sha256(dep).encode() if Path(dep).exists() else b"missing")
-    return digest.hexdigest()
-
-
-def resolve(text: str, params_file: Path) -> str:
-    """`text` with each ${section.key} of dvc.yaml's templating replaced by its params.yaml value."""
-    import re
-
-    import yaml
-
-    if "${" not in text:
-        return text
-    raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
-
-    def value(match: re.Match) -> str:
-        node = raw
-        for part in match.group(1).split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return str(node)
-
-    return re.sub(r"\$\{\s*([\w.]+)\s*\}", value, text)
-
 
 
 def _write_receipt(receipt: str | Path | None, content: dict) -> None:

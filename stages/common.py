@@ -1,19 +1,26 @@
 """What every stage command line shares: argument parsing, the task, what a run logs, the exit status.
 
 Every stage reads params.yaml, takes the task it names (distill/task.py) and calls the
-task's method of the stage's name. Stage entry points run under `cli_main`, which reports
-a `UserError` by the one rule of distill.errors (one line, exit status 2, no traceback).
+task's method of the stage's name, inside its MLflow run: the run records the stage's
+params.yaml sections and is tagged with a fingerprint of the stage's DVC inputs (its
+dvc.yaml deps, by content, and those params). Stage entry points run under `cli_main`,
+which reports a `UserError` by the one rule of distill.errors (one line, exit status 2,
+no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from collections.abc import Callable, Sequence
-
+from pathlib import Path
 from typing import Any
 
+from distill import tracking
 from distill.config import load_params
 from distill.errors import UserError, report
+from distill.io import tree_sha256
 from distill.progress import setup_logging
 from distill.task import Task, get_task
 
@@ -42,6 +49,51 @@ def logged(stage: str, params: Any, task: Task) -> dict:
         exclude = set(task.distillation_keys) if (stage, name) == ("train_baseline", "student") else None
         out[name] = value.model_dump(exclude=exclude) if hasattr(value, "model_dump") else value
     return out
+
+
+def open_run(stage: str, params: Any, task: Task, receipt: str | None):
+    """The stage's MLflow run (distill.tracking.stage_run): what it records of params.yaml, and
+    the fingerprint of its DVC inputs, computed only if the run is recorded."""
+    record = logged(stage, params, task)
+    return tracking.stage_run(stage, params.tracking, record, receipt, inputs_sha256=fingerprint(stage, record))
+
+
+def fingerprint(stage: str, record: dict) -> Callable[[], str]:
+    """`stage_inputs_sha256` of the stage, when called (hashing the deps reads every data file)."""
+    return lambda: stage_inputs_sha256(stage, record)
+
+
+def stage_inputs_sha256(stage: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> str:
+    """A fingerprint of what DVC records as the stage's inputs: its deps (as listed in
+    dvc.yaml, hashed by content) and its params. Equal fingerprints, equal dvc.lock deps."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for dep in dvc_deps(stage, dvc_yaml):
+        digest.update(dep.encode())
+        digest.update(tree_sha256(dep).encode() if Path(dep).exists() else b"missing")
+    return digest.hexdigest()
+
+
+def dvc_deps(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """`stage`'s deps as dvc.yaml lists them, each ${section.key} filled in from params.yaml by
+    DVC's own templating; none without a dvc.yaml (a stage run by hand). A dep DVC cannot
+    resolve is kept as written (DVC itself would refuse to run the stage)."""
+    import yaml
+
+    if not dvc_yaml.is_file():
+        return []
+    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    deps = spec.get("stages", {}).get(stage, {}).get("deps", [])
+    if not any("${" in dep for dep in deps):
+        return deps
+    from dvc.parsing import DataResolver, ResolveError
+    from dvc.repo import Repo
+
+    folder = str(dvc_yaml.resolve().parent)
+    with Repo(folder, uninitialized=True) as repo:
+        try:
+            return DataResolver(repo, folder, spec).resolve_one(stage)[stage]["deps"]
+        except ResolveError:
+            return deps
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:

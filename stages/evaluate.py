@@ -11,9 +11,9 @@ only if it passes `registry.*`).
 
 from pathlib import Path
 
-from distill import model_registry, tracking
+from distill import model_registry
 from distill.task import ROLES, EvaluatePaths
-from stages.common import cli_main, logged, stage_params, stage_parser
+from stages.common import cli_main, open_run, stage_params, stage_parser
 
 
 def main(argv=None) -> dict:
@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     outputs = {"metrics": Path(args.metrics)} | {name: Path(getattr(args, name)) for name in task.reports}
     paths = EvaluatePaths(Path(args.prepared), {name: Path(getattr(args, name)) for name in ROLES}, outputs)
-    with tracking.stage_run("evaluate", params.tracking, logged("evaluate", params, task), args.receipt) as run:
+    with open_run("evaluate", params, task, args.receipt) as run:
         result = task.evaluate(params, paths, run)
         passed = result.pop("passed")
         registered = model_registry.register_student(run, result["run_ids"]["student"], params.registry, passed)

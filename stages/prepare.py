@@ -8,8 +8,7 @@ language model: documents split whole, a tokenizer, token windows per split.
 
 from pathlib import Path
 
-from distill import tracking
-from stages.common import cli_main, logged, stage_params, stage_parser
+from stages.common import cli_main, open_run, stage_params, stage_parser
 
 
 def main(argv=None) -> dict:
@@ -17,7 +16,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="prepared-data directory")
     args = parser.parse_args(argv)
     params, task = stage_params(args.params)
-    with tracking.stage_run("prepare", params.tracking, logged("prepare", params, task), args.receipt) as run:
+    with open_run("prepare", params, task, args.receipt) as run:
         return task.prepare(params, Path(args.out), run)
 
 

@@ -10,8 +10,7 @@ every position of every train window (top-k, sampled or dense).
 
 from pathlib import Path
 
-from distill import tracking
-from stages.common import cli_main, logged, stage_params, stage_parser
+from stages.common import cli_main, open_run, stage_params, stage_parser
 
 
 def main(argv=None) -> dict:
@@ -21,7 +20,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="soft-label directory to write")
     args = parser.parse_args(argv)
     params, task = stage_params(args.params)
-    with tracking.stage_run("soft_labels", params.tracking, logged("soft_labels", params, task), args.receipt) as run:
+    with open_run("soft_labels", params, task, args.receipt) as run:
         result = task.soft_labels(params, Path(args.teacher), Path(args.prepared), Path(args.out), run)
         run.set_tags({"distill.teacher_run_id": result["teacher_run_id"],
                       "distill.teacher_sha256": result["teacher_sha256"]})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distill import distributed
 from distill.task import TrainPaths
-from stages.common import cli_main, logged, stage_params, training_parser
+from stages.common import cli_main, fingerprint, logged, stage_params, training_parser
 
 
 def main(argv=None) -> dict:
@@ -22,8 +22,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     params, task = stage_params(args.params)
     paths = TrainPaths(Path(args.prepared), Path(args.model), Path(args.history), Path(args.soft_labels))
-    return distributed.run_training("train_student", task, params, paths, args.receipt,
-                                    logged("train_student", params, task), argv)
+    record = logged("train_student", params, task)
+    return distributed.run_training("train_student", task, params, paths, args.receipt, record, argv,
+                                    fingerprint("train_student", record))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from distill import distributed
 from distill.task import TrainPaths
-from stages.common import cli_main, logged, stage_params, training_parser
+from stages.common import cli_main, fingerprint, logged, stage_params, training_parser
 
 
 def main(argv=None) -> dict:
     args = training_parser(__doc__).parse_args(argv)
     params, task = stage_params(args.params)
     paths = TrainPaths(Path(args.prepared), Path(args.model), Path(args.history))
-    return distributed.run_training("train_teacher", task, params, paths, args.receipt,
-                                    logged("train_teacher", params, task), argv)
+    record = logged("train_teacher", params, task)
+    return distributed.run_training("train_teacher", task, params, paths, args.receipt, record, argv,
+                                    fingerprint("train_teacher", record))
 
 
 if __name__ == "__main__":

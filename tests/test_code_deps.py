@@ -92,7 +92,7 @@ def test_a_stage_depends_on_what_its_own_task_method_imports_not_the_other_metho
 
 
 def test_the_closure_follows_imports_inside_functions_too():
-    # distill/distributed.py imports distill.tracking inside stage_run
+    # distill/distributed.py imports distill.tracking inside rank_stage_run
     assert REPO / "distill" / "tracking.py" in dvcfile.closure({REPO / "distill" / "distributed.py"})
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 from distill.classification_params import DISTILLATION_KEYS, Params, StudentConfig
 from distill.config import load_params
 from distill.errors import UserError
-from distill.tracking import resolve
+from stages.common import dvc_deps
 
 from conftest import REPO, tiny_params, write_params
 
@@ -118,8 +118,7 @@ def test_every_dependency_named_in_dvc_yaml_exists_or_is_an_output():  # code de
     stages = dvc_stages()
     outs = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
     for name, stage in stages.items():
-        for dep in stage["deps"]:
-            dep = resolve(dep, REPO / "params.yaml")  # ${data.path}: dvc.yaml's templating
+        for dep in dvc_deps(name, REPO / "dvc.yaml"):  # ${data.path} filled in by DVC's templating
             assert dep in outs or (REPO / dep).exists(), f"{name}: {dep}"
         module = stage["cmd"].split()[2]
         assert f"{module.replace('.', '/')}.py" in stage["deps"], f"{name} must depend on its own stage file"

@@ -14,7 +14,8 @@ from conftest import BIN, git_commit, subprocess_env, tiny_params, write_params
 from distill import data
 from distill import checkpoint
 from distill.store import project_root
-from distill.tracking import flatten, stage_inputs_sha256
+from distill.tracking import flatten
+from stages.common import dvc_deps, stage_inputs_sha256
 
 STAGES = {"prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate"}
 SAME_KEYS = {"test_accuracy", "nll", "ece", "teacher_agreement", "kl_from_teacher", "entropy", "params",
@@ -173,6 +174,18 @@ def test_the_inputs_fingerprint_follows_deps_and_params(tmp_path, monkeypatch):
     assert stage_inputs_sha256("s", {"p": 1}) == first
     assert stage_inputs_sha256("s", {"p": 2}) != first
     Path("a.txt").write_text("two")
+    assert stage_inputs_sha256("s", {"p": 1}) != first
+
+
+def test_a_templated_dep_is_filled_in_from_params_yaml_as_dvc_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("dvc.yaml").write_text("stages:\n  s:\n    cmd: x\n    deps: [a.txt, '${data.path}']\n")
+    Path("params.yaml").write_text("data:\n  path: b.txt\n")
+    Path("a.txt").write_text("one")
+    Path("b.txt").write_text("one")
+    assert dvc_deps("s") == ["a.txt", "b.txt"]
+    first = stage_inputs_sha256("s", {"p": 1})
+    Path("b.txt").write_text("two")
     assert stage_inputs_sha256("s", {"p": 1}) != first
 
 
