@@ -80,7 +80,7 @@ class ClassificationTask:
 
             start = from_folder if teacher.source == "pretrained" else None
             result = training.train_on_labels(job, paths.prepared, out, params.resume, start=start)
-        run.log_training(result, str(paths.model))
+        self._log_training(run, result, paths.model)
         return result
 
     def soft_labels(self, params: Params, teacher: Path, prepared: Path, out: Path, run: Any) -> dict:
@@ -98,7 +98,7 @@ class ClassificationTask:
 
         job, out = self._job(params, "student", paths, world, run)
         result = training.train_student(job, paths.prepared, paths.soft_labels, out, params.resume)
-        run.log_training(result, str(paths.model), mlflow_model=True)
+        self._log_training(run, result, paths.model, mlflow_model=True)
         return result
 
     def train_baseline(self, params: Params, paths: TrainPaths, world: Any, run: Any) -> dict:
@@ -106,20 +106,30 @@ class ClassificationTask:
 
         job, out = self._job(params, "baseline", paths, world, run)
         result = training.train_on_labels(job, paths.prepared, out, params.resume)
-        run.log_training(result, str(paths.model))
+        self._log_training(run, result, paths.model)
         return result
+
+    def _log_training(self, run: Any, result: dict, checkpoint: Path, mlflow_model: bool = False) -> None:
+        """A training's final metrics, and its checkpoint file as an artifact. With `mlflow_model`
+        (the student, which the registry serves) the model is also logged as an MLflow model
+        (torch.export, about 3 s); the teacher and the baseline are compared by their metrics and
+        keep only the checkpoint."""
+        run.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")})
+        run.log_artifact(str(checkpoint), "checkpoint")
+        if mlflow_model:
+            run.log_model(result["model"], result["example"], str(checkpoint))
 
     def _job(self, params: Params, role: str, paths: TrainPaths, world: Any, run: Any) -> tuple:
         """The training job of `role` (its config, seed, ranks, precision) and where it writes."""
         from distill import training
 
         cfg = params.teacher if role == "teacher" else params.student
-        job = training.TrainJob(cfg, params.seed, role, on_epoch=run.log_epoch, world=world,
+        job = training.TrainJob(cfg, params.seed, role, on_epoch=run.log_score, world=world,
                                 precision=params.runtime.precision)
         return job, training.Outputs(paths.model, paths.history, {"mlflow_run_id": run.run_id})
 
     def evaluate(self, params: Params, paths: EvaluatePaths, run: Any) -> dict:
-        from distill import device, evaluation, report, run_logging
+        from distill import device, evaluation, report
         from distill.io import write_text
 
         out = paths.outputs
@@ -127,9 +137,24 @@ class ClassificationTask:
         evaluation.write_outputs(result, out["metrics"], out["predictions"], out["reliability"], out["curves"])
         write_text(out["compare"], report.compare_table(result.metrics))
         report.write_report(result, out["report"], out["figures"])
-        run_logging.log_evaluation(run, result, [Path(p) for p in out.values()])
+        self._log_evaluation(run, result, [Path(p) for p in out.values()])
         passed = evaluation.passes_gate(result.metrics["student"], params.registry)
         return result.metrics | {"run_ids": result.run_ids, "passed": passed}
+
+    def _log_evaluation(self, run: Any, result: Any, artifacts: list[Path]) -> None:
+        """One child run per model (an evaluation.Evaluation's metrics under the same keys, and the
+        model's own config as params, so MLflow's compare view lines up arch, widths, temperature and
+        alpha beside the numbers), the gap closed on the stage run, and the report files as artifacts."""
+        for role, model_run in result.run_ids.items():
+            config = dict(result.configs.get(role, {}))
+            if role == "baseline":  # trained with the student's config, but no distillation key applies to it
+                config = {k: v for k, v in config.items() if k not in self.distillation_keys}
+            run.log_child(f"evaluate {role}", {"role": role} | config, result.metrics[role],
+                          {"distill.model_role": role, "distill.model_run_id": model_run})
+        if result.metrics.get("gap_closed") is not None:
+            run.log_metrics({"gap_closed": result.metrics["gap_closed"]})
+        for path in artifacts:
+            run.log_artifact(path)
 
     def served(self, model: Any) -> Any:
         """A classifier is served as it is: features or token ids -> logits."""

@@ -56,12 +56,12 @@ class LanguageModelTask:
         model = lm.pretrained(teacher.model, meta) if teacher.source == "pretrained" else lm.gpt2(teacher, meta,
                                                                                                  params.seed)
         job = lm.LMJob(teacher, params.seed, "teacher", world=world, precision=params.runtime.precision,
-                       on_eval=run.log_step)
+                       on_eval=run.log_score)
         from_folder = teacher.source == "pretrained" and teacher.steps and params.resume.every_steps
         start = {"model_sha256": tree_sha256(teacher.model)} if from_folder else {}
         job = lm.resumable(job, params.resume, meta, source=teacher.source, **start)
         out = self._fit(model, job, paths, meta, {"source": teacher.source}, run)
-        run.log_lm_training(out, str(paths.model))
+        self._log_training(run, out, paths.model)
         return out
 
     def soft_labels(self, params: LMParams, teacher: Path, prepared: Path, out: Path, run: Any) -> dict:
@@ -83,11 +83,11 @@ class LanguageModelTask:
         soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model))
         lineage = lm_soft_labels.lineage(soft)
         job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
-                       precision=params.runtime.precision, on_eval=run.log_step)
+                       precision=params.runtime.precision, on_eval=run.log_score)
         job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
         out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
         val = corpus.read_windows(paths.prepared, "val")
-        run.log_lm_training(out, str(paths.model), self.served(out["model"]), val[:2])
+        self._log_training(run, out, paths.model, self.served(out["model"]), val[:2])
         return out | {"soft_labels": lineage}
 
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
@@ -96,11 +96,20 @@ class LanguageModelTask:
         meta = corpus.read_corpus_meta(paths.prepared)
         model = lm.gpt2(params.student, meta, params.seed)
         job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
-                       on_eval=run.log_step)
+                       on_eval=run.log_score)
         job = lm.resumable(job, params.resume, meta)
         out = self._fit(model, job, paths, meta, {}, run)
-        run.log_lm_training(out, str(paths.model))
+        self._log_training(run, out, paths.model)
         return out
+
+    def _log_training(self, run: Any, result: dict, checkpoint: Path, model: Any = None, example: Any = None) -> None:
+        """A training's final metrics and checkpoint artifact; with `model` and `example` (the student,
+        which the registry serves: ids -> next-token logits) also an MLflow model."""
+        run.log_metrics({k: result[k] for k in ("best_step", "best_val_bits_per_token", "parameters",
+                                                "train_seconds")})
+        run.log_artifact(str(checkpoint), "checkpoint")
+        if model is not None:
+            run.log_model(model, example, str(checkpoint))
 
     def _fit(self, model: Any, job: Any, paths: TrainPaths, meta: Any, info: dict, run: Any, soft: Any = None) -> dict:
         """Train `model` on the train windows (and `soft` targets), keep the best on val, save it."""

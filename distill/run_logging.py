@@ -8,7 +8,9 @@ flow sets it to its flow-run id); under a plain `dvc repro` it is derived from t
 
 The operations (dicts with an "op" key) are the journal's vocabulary: params, metrics,
 tags, artifact, model, dataset, child. A model is logged as an MLflow model (torch.export);
-the evaluate stage's child runs, one per model, line its three models up in MLflow's compare view.
+a child run is nested under the stage's (a classifier's evaluate has one per model, which line its
+three models up in MLflow's compare view). What a stage logs is its task's to say: nothing here
+knows a task.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.classification_params import DISTILLATION_KEYS
 from distill.store import _experiment_id, _retry_locked, _store_lock, check_reachable
 
 log = logging.getLogger(__name__)
@@ -174,26 +175,6 @@ def _log_dataset(op: dict) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(op["path"]).as_uri())
     mlflow.log_input(MetaDataset(source, name=op["name"], digest=op["digest"]), context=op["context"])
-
-
-def log_evaluation(run, result, artifacts: list[Path]) -> None:
-    """Evaluate's logging through its run (a tracking.StageRun): one child run per model (an
-    evaluation.Evaluation's metrics under the same keys, and the model's own config as params,
-    so MLflow's compare view lines up arch, widths, temperature and alpha beside the numbers),
-    the gap closed on the stage run, and the report files as artifacts (nothing when tracking is off)."""
-    for role, model_run in result.run_ids.items():
-        config = dict(result.configs.get(role, {}))
-        if role == "baseline":  # trained with the student's config, but no distillation key applies to it
-            config = {k: v for k, v in config.items() if k not in DISTILLATION_KEYS}
-        run._log({"op": "child", "name": f"evaluate {role}",
-                  "tags": {TAG_STAGE: "evaluate", "distill.model_role": role, "distill.model_run_id": str(model_run),
-                           TAG_PIPELINE_RUN: run.pipeline_id},
-                  "params": {"role": role} | {k: str(v) for k, v in flatten(config).items()},
-                  "metrics": {k: float(v) for k, v in result.metrics[role].items()}})
-    if result.metrics.get("gap_closed") is not None:
-        run.log_metrics({"gap_closed": result.metrics["gap_closed"]})
-    for path in artifacts:
-        run.log_artifact(path)
 
 
 def _log_child(op: dict) -> None:

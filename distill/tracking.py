@@ -28,6 +28,7 @@ from distill.store import (HTTP_SETTINGS, TrackingFailure, _os_reason, _retry_lo
                            tracking_uri)
 
 log = logging.getLogger(__name__)
+STEP_KEYS = ("epoch", "step")  # what a scored row's step is called, by the task that trains
 
 
 class StageRun:
@@ -38,6 +39,10 @@ class StageRun:
     the start or mid-run) the run goes offline: nothing more is sent, the stage carries on,
     and at its end the journal is saved under .mlflow-pending/ with copies of the files it
     names, for `catch_up` to record later. A failure never touches the stage's outputs.
+
+    It knows no task: what a stage records (which metrics, which files, whether a model) is
+    the task's to say, through these generic calls (distill/classification.py,
+    distill/language_model.py).
     """
 
     def __init__(self, run_id: str | None, pipeline_id: str, uri: str = "", stage: str = "",
@@ -72,9 +77,14 @@ class StageRun:
             self.fail(exc)
             return None
 
-    def log_epoch(self, row: dict[str, float]) -> None:
-        self._log({"op": "metrics", "values": {k: float(v) for k, v in row.items() if k != "epoch"},
-                   "step": int(row["epoch"])})
+    def log_score(self, row: dict[str, float]) -> None:
+        """One val row of a training, at the step the row carries: its "epoch" (a classifier's
+        rows) or its "step" (a language model's optimizer step); the training loop's callback."""
+        key = next((k for k in STEP_KEYS if k in row), None)
+        if key is None:
+            raise ValueError(f"a scored row names its step by one of {STEP_KEYS}; this one has {sorted(row)}")
+        self._log({"op": "metrics", "values": {k: float(v) for k, v in row.items() if k != key},
+                   "step": int(row[key])})
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         self._log({"op": "metrics", "values": {k: float(v) for k, v in metrics.items()
@@ -98,36 +108,18 @@ class StageRun:
         op = {"op": "model", "checkpoint": str(Path(checkpoint).resolve()), "example": example.tolist()}
         self._log(op, live=lambda: _model_or_warn(op, model, self.stage))
 
-    def log_training(self, result: dict, checkpoint: str | Path, mlflow_model: bool = False) -> None:
-        """Final metrics of a training step's result, and its checkpoint file as an artifact.
-
-        With `mlflow_model` (the student, which the registry serves) the model is also
-        logged as an MLflow model (torch.export, about 3 s); the teacher and the baseline
-        are compared by their metrics and keep only the checkpoint.
-        """
-        self.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")})
-        self.log_artifact(checkpoint, "checkpoint")
-        if mlflow_model:
-            self.log_model(result["model"], result["example"], checkpoint)
-
-    def log_step(self, row: dict[str, float]) -> None:
-        """A language model's val row, at its optimizer step."""
-        self._log({"op": "metrics", "values": {k: float(v) for k, v in row.items() if k != "step"},
-                   "step": int(row["step"])})
-
-    def log_lm_training(self, result: dict, checkpoint: str | Path, model=None, example=None) -> None:
-        """A language model's final metrics and checkpoint artifact; with `model` and `example` (the
-        student, which the registry serves: ids -> next-token logits) also an MLflow model."""
-        self.log_metrics({k: result[k] for k in ("best_step", "best_val_bits_per_token", "parameters",
-                                                 "train_seconds")})
-        self.log_artifact(checkpoint, "checkpoint")
-        if model is not None:
-            self.log_model(model, example, checkpoint)
-
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:
         """Record a file as a dataset input of this run (source path and digest, not the data)."""
         self._log({"op": "dataset", "path": str(Path(path).resolve()), "name": name, "digest": digest[:16],
                    "context": context})
+
+    def log_child(self, name: str, params: dict, metrics: dict[str, float], tags: dict[str, Any]) -> None:
+        """A run nested under this one (evaluate's one per model), tagged with this run's stage and
+        pipeline group besides `tags`: `params` flattened, `metrics`."""
+        tags = {TAG_STAGE: self.stage} | {k: str(v) for k, v in tags.items()} | {TAG_PIPELINE_RUN: self.pipeline_id}
+        self._log({"op": "child", "name": name, "tags": tags,
+                   "params": {k: str(v) for k, v in flatten(params).items()},
+                   "metrics": {k: float(v) for k, v in metrics.items()}})
 
 
 @contextmanager

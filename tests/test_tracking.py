@@ -200,3 +200,42 @@ def test_with_tracking_off_evaluate_registers_nothing_even_for_a_student_trained
     untracked = StageRun(None, "standalone-1")  # the evaluate stage's run with tracking.enabled: false
     assert register_student(untracked, "a" * 32, RegistryConfig(), passed=True) == {"registered_version": None,
                                                                                   "gate_passed": None}
+
+
+def offline_run(stage: str) -> "StageRun":
+    """A tracked run whose store is gone: every call is only journalled, so a test reads what it records."""
+    from distill.tracking import StageRun
+
+    run = StageRun("run-1", "pipeline-1", stage=stage, tracked=True)
+    run.failure = "the store is gone"
+    return run
+
+
+def test_a_scored_row_is_logged_at_the_step_it_names_an_epoch_or_a_step():
+    run = offline_run("train_student")
+    run.log_score({"epoch": 2, "val_accuracy": 0.5})  # a classifier's row
+    run.log_score({"step": 250, "val_bits_per_token": 7.5})  # a language model's
+    assert run.journal == [{"op": "metrics", "values": {"val_accuracy": 0.5}, "step": 2},
+                           {"op": "metrics", "values": {"val_bits_per_token": 7.5}, "step": 250}]
+    with pytest.raises(ValueError, match="names its step"):
+        run.log_score({"val_accuracy": 0.5})
+
+
+def test_a_classifiers_evaluate_logs_a_child_run_per_model_and_the_baseline_without_distillation_keys():
+    from types import SimpleNamespace
+
+    from distill.classification import ClassificationTask
+
+    config = {"arch": "mlp", "temperature": 4.0, "alpha": 0.9}
+    result = SimpleNamespace(run_ids={"student": "s1", "baseline": "b1"},
+                             configs={"student": config, "baseline": config},
+                             metrics={"student": {"test_accuracy": 0.9}, "baseline": {"test_accuracy": 0.8},
+                                      "gap_closed": 0.5})
+    run = offline_run("evaluate")
+    ClassificationTask()._log_evaluation(run, result, [])
+    children = {op["tags"]["distill.model_role"]: op for op in run.journal if op["op"] == "child"}
+    assert children["baseline"]["params"] == {"role": "baseline", "arch": "mlp"}
+    assert children["student"]["params"] == {"role": "student", "arch": "mlp", "temperature": "4.0", "alpha": "0.9"}
+    assert children["student"]["tags"] == {"distill.stage": "evaluate", "distill.model_role": "student",
+                                           "distill.model_run_id": "s1", "distill.pipeline_run": "pipeline-1"}
+    assert {"op": "metrics", "values": {"gap_closed": 0.5}} in run.journal

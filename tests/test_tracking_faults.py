@@ -32,7 +32,7 @@ try:
     with tracking.stage_run("train_teacher", TrackingConfig(experiment="faults", on_error=sys.argv[1]),
                             {"teacher": {"epochs": 3}}, out / "receipt.json") as run:
         for epoch in range(1, 4):
-            run.log_epoch({"epoch": epoch, "val_accuracy": epoch / 4})
+            run.log_score({"epoch": epoch, "val_accuracy": epoch / 4})
         (out / "model.pt").write_bytes(b"weights" * 1000)
         if len(sys.argv) > 3:  # the test breaks the store now
             Path(sys.argv[3]).write_text("ready")
