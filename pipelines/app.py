@@ -28,6 +28,7 @@ import typer
 from distill.errors import UserError, report
 from distill.progress import setup_logging
 from pipelines import overrides
+from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, dvc
 
 
@@ -84,8 +85,8 @@ def run(
     finally:
         signal.signal(signal.SIGINT, previous)
     typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
-    typer.echo((root / "reports" / "compare.md").read_text())
-    typer.echo(f"report: {root / 'reports' / 'report.html'}")
+    typer.echo((root / evaluate_file(root, "compare")).read_text())
+    typer.echo(f"report: {root / evaluate_file(root, 'report')}")
 
 
 def _stop_on_interrupt(signum, frame) -> None:
@@ -142,7 +143,7 @@ def compare(
     if run_id:
         typer.echo(compare_runs(run_id))
         return
-    path = root / "reports" / "compare.md"
+    path = root / evaluate_file(root, "compare")
     if not path.is_file():
         raise UserError(f"{path}: not found; run the pipeline first (distill run)")
     typer.echo(path.read_text())

@@ -8,18 +8,23 @@ distillation keys), evaluate's report files and the plots. Code deps are each st
 closure, computed from the source: the stage module's, and the task's method of that stage's
 name (with the methods it calls through `self`), less the plumbing that moves no numbers.
 `distill dvc-yaml` writes it; tests/test_code_deps.py fails when a committed one drifts.
+
+The orchestration (app, flow, experiments) reads back where evaluate writes its files
+from the folder's dvc.yaml (`evaluate_file`), so a path lives in dvc.yaml and nowhere else.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import shlex
 import textwrap
 from pathlib import Path
 
 import yaml
 
 from distill.config import load_params
+from distill.errors import UserError
 from distill.task import STAGES, source_of, task_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +177,23 @@ def stages(folder: Path) -> tuple[dict, list[dict]]:
                       "deps": code + task.user_files.get(stage, []) + spec["data"], "params": spec["params"],
                       "outs": spec["outs"] + [receipt]} | {key: spec[key] for key in ("metrics", "plots") if spec.get(key)}
     return out, list(getattr(task, "pipeline_plots", []))
+
+
+def evaluate_file(folder: Path, name: str) -> Path:
+    """The file evaluate's `--<name>` names (metrics, compare, report, ...) in `folder`'s dvc.yaml,
+    relative to the folder: where the pipeline writes it, read from the one place that says so."""
+    dvc_yaml = Path(folder) / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise UserError(f"{dvc_yaml}: not found; run distill from the project folder")
+    stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get("evaluate")
+    if stage is None:
+        raise UserError(f"{dvc_yaml} has no evaluate stage (`distill dvc-yaml` writes it)")
+    cmd = stage["cmd"] if isinstance(stage["cmd"], str) else " ".join(stage["cmd"])
+    words = shlex.split(cmd)
+    given = {flag: value for flag, value in zip(words, words[1:]) if flag.startswith("--")}
+    if f"--{name}" not in given:
+        raise UserError(f"{dvc_yaml}: the evaluate stage's command has no --{name}")
+    return Path(given[f"--{name}"])
 
 
 def render(folder: Path) -> str:

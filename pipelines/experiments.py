@@ -21,6 +21,7 @@ from pathlib import Path
 from distill.errors import UserError
 from distill.task import ROLES as MODELS
 from distill.io import git_head
+from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, stage_error, tool_env
 
 
@@ -36,9 +37,10 @@ def point_name(prefix: str, overrides: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join([prefix, *parts]))
 
 
-def metrics(root: Path, rev: str, path: str = "reports/metrics.json") -> dict:
-    """The metrics file of the experiment commit `rev` (`path` relative to `root`, which may be a
-    DVC project inside the git repository, as lm/ and text/ are)."""
+def metrics(root: Path, rev: str) -> dict:
+    """The metrics file of the experiment commit `rev`: evaluate's --metrics in `root`'s dvc.yaml
+    (relative to `root`, which may be a DVC project inside the git repository, as lm/ and text/ are)."""
+    path = evaluate_file(root, "metrics").as_posix()
     shown = subprocess.run(["git", "show", f"{rev}:./{path}"], cwd=root, capture_output=True, text=True, check=False)
     if shown.returncode or not rev:
         raise UserError(f"experiment commit {rev or '(none)'} has no {path} in this repository; see the sweep's log")

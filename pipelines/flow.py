@@ -40,6 +40,7 @@ from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
+from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, run_streaming, stage_error, tool_env
 
 
@@ -260,11 +261,11 @@ def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: floa
 
 
 def _comparison_artifact(root: Path, outcome: dict[str, str]) -> None:
-    """The run's results on its Prefect page: which stages ran, and reports/compare.md."""
-    compare = root / "reports" / "compare.md"
+    """The run's results on its Prefect page: which stages ran, and evaluate's comparison (compare.md)."""
+    compare = evaluate_file(root, "compare")
     stages = ", ".join(f"{stage} {result}" for stage, result in outcome.items())
-    table = compare.read_text() if compare.is_file() else "(no reports/compare.md)"
-    create_markdown_artifact(markdown=f"Stages: {stages}\n\n{table}\nReport: {root / 'reports' / 'report.html'}\n",
+    table = (root / compare).read_text() if (root / compare).is_file() else f"(no {compare})"
+    create_markdown_artifact(markdown=f"Stages: {stages}\n\n{table}\nReport: {root / evaluate_file(root, 'report')}\n",
                              key=COMPARISON_ARTIFACT, description="teacher, student and baseline on the test split")
 
 

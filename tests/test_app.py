@@ -8,12 +8,13 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
 from typer.testing import CliRunner
 
-from conftest import BIN, subprocess_env, tiny_params, write_params
+from conftest import BIN, REPO, git_commit, subprocess_env, tiny_params, write_params
 from pipelines.app import app
 
 COMMANDS = ["run", "compare", "sweep", "serve", "ui", "validate"]
@@ -60,6 +61,43 @@ def test_compare_prints_the_latest_comparison_and_diffs_git_revisions(built_proj
     (built_project / "reports" / "compare.md").unlink()
     result = runner.invoke(app, ["compare"])
     assert result.exit_code == 2 and "run the pipeline first" in result.output
+
+
+EVALUATE_ELSEWHERE = """stages:
+  evaluate:
+    cmd: >-
+      python -m stages.evaluate --params params.yaml --metrics out/scores.json
+      --compare out/table.md --report out/page.html
+"""
+
+
+def test_compare_and_the_sweeps_metrics_are_read_where_dvc_yaml_says_evaluate_writes_them(tmp_path, monkeypatch):
+    from pipelines.experiments import metrics
+
+    project = tmp_path / "p"
+    (project / "out").mkdir(parents=True)
+    (project / "dvc.yaml").write_text(EVALUATE_ELSEWHERE)
+    write_params(project / "params.yaml", tiny_params())
+    (project / "out" / "table.md").write_text("| model | written where dvc.yaml says |\n")
+    (project / "out" / "scores.json").write_text('{"gap_closed": 0.5}')
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    git_commit(project, "evaluate writes to out/")
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 0 and "| model | written where dvc.yaml says |" in result.output
+    assert metrics(project, "HEAD") == {"gap_closed": 0.5}
+    (project / "dvc.yaml").write_text(EVALUATE_ELSEWHERE.replace(" --compare out/table.md", ""))
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 2 and "the evaluate stage's command has no --compare" in result.output
+
+
+@pytest.mark.parametrize("folder", [".", "text", "lm"])
+def test_each_committed_dvc_yaml_says_where_evaluate_writes_the_files_the_commands_read(folder):
+    from pipelines.dvcfile import evaluate_file
+
+    assert evaluate_file(REPO / folder, "metrics") == Path("reports/metrics.json")
+    assert evaluate_file(REPO / folder, "compare") == Path("reports/compare.md")
+    assert evaluate_file(REPO / folder, "report") == Path("reports/report.html")
 
 
 def test_compare_two_mlflow_runs_side_by_side(tmp_path, monkeypatch):
