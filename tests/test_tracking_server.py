@@ -71,8 +71,8 @@ def test_the_pipeline_logs_runs_artifacts_and_the_registered_model_to_a_postgres
     # artifacts went through the server into its artifact destination, and come back from it
     student_run = first["train_student"].info.run_id
     assert first["train_student"].info.artifact_uri.startswith("mlflow-artifacts:")
-    checkpoint = Path(client.download_artifacts(student_run, "checkpoint/student.pt", str(tmp_path / "dl")))
-    assert sha256(checkpoint) == sha256(project / "models/student.pt")
+    downloaded = Path(client.download_artifacts(student_run, "checkpoint/student.pt", str(tmp_path / "dl")))
+    assert sha256(downloaded) == sha256(project / "models/student.pt")
     assert [p for p in artifacts.rglob("student.pt")], "the checkpoint is not in the server's artifact destination"
     assert {"compare.md", "metrics.json"} <= {a.path for a in client.list_artifacts(first["evaluate"].info.run_id)}
 
