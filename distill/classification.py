@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from distill.classification_params import DISTILLATION_KEYS, Params
-from distill.task import EvaluatePaths, TrainPaths
+from distill.task import EvaluatePaths, Headline, TrainPaths
 
 
 class ClassificationTask:
@@ -46,6 +46,11 @@ class ClassificationTask:
         {"Reliability diagram (test)": {
             "x": "confidence", "y": {f"reports/reliability/{role}.csv": "accuracy"
                                      for role in ("teacher", "student", "baseline")}}}]
+    headline: ClassVar[Headline] = Headline("test_accuracy", "acc", "%", scale=100, digits=2)
+    exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
+    exp_params: ClassVar[tuple[str, ...]] = ("student.arch", "student.temperature", "student.alpha", "student.loss",
+                                             "student.epochs", "teacher.arch", "teacher.epochs", "soft_labels.top_k",
+                                             "seed")
 
     def prepare(self, params: Params, out: Path, run: Any) -> dict:
         from distill import data

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
-from distill.task import ROLES, EvaluatePaths, TrainPaths
+from distill.task import ROLES, EvaluatePaths, Headline, TrainPaths
 
 
 class LanguageModelTask:
@@ -38,6 +38,12 @@ class LanguageModelTask:
         {"Validation bits per token by step": {
             "x": "step", "y": {f"reports/curves/{role}.csv": "val_bits_per_token"
                                for role in ("teacher", "student", "baseline")}}}]
+    headline: ClassVar[Headline] = Headline("test_bits_per_token", "bits/token", " bits/token", digits=3,
+                                            lower_is_better=True)
+    exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
+    exp_params: ClassVar[tuple[str, ...]] = ("student.temperature", "student.alpha", "student.steps", "student.tail",
+                                             "teacher.steps", "soft_labels.targets", "soft_labels.top_k",
+                                             "soft_labels.samples", "seed")
 
     def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
         from distill import corpus

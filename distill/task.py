@@ -59,6 +59,22 @@ class EvaluatePaths:
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A task's headline test metric: what a sweep's summary and one-line results show the three
+    models by (pipelines/experiments.py), and the first metric `distill compare --exps` keeps."""
+
+    key: str  # the metric in each model's entry of metrics.json
+    label: str  # a summary's column after the model's name: "student acc"
+    unit: str  # after each value in a one-line result: "97.20%", "7.171 bits/token"
+    scale: float = 1.0  # the value shown is scale * value, to `digits` decimals
+    digits: int = 2
+    lower_is_better: bool = False
+
+    def show(self, value: float) -> str:
+        return f"{self.scale * value:.{self.digits}f}"
+
+
 class Task(Protocol):
     """One kind of model distilled by the pipeline. Each method runs one stage inside the
     stage's tracked run (`run`: tracking.StageRun) and returns what the stage prints."""
@@ -76,6 +92,11 @@ class Task(Protocol):
     # top-level plots across the three models (dvc.yaml's `plots:` entries)
     report_plots: ClassVar[dict[str, dict]]
     pipeline_plots: ClassVar[list[dict]]
+    # the headline test metric, and the columns `distill compare --exps` keeps besides it: more
+    # of each model's metrics, and params.yaml keys (dotted)
+    headline: ClassVar[Headline]
+    exp_metrics: ClassVar[tuple[str, ...]]
+    exp_params: ClassVar[tuple[str, ...]]
 
     def prepare(self, params: Any, out: Path, run: Any) -> dict: ...
 

@@ -27,7 +27,7 @@ import typer
 
 from distill.errors import UserError, report
 from distill.progress import setup_logging
-from pipelines import overrides
+from pipelines import experiments, overrides
 from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, dvc
 
@@ -133,7 +133,8 @@ def compare(
     if sum(map(bool, (rev, run_id, exps))) > 1:
         raise UserError("give one of --rev, --run and --exps")
     if exps:
-        typer.echo(dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS).stdout)
+        columns = experiments.exp_columns(experiments.project_task(root), evaluate_file(root, "metrics"))
+        typer.echo(dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", columns).stdout)
         return
     if rev:
         if len(rev) > 2:
@@ -147,15 +148,6 @@ def compare(
     if not path.is_file():
         raise UserError(f"{path}: not found; run the pipeline first (distill run)")
     typer.echo(path.read_text())
-
-
-# `dvc exp show` with every column collapses to "..." on most terminals: the ones a comparison needs
-# The project's own params.yaml and reports/metrics.json: with the text pipeline's files in the
-# repository too, DVC names each column by its file (params.yaml:seed), so those prefixes are allowed.
-# The language model's (lm/) columns are its bits per token, steps and stored targets.
-EXP_COLUMNS = (r"^(Experiment|Created|(reports/metrics\.json:)?((teacher|student|baseline)\.(test_accuracy|params"
-               r"|latency_ms_b1|test_bits_per_token)|gap_closed)|(params\.yaml:)?(student\.(arch|temperature|alpha"
-               r"|loss|epochs|steps|tail)|teacher\.(arch|epochs|steps)|soft_labels\.(targets|top_k|samples)|seed))$")
 
 
 def compare_runs(run_ids: list[str]) -> str:

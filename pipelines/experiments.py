@@ -18,9 +18,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from distill.config import load_params
 from distill.errors import UserError
-from distill.task import ROLES as MODELS
 from distill.io import git_head
+from distill.task import ROLES as MODELS
+from distill.task import Headline, task_class
 from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, stage_error, tool_env
 
@@ -60,34 +62,45 @@ def default_prefix(root: Path) -> str:
     return f"sweep-{root.resolve().name}" if top not in (None, root.resolve()) else "sweep"
 
 
-def headline(m: dict) -> tuple[str, str, list[str]]:
-    """The three models' headline test metric in a metrics.json: (column label, unit, values) —
-    accuracy in % for a classifier, bits per token (lower is better) for a language model."""
-    if "test_bits_per_token" in m[MODELS[0]]:
-        return "bits/token", " bits/token", [f"{m[model]['test_bits_per_token']:.3f}" for model in MODELS]
-    return "acc", "%", [f"{100 * m[model]['test_accuracy']:.2f}" for model in MODELS]
+def project_task(root: Path) -> type:
+    """The class of the task `root`/params.yaml names (distill/task.py): it says what the
+    commands show of its metrics and params (its `headline`, `exp_metrics`, `exp_params`)."""
+    return task_class(load_params(root / "params.yaml", task=None).task, root)
 
 
-def summary(rows: list[tuple[str, dict[str, str], dict]]) -> str:
+def summary(rows: list[tuple[str, dict[str, str], dict]], headline: Headline) -> str:
     """Markdown: one row per experiment, its overrides, the three models' headline test metric
-    (accuracy, or bits per token) and the gap closed."""
+    (the task's: accuracy, bits per token, ...) and the gap closed."""
     keys = list(rows[0][1]) if rows else []
-    label = headline(rows[0][2])[0] if rows else "acc"
-    head = ["experiment", *keys, *(f"{model} {label}" for model in MODELS), "gap closed"]
+    head = ["experiment", *keys, *(f"{model} {headline.label}" for model in MODELS), "gap closed"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, overrides, m in rows:
         gap = m.get("gap_closed")
-        cells = [name, *(overrides[k] for k in keys), *headline(m)[2], "n/a" if gap is None else f"{100 * gap:.1f}%"]
+        cells = [name, *(overrides[k] for k in keys), *(headline.show(m[model][headline.key]) for model in MODELS),
+                 "n/a" if gap is None else f"{100 * gap:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def one_line(name: str, m: dict) -> str:
+def one_line(name: str, m: dict, headline: Headline) -> str:
     """A finished point in one line: the three models' headline test metric and the gap closed."""
     gap = m.get("gap_closed")
-    _, unit, values = headline(m)
-    return (f"{name}: " + ", ".join(f"{model} {value}{unit}" for model, value in zip(MODELS, values))
+    return (f"{name}: " + ", ".join(f"{model} {headline.show(m[model][headline.key])}{headline.unit}"
+                                    for model in MODELS)
             + (", no gap to close" if gap is None else f", gap closed {100 * gap:.1f}%"))
+
+
+def exp_columns(task: type, metrics_file: Path) -> str:
+    """The columns `distill compare --exps` keeps, as `dvc exp show --keep` takes them (a regex; with
+    every column the table collapses to "…" on most terminals): each model's headline and other
+    metrics the task names, the gap closed, and the task's params keys. With another pipeline's files in the repository too (text/, lm/), DVC names each column
+    by its file (params.yaml:seed, reports/metrics.json:gap_closed), so those prefixes are allowed."""
+    def either(names) -> str:
+        return "|".join(re.escape(name) for name in names)
+
+    metrics = either((task.headline.key, *task.exp_metrics))
+    return (rf"^(Experiment|Created|({re.escape(metrics_file.as_posix())}:)?(({either(MODELS)})\.({metrics})"
+            rf"|gap_closed)|(params\.yaml:)?({either(task.exp_params)}))$")
 
 
 def workspace_state(root: Path) -> tuple[str, bytes]:

@@ -96,6 +96,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
     ]
     logger = get_run_logger()
     logger.info("sweep of %d points: %s", len(points), ", ".join(names))
+    headline = experiments.project_task(root).headline  # what each point is shown by
     done, failed = [], []
     for finished, future in enumerate(as_completed(futures), 1):  # each point's result as soon as it is in
         name = names[futures.index(future)]
@@ -103,7 +104,7 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
         if future.state.is_completed():
             done.append(outcome)
             try:
-                said = experiments.one_line(name, experiments.metrics(root, outcome["rev"]))
+                said = experiments.one_line(name, experiments.metrics(root, outcome["rev"]), headline)
             except (UserError, KeyError, ValueError) as exc:  # the table at the end says it again, or fails
                 said = f"{name}: finished, but its metrics could not be read yet ({exc})"
             logger.info("[%d/%d] %s", finished, len(points), said)
@@ -111,7 +112,8 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
             failed.append(str(outcome) if isinstance(outcome, UserError) else f"{name}: {outcome!r}")
             logger.warning("[%d/%d] %s failed: %s", finished, len(points), name, failed[-1])
     done.sort(key=lambda p: names.index(p["name"]))
-    table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["rev"])) for p in done])
+    table = experiments.summary([(p["name"], p["overrides"], experiments.metrics(root, p["rev"])) for p in done],
+                                headline)
     logger.info("sweep of %d points:\n%s", len(points), table)
     if failed:
         raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "

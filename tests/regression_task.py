@@ -20,6 +20,7 @@ from pydantic import Field
 
 from distill.config import DistributedConfig, RuntimeConfig, Section, TrackingConfig
 from distill.io import file_sha256, write_json, write_text
+from distill.task import Headline
 
 
 class DataSection(Section):
@@ -87,6 +88,9 @@ class RegressionTask:
     user_files: ClassVar[dict] = {}
     report_plots: ClassVar[dict] = {}
     pipeline_plots: ClassVar[list] = []
+    headline: ClassVar[Headline] = Headline("test_mse", "MSE", " MSE", digits=4, lower_is_better=True)
+    exp_metrics: ClassVar[tuple[str, ...]] = ()
+    exp_params: ClassVar[tuple[str, ...]] = ("student.hidden", "student.alpha", "student.epochs", "seed")
 
     def prepare(self, params: RegressionParams, out: Path, run: Any) -> dict:
         cfg = params.data

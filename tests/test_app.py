@@ -172,18 +172,55 @@ def test_sweep_runs_a_grid_of_dvc_experiments_one_at_a_time_and_summarises_them(
 
 
 def test_a_finished_sweep_point_is_one_line_with_the_tasks_headline_metric():
+    from distill.classification import ClassificationTask
+    from distill.language_model import LanguageModelTask
     from pipelines.experiments import one_line, summary
 
+    acc = ClassificationTask.headline
     m = {"teacher": {"test_accuracy": 0.975}, "student": {"test_accuracy": 0.972},
          "baseline": {"test_accuracy": 0.909}, "gap_closed": 0.955}
-    assert one_line("sweep-temperature2", m) == ("sweep-temperature2: teacher 97.50%, student 97.20%, "
-                                                 "baseline 90.90%, gap closed 95.5%")
-    assert one_line("p", m | {"gap_closed": None}).endswith("no gap to close")
+    assert one_line("sweep-temperature2", m, acc) == ("sweep-temperature2: teacher 97.50%, student 97.20%, "
+                                                      "baseline 90.90%, gap closed 95.5%")
+    assert one_line("p", m | {"gap_closed": None}, acc).endswith("no gap to close")
+    assert "| teacher acc |" in summary([("sweep-temperature2", {"student.temperature": "2"}, m)], acc)
+    bits = LanguageModelTask.headline
     lm = {"teacher": {"test_bits_per_token": 6.8841}, "student": {"test_bits_per_token": 7.171},
           "baseline": {"test_bits_per_token": 7.432}, "gap_closed": 0.475}
-    assert one_line("sweep-alpha0.5", lm) == ("sweep-alpha0.5: teacher 6.884 bits/token, student 7.171 bits/token, "
-                                              "baseline 7.432 bits/token, gap closed 47.5%")
-    assert "| teacher bits/token |" in summary([("sweep-alpha0.5", {"student.alpha": "0.5"}, lm)])
+    assert one_line("sweep-alpha0.5", lm, bits) == ("sweep-alpha0.5: teacher 6.884 bits/token, student 7.171 "
+                                                    "bits/token, baseline 7.432 bits/token, gap closed 47.5%")
+    assert "| teacher bits/token |" in summary([("sweep-alpha0.5", {"student.alpha": "0.5"}, lm)], bits)
+    assert bits.lower_is_better and not acc.lower_is_better
+
+
+def test_the_task_a_folders_params_yaml_names_says_which_experiment_columns_to_keep():
+    import re
+
+    from pipelines.experiments import exp_columns, project_task
+
+    classify, lm = project_task(REPO), project_task(REPO / "lm")
+    assert (classify.name, lm.name) == ("classify", "language_model")
+    kept = exp_columns(classify, Path("reports/metrics.json"))
+    for column in ("Experiment", "student.test_accuracy", "reports/metrics.json:baseline.latency_ms_b1",
+                   "gap_closed", "params.yaml:student.temperature", "soft_labels.top_k", "seed"):
+        assert re.match(kept, column), column
+    for column in ("student.ece", "student.test_bits_per_token", "student.steps", "student.lr", "data.seed"):
+        assert not re.match(kept, column), column
+    kept = exp_columns(lm, Path("reports/metrics.json"))
+    assert re.match(kept, "student.test_bits_per_token") and re.match(kept, "params.yaml:soft_labels.targets")
+    assert not re.match(kept, "student.test_accuracy") and not re.match(kept, "student.test_perplexity")
+
+
+@pytest.mark.parametrize("folder", [".", "text", "lm"])
+def test_each_tasks_experiment_columns_are_keys_of_its_params(folder):
+    from pipelines.experiments import project_task
+
+    task = project_task(REPO / folder)
+    for key in task.exp_params:  # a misspelt key would keep no column, silently
+        *sections, name = key.split(".")
+        model = task.params_model
+        for section in sections:
+            model = model.model_fields[section].annotation
+        assert name in model.model_fields, key
 
 
 def test_serve_needs_a_prefect_server(project, monkeypatch):

@@ -17,6 +17,7 @@ import yaml
 from conftest import ALL_STAGES, BIN, REPO, git_commit, repro, run_pipeline_in_process, subprocess_env
 from distill.config import load_params
 from distill.errors import UserError
+from pipelines.experiments import one_line, project_task
 from scratch import make_scratch_project
 
 TASK = "regression_task:RegressionTask"
@@ -73,6 +74,8 @@ def test_a_third_task_runs_through_the_six_stages_in_process(tmp_path):
     assert all(math.isfinite(v) for v in mse.values()), mse
     assert mse["teacher"] < mse["baseline"], mse  # the wide teacher fits the function better
     assert (folder / "reports" / "compare.md").read_text().startswith("| model | test MSE |")
+    said = one_line("p", metrics, project_task(folder).headline)  # what a sweep says of a point
+    assert said.startswith(f"p: teacher {mse['teacher']:.4f} MSE, student ")
 
 
 @pytest.mark.slow
