@@ -17,6 +17,7 @@ loads a checkpoint imports the module that registers its arch.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +39,16 @@ ARCHS = Registry("arch")
 register_arch = ARCHS.register
 
 
+# the modules that register the built-in archs; imported when a name is not registered yet, so a
+# checkpoint loads in a process that has imported none of them (a notebook, a server)
+BUILT_IN = ("distill.models", "distill.pretrained", "distill.lm")
+
+
 def get_arch(name: str) -> Builder:
     """The builder of arch `name`: a registered one, or the user's `package.module:factory`."""
+    if name not in ARCHS or IMPORTED not in ARCHS:
+        for module in BUILT_IN:
+            importlib.import_module(module)
     if re.match(IMPORT_PATH, name) and IMPORTED in ARCHS:
         return functools.partial(ARCHS[IMPORTED], name)
     known = sorted(set(ARCHS) - {IMPORTED})

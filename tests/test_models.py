@@ -165,3 +165,14 @@ def test_a_torchscript_checkpoint_round_trips(tmp_path):
     loaded, _ = checkpoint.load(tmp_path / "t.pt")
     x = torch.randn(4, 6)
     torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_a_checkpoint_loads_in_a_process_that_imported_no_model_module(tmp_path):
+    import subprocess
+    import sys
+
+    args = model_args(TeacherConfig(arch="mlp", hidden=[8]), 40, 10)
+    checkpoint.save(tmp_path / "m.pt", build_model(args), args, "classify")
+    code = "from distill import checkpoint; import sys; print(type(checkpoint.load(sys.argv[1])[0]).__name__)"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "MLP", out.stderr
