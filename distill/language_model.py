@@ -92,8 +92,7 @@ class LanguageModelTask:
                        precision=params.runtime.precision, on_eval=run.log_score)
         job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
         out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
-        val = corpus.read_windows(paths.prepared, "val")
-        self._log_training(run, out, paths.model, self.served(out["model"]), val[:2])
+        self._log_training(run, out, paths.model, self.served(out["model"]), out["example"])
         return out | {"soft_labels": lineage}
 
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
@@ -118,14 +117,17 @@ class LanguageModelTask:
             run.log_model(model, example, str(checkpoint))
 
     def _fit(self, model: Any, job: Any, paths: TrainPaths, meta: Any, info: dict, run: Any, soft: Any = None) -> dict:
-        """Train `model` on the train windows (and `soft` targets), keep the best on val, save it."""
+        """Train `model` on the train windows (and `soft` targets), keep the best on val, save it; the
+        summary carries two val windows as the logged model's input example."""
         from distill import corpus, lm
 
         buffer = job.distill.shuffle_buffer if soft is not None else 0
         batches = lm.WindowBatches(corpus.read_windows(paths.prepared, "train"), job.cfg.batch_size, job.world,
                                    soft, buffer)
-        result = lm.train(model, job, batches, corpus.read_windows(paths.prepared, "val"))
-        return lm.save_result(result, job, paths.model, paths.history, meta, {"mlflow_run_id": run.run_id} | info)
+        val = corpus.read_windows(paths.prepared, "val")
+        result = lm.train(model, job, batches, val)
+        info = {"mlflow_run_id": run.run_id} | info
+        return lm.save_result(result, job, paths.model, paths.history, meta, info) | {"example": val[:2]}
 
     def evaluate(self, params: LMParams, paths: EvaluatePaths, run: Any) -> dict:
         from distill import device, lm_evaluation
