@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from distill.config import DistributedConfig, RuntimeConfig, Section, TrackingConfig
+from distill.config import BaseRegistryConfig, DistributedConfig, RuntimeConfig, Section, TrackingConfig
 from distill.io import file_sha256, write_json, write_text
 from distill.task import Headline
 
@@ -43,9 +43,8 @@ class StudentSection(ModelSection):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the MSE to the teacher's predictions")
 
 
-class Registry(Section):
-    model_name: str = "regression-student"
-    alias: str = "champion"
+class Registry(BaseRegistryConfig):
+    model_name: str = Field("regression-student", min_length=1)
     max_test_mse: float = Field(1.0, gt=0)
 
 
