@@ -102,11 +102,14 @@ def load_params(path: str | Path, task: str | None = "classify") -> Section:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; pass the path of params.yaml") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if raw is None:  # empty, or comments only: every key at its default would be a pipeline nobody chose
+        raise UserError(f"{path}: the file is empty; copy the repository's params.yaml here (text/params.yaml or "
+                        "lm/params.yaml for text or a language model), or start a new folder with `distill new`")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     found = raw.get("task", "classify")

@@ -11,6 +11,7 @@ distill/data.py splits what comes out and writes the prepared format.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,17 +128,10 @@ def _load_synthetic(cfg: DataConfig) -> RawData:
 
 
 def _load_table(cfg: DataConfig) -> RawData:
-    import pandas as pd
-
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
-    try:
-        df = pd.read_parquet(path) if cfg.source == "parquet" else pd.read_csv(path)
-    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
-        raise UserError(
-            f"{path}: cannot be read as {cfg.source} ({type(exc).__name__}); check the file and data.source"
-        ) from None
+    df = _read_table(path, cfg.source, "; check the file and data.source")
     if cfg.label_column not in df.columns:
         raise UserError(
             f"{path}: no label column '{cfg.label_column}'; set data.label_column to one of {list(df.columns)}"
@@ -153,9 +147,7 @@ def _load_table(cfg: DataConfig) -> RawData:
         if df[cfg.label_column].isna().any():
             raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them")
         return RawData(text, df[cfg.label_column].to_numpy(), [cfg.text_column], groups=groups)
-    features = cfg.feature_columns or [
-        c for c in df.columns if c != cfg.label_column and pd.api.types.is_numeric_dtype(df[c])
-    ]
+    features = cfg.feature_columns or _numeric_columns(path, df, cfg)
     _check_feature_columns(path, df, features, cfg.label_column)
     x = df[features].to_numpy(dtype=np.float64)
     y = df[cfg.label_column]
@@ -204,11 +196,7 @@ def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None
         return None
     if not path.is_file():
         raise UserError(f"{path}: transfer file not found; fix data.transfer_path (or set it to {RAW_DIR})")
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
-        raise UserError(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'csv'} ({type(exc).__name__})"
-                        ) from None
+    df = _read_table(path, "parquet" if path.suffix == ".parquet" else "csv")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise UserError(f"{path}: the transfer file lacks the training data's column(s) {missing[:5]}; its columns "
@@ -224,11 +212,51 @@ def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None
     return x
 
 
+def _read_table(path: Path, kind: str, fix: str = ""):
+    """A csv or parquet file as a DataFrame. A file that does not read, or whose header names a
+    column twice (pandas would quietly call the second `a` `a.1`), is refused; `fix` ends the
+    sentence of a file that does not read."""
+    import pandas as pd
+
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            header = pq.read_schema(path).names
+        else:  # the header row as written, before pandas renames a repeated name
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+        counts = Counter(header)
+        repeated = [name for name in header if counts[name] > 1]
+        df = None if repeated else pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a bad file
+        raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}){fix}") from None
+    if repeated:
+        raise UserError(f"{path}: column '{repeated[0]}' appears {counts[repeated[0]]} times in the header; "
+                        "give each column its own name")
+    return df
+
+
+def _numeric_columns(path: Path, df, cfg: DataConfig) -> list[str]:
+    """The features when data.feature_columns is not set: every numeric column but the label's. The
+    others (the group column aside) are left out, and the log says which."""
+    import pandas as pd
+
+    features = [c for c in df.columns if c != cfg.label_column and pd.api.types.is_numeric_dtype(df[c])]
+    left_out = [c for c in df.columns if c not in (*features, cfg.label_column, cfg.group_column)]
+    if left_out and features:  # with none, the refusal says so (_check_feature_columns)
+        names = ", ".join(f"'{c}'" for c in left_out)
+        log.warning("%s: %s not numeric and left out of the features (a column of text is read with "
+                    "data.text_column; data.feature_columns chooses the features)", path,
+                    f"column {names} is" if len(left_out) == 1 else f"columns {names} are")
+    return features
+
+
 def _check_feature_columns(path: Path, df, features: list[str], label: str) -> None:
     import pandas as pd
 
     if not features:
-        raise UserError(f"{path}: no numeric feature columns besides '{label}'; set data.feature_columns")
+        raise UserError(f"{path}: no numeric feature columns besides '{label}'; set data.feature_columns, or "
+                        "data.text_column to read a column of text")
     for c in features:
         if c not in df.columns:
             raise UserError(f"{path}: feature column '{c}' not found; fix data.feature_columns")

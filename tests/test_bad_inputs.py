@@ -152,9 +152,12 @@ CASES = [
     ("top_k not below the classes", "soft_labels", params(**{"soft_labels.top_k": 4}), ["soft_labels.top_k = 4"]),
     ("params file missing", "prepare", remove("params.yaml"), ["params.yaml", "not found"]),
     ("params not YAML", "prepare", raw_params("data: [unclosed\n"), ["params.yaml", "YAML"]),
+    ("params file empty", "prepare", raw_params("# nothing here yet\n"), ["params.yaml", "is empty", "distill new"]),
     # the user's data file, checked by prepare
     ("data file missing", "prepare", table_source(None, "missing.csv"), ["missing.csv", "not found"]),
     ("truncated parquet", "prepare", truncated_table("cut.parquet"), ["cut.parquet", "cannot be read"]),
+    ("a column named twice", "prepare", table_source(pd.concat([frame(), frame()[["f2"]]], axis=1), "d.csv"),
+     ["d.csv", "column 'f2' appears 2 times"]),
     ("no label column", "prepare", table_source(frame(), "d.csv", label_column="target"),
      ["d.csv", "'target'", "data.label_column"]),
     ("no numeric features", "prepare",

@@ -1,14 +1,20 @@
-"""A user's own Parquet or CSV file with a string label column, through the whole pipeline, and
-the file as a DVC dependency: a changed byte reruns prepare and everything downstream."""
+"""A user's own Parquet or CSV file with a string label column, through the whole pipeline; the
+file as a DVC dependency: a changed byte reruns prepare and everything downstream; and what
+prepare says of a table it reads: columns it leaves out, a column named twice."""
 
 import csv
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_wine
 
 from conftest import ALL_STAGES, dvc, git_commit, repro, run_pipeline_in_process, tiny_params, write_params
+from distill import sources
+from distill.classification_params import Params
+from distill.errors import UserError
 
 CULTIVARS = np.asarray(["barolo", "grignolino", "barbera"])
 
@@ -73,3 +79,34 @@ def test_a_changed_data_file_reruns_prepare_and_everything_downstream(project):
     assert repro(project) == set(ALL_STAGES)
     assert labelled_rows() == 150 < rows
     assert path.stat().st_size > 0
+
+
+def table_config(path, **data):
+    return Params.model_validate({"data": {"source": path.suffix.lstrip("."), "path": str(path),
+                                           "label_column": "cultivar"} | data}).data
+
+
+def test_columns_left_out_of_the_features_are_named_in_prepares_log(tmp_path, caplog):
+    wine = load_wine(as_frame=True)
+    df = wine.data.assign(cultivar=CULTIVARS[wine.target], notes="a fine wine", vineyard="north")
+    df.to_csv(tmp_path / "wine.csv", index=False)
+    raw = sources.load_source(table_config(tmp_path / "wine.csv", group_column="vineyard"))
+    assert raw.feature_names == list(wine.data.columns)
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    # the group column is not a feature either, but it is read: not named
+    assert "column 'notes' is not numeric" in line and "vineyard" not in line and "data.text_column" in line
+    caplog.clear()
+    sources.load_source(table_config(tmp_path / "wine.csv", feature_columns=["alcohol"]))
+    assert "left out" not in caplog.text  # the user chose the features
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_header_that_names_a_column_twice_is_refused_by_name(tmp_path, fmt):
+    wine = load_wine(as_frame=True).data.head(30)
+    columns = {"alcohol": wine["alcohol"], "ash": wine["ash"], "cultivar": CULTIVARS[np.arange(30) % 3]}
+    names = ["alcohol", "ash", "alcohol", "cultivar"]  # pandas would read the second as 'alcohol.1'
+    table = pa.table([pa.array(columns[n]) for n in names], names=names)
+    path = tmp_path / f"wine.{fmt}"
+    pq.write_table(table, path) if fmt == "parquet" else path.write_text(table.to_pandas().to_csv(index=False))
+    with pytest.raises(UserError, match=f"^{path}: column 'alcohol' appears 2 times in the header; give each column"):
+        sources.load_source(table_config(path))
