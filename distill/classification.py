@@ -13,11 +13,14 @@ its own import closure (distill/task.py says why).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
 from distill.classification_params import DISTILLATION_KEYS, Params
 from distill.task import EvaluatePaths, Headline, TrainPaths
+
+log = logging.getLogger(__name__)
 
 
 class ClassificationTask:
@@ -103,7 +106,8 @@ class ClassificationTask:
 
         job, out = self._job(params, "student", paths, world, run)
         result = training.train_student(job, paths.prepared, paths.soft_labels, out, params.resume)
-        self._log_training(run, result, paths.model, mlflow_model=True)
+        text = self._served_text(params, paths.prepared)
+        self._log_training(run, result, paths.model, mlflow_model=text is not None, text=text or None)
         return result
 
     def train_baseline(self, params: Params, paths: TrainPaths, world: Any, run: Any) -> dict:
@@ -114,15 +118,34 @@ class ClassificationTask:
         self._log_training(run, result, paths.model)
         return result
 
-    def _log_training(self, run: Any, result: dict, checkpoint: Path, mlflow_model: bool = False) -> None:
+    def _log_training(self, run: Any, result: dict, checkpoint: Path, mlflow_model: bool = False,
+                      text: dict | None = None) -> None:
         """A training's final metrics, and its checkpoint file as an artifact. With `mlflow_model`
         (the student, which the registry serves) the model is also logged as an MLflow model
-        (torch.export, about 3 s); the teacher and the baseline are compared by their metrics and
-        keep only the checkpoint."""
+        (torch.export, about 3 s; on text with the tokenizer, `text`); the teacher and the baseline
+        are compared by their metrics and keep only the checkpoint."""
         run.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")})
         run.log_artifact(str(checkpoint), "checkpoint")
         if mlflow_model:
-            run.log_model(result["model"], result["example"], str(checkpoint))
+            run.log_model(result["model"], result["example"], str(checkpoint), text=text)
+
+    def _served_text(self, params: Params, prepared: Path) -> dict | None:
+        """What the served student reads raw text with (tracking.StageRun.log_model): the tokenizer
+        folder prepare used (the same files: meta.json has their hash), max_length, pad_id and the
+        class names. {} on features (nothing to add); None when the folder changed since prepare
+        (then no served model: it would read the text with other ids)."""
+        from distill import data, text
+
+        meta = data.read_meta(prepared)
+        if meta.tokens is None:
+            return {}
+        folder = text.resolve_folder(params.data.text.tokenizer).resolve()
+        if text.tokenizer_sha256(folder) != meta.tokens["tokenizer_sha256"]:
+            log.warning("train_student: the MLflow model is not logged: %s is not the tokenizer prepare used (its "
+                        "files changed since); rerun prepare", folder)
+            return None
+        return {"tokenizer": str(folder), "max_length": meta.tokens["max_length"], "pad_id": meta.tokens["pad_id"],
+                "class_names": list(meta.class_names)}
 
     def _job(self, params: Params, role: str, paths: TrainPaths, world: Any, run: Any) -> tuple:
         """The training job of `role` (its config, seed, ranks, precision) and where it writes."""

@@ -7,9 +7,14 @@ recorded by `distill catch-up` (distill/catchup.py) when the store failed.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from distill.config import BaseRegistryConfig
 from distill.run_logging import TAG_MODEL_URI
 from distill.tracking import StageRun
+
+log = logging.getLogger(__name__)
 
 
 def register_student(run: StageRun, student_run: str | None, registry: BaseRegistryConfig, passed: bool) -> dict:
@@ -28,15 +33,35 @@ def register_student(run: StageRun, student_run: str | None, registry: BaseRegis
     return {"registered_version": version, "gate_passed": passed if version else None}
 
 
-def _register(op: dict) -> str:
+def _register(op: dict) -> str | None:
+    """Register the student run's logged model; None (and one warning) when it has no model files."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     name, student_run = op["model_name"], op["student_run"]
     model_uri = client.get_run(student_run).data.tags.get(TAG_MODEL_URI, f"runs:/{student_run}/model")
+    if not has_model_files(model_uri):
+        log.warning("%s: not registered: %s (the student's MLflow model) has no files, as its logging failed "
+                    "(train_student said why); nothing could serve it", name, model_uri)
+        return None
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, "quality_gate", "passed" if op["passed"] else "failed")
     if op["passed"]:
         client.set_registered_model_alias(name, op["alias"], version)
     return version
+
+
+def has_model_files(model_uri: str) -> bool:
+    """Whether the logged model at `model_uri` has its MLmodel file. A logging that failed leaves
+    a logged model with no files, which MLflow would still register (and nothing could serve)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.artifacts.list_artifacts(artifact_uri=model_uri)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the store's failure, not the model's
+        return False
+    return any(Path(entry.path).name == "MLmodel" for entry in found)

@@ -7,10 +7,10 @@ flow sets it to its flow-run id); under a plain `dvc repro` it is derived from t
 `dvc` process that runs the stages, so every stage of that command shares it.
 
 The operations (dicts with an "op" key) are the journal's vocabulary: params, metrics,
-tags, artifact, model, dataset, child. A model is logged as an MLflow model (torch.export);
-a child run is nested under the stage's (a classifier's evaluate has one per model, which line its
-three models up in MLflow's compare view). What a stage logs is its task's to say: nothing here
-knows a task.
+tags, artifact, model, dataset, child. A model is logged as an MLflow model (torch.export; a model
+of token ids with its tokenizer in front, distill/served_text.py); a child run is nested under the
+stage's (a classifier's evaluate has one per model, which line its three models up in MLflow's
+compare view). What a stage logs is its task's to say: nothing here knows a task.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def apply(op: dict, model=None, load_model: Callable[[str], Any] | None = None) 
         if model is None and load_model is None:
             raise ValueError("a model operation needs the model, or a loader for its checkpoint")
         model = model if model is not None else load_model(op["checkpoint"])
-        mlflow.set_tag(TAG_MODEL_URI, _log_torch_model(model, op["example"]))
+        mlflow.set_tag(TAG_MODEL_URI, _log_text_model(model, op["example"], op["text"]) if op.get("text")
+                       else _log_torch_model(model, op["example"]))
     elif kind == "dataset":
         _log_dataset(op)
     elif kind == "child":
@@ -161,6 +162,35 @@ def _log_torch_model(model, example: list) -> str:
         model, name="model", signature=infer_signature(x, output), input_example=x,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], serialization_format="pt2",
     )
+    return info.model_uri
+
+
+def _log_text_model(model, example: list, text: dict) -> str:
+    """A model of token ids as distill/served_text.py serves it: the tokenizer in front, so that a
+    request may be raw text. The model is exported by torch.export's strict (Dynamo) tracer, which
+    keeps the data-dependent length a TextCNN cuts each batch to (the non-strict tracer
+    mlflow.pytorch uses refuses it: GuardOnDataDependentSymNode), the batch size left free; the
+    tokenizer's own files are saved beside it (not the rest of a teacher's folder)."""
+    import tempfile
+
+    import mlflow
+    import torch
+    import transformers
+
+    ids = torch.as_tensor(example, dtype=torch.int64)  # (N, max_length)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text["tokenizer"], local_files_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        program = torch.export.export(model.eval(), (ids,), strict=True,
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, Path(tmp) / "model.pt2")
+        tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("served_text.py")),
+            input_example=tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True),
+            artifacts={"model": str(Path(tmp) / "model.pt2"), "tokenizer": str(Path(tmp) / "tokenizer")},
+            model_config={k: text[k] for k in ("max_length", "pad_id", "class_names")},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+                              "pandas"])
     return info.model_uri
 
 

@@ -102,10 +102,14 @@ class StageRun:
         self._log({"op": "artifact", "path": str(path.resolve()),
                    "folder": folder if folder is not None or not path.is_dir() else path.name})
 
-    def log_model(self, model, example, checkpoint: str | Path) -> None:
+    def log_model(self, model, example, checkpoint: str | Path, text: dict | None = None) -> None:
         """Log a torch model as an MLflow model (signature, input example, explicit requirements)
-        and tag the run with its URI; a catch-up rebuilds it from `checkpoint`."""
+        and tag the run with its URI; a catch-up rebuilds it from `checkpoint`. With `text` (a model
+        of token ids: its "tokenizer" folder, "max_length", "pad_id", "class_names") the model is
+        logged with the tokenizer in front, and serves raw text (distill/served_text.py)."""
         op = {"op": "model", "checkpoint": str(Path(checkpoint).resolve()), "example": example.tolist()}
+        if text is not None:
+            op["text"] = text
         self._log(op, live=lambda: _model_or_warn(op, model, self.stage))
 
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:

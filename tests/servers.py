@@ -1,7 +1,8 @@
-"""Throw-away servers on loopback for end-to-end tests: PostgreSQL and an MLflow tracking server.
+"""Throw-away servers on loopback for end-to-end tests: PostgreSQL, an MLflow tracking server, and
+`mlflow models serve` answering requests for one logged model.
 
-Both listen on 127.0.0.1 only, on free ports, keep everything in a temporary
-directory, and are stopped by their own process id when the `with` block ends,
+Each listens on 127.0.0.1 only, on a free port, keeps everything in a temporary
+directory, and is stopped by its own process id when the `with` block ends,
 whether the test passed or not.
 
 PostgreSQL refuses to run as root: under euid 0 its commands (initdb, pg_ctl) run as
@@ -11,6 +12,7 @@ the `postgres` system user that Debian's package creates, in a directory owned b
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import secrets
@@ -143,32 +145,65 @@ def mlflow_server(backend_store_uri: str, artifacts: Path, log: Path, startup_ti
     env.pop("MLFLOW_TRACKING_URI", None)
     # No background job runner (huey consumers for GenAI jobs): the pipeline uses none.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    with _server(cmd, env, artifacts.parent, log, f"{uri}/health", startup_timeout):
+        yield uri
+
+
+@contextmanager
+def mlflow_model_server(model_uri: str, log: Path, tracking_uri: str, startup_timeout: float = 180
+                        ) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` (in this environment: --env-manager local) on 127.0.0.1;
+    yields its http:// URI once /ping answers. Stopped as mlflow_server is: its process group
+    gets SIGTERM, then SIGKILL for whatever is left."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = subprocess_env() | {"MLFLOW_TRACKING_URI": tracking_uri}
+    with _server(cmd, env, log.parent, log, f"{uri}/ping", startup_timeout):
+        yield uri
+
+
+@contextmanager
+def _server(cmd: list[str], env: dict, cwd: Path, log: Path, ready: str, timeout: float) -> Iterator[None]:
+    """`cmd` in a process group of its own, its output in `log`, until the URL `ready` answers;
+    the group is stopped on the way out (the server and its workers)."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=artifacts.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server not ready after {startup_timeout:.0f} s:\n{_tail(log)}")
-                time.sleep(0.5)
-        yield uri
+        what = " ".join(Path(c).name for c in itertools.takewhile(lambda c: not c.startswith("-"), cmd))
+        _wait_for(proc, ready, what, log, timeout)  # "mlflow server", "mlflow models serve"
+        yield
     finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group `proc` leads, SIGKILL to what outlives it 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _wait_for(proc: subprocess.Popen, url: str, what: str, log: Path, timeout: float) -> None:
+    """Until `url` answers; `what` (the command `proc` runs, logging to `log`) exiting or not
+    answering within `timeout` seconds is an error that shows the end of its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever of the group (its workers) outlived the server process
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{_tail(log)}") from None
+            time.sleep(0.5)
