@@ -29,6 +29,7 @@ from distill.checkpoint import count_parameters
 from distill.corpus import TASK, read_corpus_meta, read_windows
 from distill.errors import UserError
 from distill.evaluation import gap_closed, latency_ms
+from distill.gate import Check, Verdict, verdict
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
 from distill.lm import LN2
 from distill.lm_params import LMEvaluateConfig, LMRegistryConfig
@@ -131,8 +132,10 @@ def _document_start(window: np.ndarray, eos_id: int, size: int) -> np.ndarray:
     return window[start:start + size]
 
 
-def lm_passes_gate(student: dict, registry: LMRegistryConfig) -> bool:
-    return student["test_bits_per_token"] <= registry.max_test_bits_per_token
+def lm_passes_gate(student: dict, registry: LMRegistryConfig) -> Verdict:
+    """The quality gate for the registry alias: few enough bits per test token."""
+    return verdict([Check("bits per token", student["test_bits_per_token"], registry.max_test_bits_per_token,
+                          ceiling=True)])
 
 
 # ---------------------------------------------------------------- outputs

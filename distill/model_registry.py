@@ -1,5 +1,7 @@
 """The MLflow model registry: the evaluate stage registers the student's logged model, tagged
-with the quality gate's verdict, and moves the serving alias to it only when it passed.
+with the quality gate's verdict and its reason, and moves the serving alias to it only when it
+passed. What it answers (the version, the version that holds the alias after it, or why nothing
+was registered) is what distill.gate's verdict line says.
 
 A registration is an operation of the evaluate stage's run like any other: journalled, and
 recorded by `distill catch-up` (distill/catchup.py) when the store failed.
@@ -17,20 +19,48 @@ from distill.tracking import StageRun
 log = logging.getLogger(__name__)
 
 
-def register_student(run: StageRun, student_run: str | None, registry: BaseRegistryConfig, passed: bool) -> dict:
-    """Register the student's model, tagged with the quality gate's verdict (evaluation.passes_gate);
-    give the new version the alias only if it passed.
+def register_student(run: StageRun, student_run: str | None, registry: BaseRegistryConfig, passed: bool,
+                     reason: str = "") -> dict:
+    """Register the student's model, tagged with the quality gate's verdict (a task's gate, e.g.
+    evaluation.passes_gate) and `reason`; give the new version the alias only if it passed.
 
-    Returns {"registered_version": ..., "gate_passed": ...}: (None, None) when this evaluate run is
-    not tracked (tracking off now, whatever the checkpoint recorded), the student was not, or the
-    store failed (the registration then waits in the journal with the rest of the run).
+    Returns {"registered_version", "gate_passed", "champion_version" (the version holding the alias
+    now; None when none does), "unregistered" (why nothing was registered, else None)}. Nothing is
+    registered when this evaluate run is not tracked (tracking off now, whatever the checkpoint
+    recorded), the student was not, the store failed (the registration then waits in the journal
+    with the rest of the run), or the student's logged model has no files (its logging failed).
     """
-    if not run.tracked or not student_run:
-        return {"registered_version": None, "gate_passed": None}
+    if not run.tracked:
+        return _unregistered("tracking is off")
+    if not student_run:
+        return _unregistered("the student's training was not tracked")
     op = {"op": "register", "student_run": student_run, "model_name": registry.model_name,
-          "alias": registry.alias, "passed": passed}
-    version = run._log(op, live=lambda: _register(op))
-    return {"registered_version": version, "gate_passed": passed if version else None}
+          "alias": registry.alias, "passed": passed, "reason": reason}
+    live = run._log(op, live=lambda: _register_live(op))
+    if live is None:
+        return _unregistered("the store failed: `distill catch-up` registers it")
+    version, holder = live
+    if version is None:
+        return _unregistered("the student's MLflow model has no files, as its logging failed")
+    return {"registered_version": version, "gate_passed": passed, "champion_version": holder, "unregistered": None}
+
+
+def _unregistered(why: str) -> dict:
+    return {"registered_version": None, "gate_passed": None, "champion_version": None, "unregistered": why}
+
+
+def _register_live(op: dict) -> tuple[str, str | None]:
+    """Register now; the new version, and the version that holds the alias after it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    version = _register(op)
+    if version is None or op["passed"]:
+        return version, version
+    try:
+        return version, str(MlflowClient().get_model_version_by_alias(op["model_name"], op["alias"]).version)
+    except MlflowException:  # no version has the alias yet
+        return version, None
 
 
 def _register(op: dict) -> str | None:
@@ -47,6 +77,8 @@ def _register(op: dict) -> str | None:
         return None
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, "quality_gate", "passed" if op["passed"] else "failed")
+    if op.get("reason"):  # a journal written before reasons were recorded has none
+        client.set_model_version_tag(name, version, "quality_gate_reason", op["reason"])
     if op["passed"]:
         client.set_registered_model_alias(name, op["alias"], version)
     return version

@@ -1,7 +1,8 @@
 """How results are shown: the markdown comparison, and the HTML report with its figures.
 
-    reports/compare.md       the comparison table and the gap-closed line (`compare_table`)
-    reports/report.html      headline, comparison table, the four figures (embedded)
+    reports/compare.md       the comparison table and the gap-closed line (`compare_table`); the evaluate
+                             stage adds the registry gate's verdict line (distill.gate.announce)
+    reports/report.html      headline, the registry gate's verdict, comparison table, the four figures (embedded)
     reports/figures/*.png    the same figures, for `dvc plots show` and MLflow
 
 The table's columns (`COLUMNS`) are defined once, for both.
@@ -23,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from distill.evaluation import Evaluation, no_gap_reason
+from distill.gate import REPORT_SLOT
 from distill.io import atomic_path, write_text
 from distill.task import ROLES
 
@@ -218,10 +220,13 @@ td.better {{ background: #e3f3e3; }} td.worse {{ background: #f8e1e1; }}
 figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; }}
 figcaption {{ color: #555; font-size: 0.9em; }}
 .meta {{ color: #777; font-size: 0.85em; }}
+.gate {{ padding: 0.5em 1em; border-left: 5px solid #2e7d32; background: #eef6ee; }}
+.gate.failed {{ border-left-color: #c62828; background: #fbeeee; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="meta">{meta}</p>
 <p class="headline" id="headline">{headline}</p>
+""" + REPORT_SLOT + """
 <h2 id="comparison">Comparison (test split)</h2>
 {table}
 <p class="meta">{note}</p>

@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: test metrics of teacher, student and baseline, their comparison and
 report (the files the task writes, by name), and the student's registration (with the alias
-only if it passes `registry.*`).
+only if it passes `registry.*`); the gate's verdict and its reason, one line, logged and written
+into compare.md and report.html (distill/gate.py).
 
     python -m stages.evaluate --params params.yaml --prepared data/prepared \
         --teacher models/teacher.pt --student models/student.pt --baseline models/baseline.pt \
@@ -11,7 +12,7 @@ only if it passes `registry.*`).
 
 from pathlib import Path
 
-from distill import model_registry
+from distill import gate, model_registry
 from distill.task import ROLES, EvaluatePaths
 from stages.common import cli_main, open_run, stage_params, stage_parser
 
@@ -31,9 +32,13 @@ def main(argv=None) -> dict:
     paths = EvaluatePaths(Path(args.prepared), {name: Path(getattr(args, name)) for name in ROLES}, outputs)
     with open_run("evaluate", params, task, args.receipt) as run:
         result = task.evaluate(params, paths, run)
-        passed = result.pop("passed")
-        registered = model_registry.register_student(run, result["run_ids"]["student"], params.registry, passed)
-    return result | registered
+        verdict = gate.as_verdict(result.pop("passed"))
+        registered = model_registry.register_student(run, result["run_ids"]["student"], params.registry,
+                                                     verdict.passed, verdict.reason)
+        line = gate.verdict_line(verdict, params.registry.alias, registered)
+        for changed in gate.announce(line, verdict.passed, outputs.get("compare"), outputs.get("report")):
+            run.log_artifact(changed)  # again, now with the verdict
+    return result | registered | {"gate": line}
 
 
 if __name__ == "__main__":

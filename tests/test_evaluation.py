@@ -62,4 +62,4 @@ def test_the_comparison_table_puts_each_models_numbers_in_its_row_under_the_righ
 @pytest.mark.parametrize("accuracy, latency, passed", [(0.95, 10.0, True), (0.9499, 1.0, False), (0.99, 10.01, False)])
 def test_the_registry_gate_needs_both_accuracy_and_speed(accuracy, latency, passed):
     gate = RegistryConfig(min_test_accuracy=0.95, max_latency_ms_b1=10.0)
-    assert passes_gate({"test_accuracy": accuracy, "latency_ms_b1": latency}, gate) is passed
+    assert passes_gate({"test_accuracy": accuracy, "latency_ms_b1": latency}, gate).passed is passed

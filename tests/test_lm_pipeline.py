@@ -79,6 +79,10 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     assert (built / ".resume").is_dir() and not list((built / ".resume").iterdir())  # saved, then removed
     page = (built / "reports" / "report.html").read_text()
     assert "Prompt 2" in page and "bits per token" in page.lower()
+    compare = (built / "reports" / "compare.md").read_text()  # the gate's verdict and reason, before the samples
+    verdict = r"\nRegistry: .*; the gate (passed|failed): bits per token [\d.]+ (<=|>) [\d.]+\n\n## Samples"
+    assert re.search(verdict, compare), compare
+    assert 'id="gate">Registry: ' in page
     assert (built / "reports" / "figures" / "training.png").stat().st_size > 1000
     assert (built / "reports" / "curves" / "student.csv").read_text().startswith("step,val_bits_per_token")
 

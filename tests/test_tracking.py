@@ -113,6 +113,7 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     # loaded by URI predicts what the DVC checkpoint predicts
     version = client.get_model_version_by_alias("tiny-student", "champion")
     assert str(version.version) == "1" and version.tags["quality_gate"] == "passed"
+    assert "Registry: champion moves to version 1: accuracy " in (project / "reports/compare.md").read_text()
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny-student@champion")
     test = data.read_split(project / "data/prepared", "test")
@@ -139,6 +140,10 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     repro(project)
     latest = client.get_model_version("tiny-student", "3")
     assert latest.tags["quality_gate"] == "failed" and not latest.aliases
+    reason = latest.tags["quality_gate_reason"]  # the check it failed, as compare.md says it
+    assert reason.startswith("accuracy ") and reason.endswith(" < 1")
+    assert (f"Registry: champion stays on version 2: {reason} (version 3 registered without it)"
+            in (project / "reports/compare.md").read_text())
     assert str(client.get_model_version_by_alias("tiny-student", "champion").version) == "2"
 
 
@@ -198,8 +203,8 @@ def test_with_tracking_off_evaluate_registers_nothing_even_for_a_student_trained
 
     monkeypatch.setattr(mlflow, "register_model", lambda *a, **k: pytest.fail("registered with tracking off"))
     untracked = StageRun(None, "standalone-1")  # the evaluate stage's run with tracking.enabled: false
-    assert register_student(untracked, "a" * 32, RegistryConfig(), passed=True) == {"registered_version": None,
-                                                                                  "gate_passed": None}
+    assert register_student(untracked, "a" * 32, RegistryConfig(), passed=True) == {
+        "registered_version": None, "gate_passed": None, "champion_version": None, "unregistered": "tracking is off"}
 
 
 def offline_run(stage: str) -> "StageRun":
