@@ -2,8 +2,9 @@
 
 The folder gets a params.yaml with every key of the task's schema at its default and commented
 with what it means, a dvc.yaml made by pipelines/dvcfile.py, data/raw/ for the user's files,
-and DVC set up (`dvc init --subdir` inside a git repository, else a new repository). text/ and
-lm/ were started this way; `distill dvc-yaml` rewrites a folder's dvc.yaml after a change.
+and DVC set up (`dvc init --subdir` inside a git repository, else a new repository), its `dvc
+plots show` drawing offline (pipelines/plots_page.py). text/ and lm/ were started this way;
+`distill dvc-yaml` rewrites a folder's dvc.yaml after a change.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from distill.errors import UserError
 from distill.io import write_text
 from distill.task import task_class
 from pipelines.dvcfile import REPO, render
+from pipelines.plots_page import template_path
 from pipelines.tools import dvc
 
 
@@ -65,8 +67,9 @@ def new_project(folder: Path, task: str) -> list[str]:
         subdir = ["--subdir"] if top.returncode == 0 and Path(top.stdout.strip()).resolve() != folder.resolve() else []
         dvc(folder, "init", "-q", *subdir)
         made.append(".dvc/ (dvc init" + (" --subdir)" if subdir else ")"))
-    if (REPO / ".dvc" / "plots").is_dir():  # the plot templates dvc.yaml may name (by_model)
+    if (REPO / ".dvc" / "plots").is_dir():  # the plot templates dvc.yaml may name (by_model), the offline page
         shutil.copytree(REPO / ".dvc" / "plots", folder / ".dvc" / "plots", dirs_exist_ok=True)
+        dvc(folder, "config", "plots.html_template", template_path().relative_to(REPO / ".dvc").as_posix())
     write_text(folder / "dvc.yaml", render(folder))
     return made + ["dvc.yaml"]
 

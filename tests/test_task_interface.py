@@ -17,6 +17,7 @@ import yaml
 from conftest import ALL_STAGES, BIN, REPO, git_commit, repro, run_pipeline_in_process, subprocess_env
 from distill.config import load_params
 from distill.errors import UserError
+from pipelines import plots_page
 from pipelines.experiments import one_line, project_task
 from scratch import make_scratch_project
 
@@ -52,6 +53,7 @@ def test_a_new_folder_has_every_key_of_its_task_commented_and_a_current_dvc_yaml
     params = load_params(folder / "params.yaml", task="language_model")
     assert params.student.width == 128 and "# tokens per window" in text.replace("  ", " ")
     assert (folder / "data" / "raw").is_dir() and (folder / ".dvc").is_dir()
+    assert plots_page.template_path(folder).read_text() == plots_page.template_path().read_text()  # plots offline
     assert distill(folder, "dvc-yaml", "--check").returncode == 0
     again = distill(tmp_path, "new", "my-lm", "--task", "language_model")
     assert again.returncode == 2 and "already holds a pipeline" in again.stderr
