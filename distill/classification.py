@@ -55,6 +55,18 @@ class ClassificationTask:
                                              "student.epochs", "teacher.arch", "teacher.epochs", "soft_labels.top_k",
                                              "seed")
 
+    def check(self, params: Params) -> None:
+        from distill import pretrained, sources, text
+
+        sources.check_table(params.data)
+        if params.data.text_column is not None:
+            text.load_tokenizer(params.data.text.tokenizer)
+        teacher = params.teacher
+        if teacher.source == "pretrained":
+            text.model_folder(teacher.model, "teacher.model")
+        elif teacher.source == "checkpoint":
+            pretrained.user_checkpoint(teacher.model)
+
     def prepare(self, params: Params, out: Path, run: Any) -> dict:
         from distill import data
 

@@ -45,6 +45,16 @@ class LanguageModelTask:
                                              "teacher.steps", "soft_labels.targets", "soft_labels.top_k",
                                              "soft_labels.samples", "seed")
 
+    def check(self, params: LMParams) -> None:
+        from distill import corpus, text
+        from distill.config import RAW_DIR
+
+        corpus.load_documents(params.data)  # the corpus is there and has text
+        if params.data.tokenizer != RAW_DIR:
+            text.load_tokenizer(params.data.tokenizer, needs_pad=False)
+        if params.teacher.source == "pretrained":
+            text.model_folder(params.teacher.model, "teacher.model")
+
     def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
         from distill import corpus
 

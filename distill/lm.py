@@ -43,7 +43,7 @@ from distill.io import write_csv
 from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
 from distill.resume import Resume
 from distill.sparse import Targets, token_kl_loss
-from distill.text import load_tokenizer, tokenizer_sha256
+from distill.text import load_tokenizer, model_folder, tokenizer_sha256
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ def gpt2(cfg: GPTConfig, meta: CorpusMeta, seed: int) -> nn.Module:
 def pretrained(folder: str, meta: CorpusMeta) -> nn.Module:
     """A pretrained causal LM folder (local files only), checked against the prepared data: the
     tokenizer that made the ids, the vocabulary its head covers, the positions it has."""
-    path = Path(folder)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model folder (no config.json); set teacher.model to one")
+    path = model_folder(folder, "teacher.model")
     own = tokenizer_sha256(path)
     if meta.tokenizer_sha256 != own:
         raise UserError(f"{path}: the teacher's tokenizer (sha256 {own}) is not the one the data was tokenized "

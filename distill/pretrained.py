@@ -75,10 +75,7 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
     without config or weights, a tokenizer other than the one that made the data, and a folder
     that is already a classifier of another number of labels. `trainable_layers`: only the top N
     layers (and the head) learn; embeddings and lower layers are frozen."""
-    folder = text.resolve_folder(name)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder}: no config.json; teacher.model must be a Hugging Face model folder "
-                        "(config.json and weights), or minilm")
+    folder = text.model_folder(name, "teacher.model")
     if text.tokenizer_sha256(folder) != tokens["tokenizer_sha256"]:
         raise UserError(f"{folder}: its tokenizer (sha256 {text.tokenizer_sha256(folder)[:12]}) is not the one that "
                         f"made the prepared data ({tokens['tokenizer_sha256'][:12]}); set data.text.tokenizer to "
@@ -144,13 +141,19 @@ def _layer_list(encoder: nn.Module) -> nn.ModuleList:
 # ---------------------------------------------------------------- a checkpoint teacher
 
 
+def user_checkpoint(path: str | Path) -> Path:
+    """The user's teacher file (teacher.model), refused in one sentence when it is not there."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: teacher checkpoint not found; set teacher.model to your model file")
+    return path
+
+
 def load_user_checkpoint(path: str | Path, num_features: int, num_classes: int, tokens: dict | None = None,
                          class_names: list[str] | None = None) -> tuple[nn.Module, dict, dict]:
     """The user's trained model: (model in eval mode, model_args that rebuild it, what the file
     says of itself), checked on a dummy batch of the prepared data's shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: teacher checkpoint not found; set teacher.model to your model file")
+    path = user_checkpoint(path)
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception:  # not TorchScript: a state dict checkpoint

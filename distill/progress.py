@@ -20,15 +20,30 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 ENV = "DISTILL_PROGRESS"
 
 
+LOG_FORMAT = "%(asctime)s %(source)s %(message)s"
+
+
 def setup_logging() -> None:
-    """Plain, filterable progress lines on stderr."""
+    """Plain, filterable progress lines on stderr: time, source, message. The source is the logger's
+    name, or the Prefect task or flow run a line is about ("prepare Finished in state Reused")."""
     logging.basicConfig(
         level=os.environ.get("DISTILL_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(message)s",
+        format=LOG_FORMAT,
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RunSource) for f in handler.filters):
+            handler.addFilter(RunSource())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to Prefect's API otherwise
+
+
+class RunSource(logging.Filter):
+    """Sets `record.source`: the task run's or flow run's name for Prefect's lines, else the logger's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.source = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or record.name
+        return True
 
 
 def enabled(stream=None) -> bool:

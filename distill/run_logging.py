@@ -29,6 +29,46 @@ log = logging.getLogger(__name__)
 TAG_PIPELINE_RUN = "distill.pipeline_run"
 TAG_STAGE = "distill.stage"
 TAG_MODEL_URI = "distill.model_uri"
+TAG_PROCESS = "distill.process"  # host:pid:start time of the process that runs the stage
+
+
+def this_process() -> str:
+    """This process as TAG_PROCESS names it."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process a TAG_PROCESS value names (on this host) is no longer running."""
+    import socket
+
+    import psutil
+
+    parts = tag.split(":")
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False  # untagged, or another machine's process: not for this one to judge
+    try:
+        return abs(psutil.Process(int(parts[1])).create_time() - float(parts[2])) > 1.0
+    except (psutil.Error, ValueError):
+        return True
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """End KILLED the experiment's runs still RUNNING whose process (on this host) has gone: a stage
+    killed outright (SIGKILL, a power cut) cannot end its own run. Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=200)
+    gone = [run for run in running if process_gone(run.data.tags.get(TAG_PROCESS, ""))]
+    for run in gone:
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s) was left running by a process that has gone: ended KILLED",
+                    run.info.run_id[:8], run.data.tags.get(TAG_STAGE, run.info.run_name))
+    return [run.info.run_id for run in gone]
 
 
 def pipeline_run_id() -> str:
@@ -71,6 +111,7 @@ def _start(root: Path, uri: str, experiment: str, stage: str, pipeline_id: str, 
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         experiment_id = _retry_locked(lambda: _experiment_id(experiment, root, uri))
+        _retry_locked(lambda: close_orphans(experiment_id))
         parent_id = _retry_locked(lambda: _parent_run(experiment_id, pipeline_id))
         active = _retry_locked(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=stage,
                                                          parent_run_id=parent_id, nested=True, tags=tags))

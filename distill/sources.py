@@ -132,16 +132,8 @@ def _load_table(cfg: DataConfig) -> RawData:
     if not path.is_file():
         raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
     df = _read_table(path, cfg.source, "; check the file and data.source")
-    if cfg.label_column not in df.columns:
-        raise UserError(
-            f"{path}: no label column '{cfg.label_column}'; set data.label_column to one of {list(df.columns)}"
-        )
-    groups = None
-    if cfg.group_column is not None:
-        if cfg.group_column not in df.columns:
-            raise UserError(f"{path}: no group column '{cfg.group_column}'; set data.group_column to one of "
-                            f"{list(df.columns)}")
-        groups = df[cfg.group_column].astype(str).to_numpy()
+    _check_named_columns(path, list(df.columns), cfg)
+    groups = None if cfg.group_column is None else df[cfg.group_column].astype(str).to_numpy()
     if cfg.text_column is not None:
         text = _text_column(path, df, cfg.text_column)
         if df[cfg.label_column].isna().any():
@@ -167,6 +159,31 @@ def _load_table(cfg: DataConfig) -> RawData:
         raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them or set "
                         "data.on_nan: drop")
     return RawData(x, y.to_numpy(), features, groups=groups)
+
+
+def check_table(cfg: DataConfig) -> None:
+    """A csv or parquet source checked as prepare will read it, from its header: the file is there
+    and its header reads, no column name repeats, and the label, text, group and feature columns the
+    params name are in it. Run before DVC deletes prepare's outputs (pipelines: Task.check)."""
+    if cfg.source not in ("csv", "parquet"):
+        return
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
+    columns = list(_read_table(path, cfg.source, "; check the file and data.source", header_only=True).columns)
+    _check_named_columns(path, columns, cfg)
+    missing = [c for c in cfg.feature_columns or [] if c not in columns]
+    if cfg.text_column is None and missing:
+        raise UserError(f"{path}: feature column '{missing[0]}' not found; fix data.feature_columns")
+
+
+def _check_named_columns(path: Path, columns: list[str], cfg: DataConfig) -> None:
+    """The label, group and text columns params.yaml names are among the file's `columns`."""
+    for key, column in (("label_column", cfg.label_column), ("group_column", cfg.group_column),
+                        ("text_column", cfg.text_column)):
+        if column is not None and column not in columns:
+            what = key.removesuffix("_column")
+            raise UserError(f"{path}: no {what} column '{column}'; set data.{key} to one of {columns}")
 
 
 def _text_column(path: Path, df, column: str) -> np.ndarray:
@@ -212,10 +229,10 @@ def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None
     return x
 
 
-def _read_table(path: Path, kind: str, fix: str = ""):
-    """A csv or parquet file as a DataFrame. A file that does not read, or whose header names a
-    column twice (pandas would quietly call the second `a` `a.1`), is refused; `fix` ends the
-    sentence of a file that does not read."""
+def _read_table(path: Path, kind: str, fix: str = "", header_only: bool = False):
+    """A csv or parquet file as a DataFrame (with `header_only`, its columns and no rows). A file
+    that does not read, or whose header names a column twice (pandas would quietly call the
+    second `a` `a.1`), is refused; `fix` ends the sentence of a file that does not read."""
     import pandas as pd
 
     try:
@@ -227,7 +244,10 @@ def _read_table(path: Path, kind: str, fix: str = ""):
             header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
         counts = Counter(header)
         repeated = [name for name in header if counts[name] > 1]
-        df = None if repeated else pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+        if repeated or header_only:
+            df = pd.DataFrame(columns=header)
+        else:
+            df = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
     except Exception as exc:  # pyarrow and pandas raise many types for a bad file
         raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}){fix}") from None
     if repeated:

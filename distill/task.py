@@ -76,8 +76,11 @@ class Headline:
 
 
 class Task(Protocol):
-    """One kind of model distilled by the pipeline. Each method runs one stage inside the
-    stage's tracked run (`run`: tracking.StageRun) and returns what the stage prints."""
+    """One kind of model distilled by the pipeline. Each method named after a stage runs that stage
+    inside the stage's tracked run (`run`: tracking.StageRun) and returns what the stage prints.
+    `check` runs before any stage, in the project folder: it reads the user's files (a table's
+    header, a tokenizer, a teacher's folder) and refuses in one sentence what a stage would refuse
+    only after DVC had deleted that stage's last outputs."""
 
     name: ClassVar[str]
     # the params.yaml schema (a pydantic model with at least task, seed, tracking, runtime, distributed)
@@ -97,6 +100,8 @@ class Task(Protocol):
     headline: ClassVar[Headline]
     exp_metrics: ClassVar[tuple[str, ...]]
     exp_params: ClassVar[tuple[str, ...]]
+
+    def check(self, params: Any) -> None: ...  # refuse, before DVC touches anything, what the stages would
 
     def prepare(self, params: Any, out: Path, run: Any) -> dict: ...
 

@@ -55,6 +55,16 @@ def tokenizer_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_folder(name: str | Path, key: str) -> Path:
+    """The Hugging Face model folder `name` (or the bundled minilm); a folder without config.json is
+    refused in one sentence that names the params key `key` that gave it."""
+    path = resolve_folder(str(name))
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face model folder (no config.json); set {key} to one "
+                        f"(config.json and weights), or {BUNDLED_MODEL}")
+    return path
+
+
 def load_tokenizer(folder: str | Path, needs_pad: bool = True):
     """The folder's fast tokenizer (transformers.AutoTokenizer, local files only); a classifier's
     batches are padded, so it needs a pad token (a language model's fixed windows do not)."""

@@ -23,7 +23,8 @@ from distill import journal
 from distill.config import TrackingConfig
 from distill.errors import UserError
 from distill.io import git_head, write_json
-from distill.run_logging import TAG_PIPELINE_RUN, TAG_STAGE, _model_or_warn, _start, apply, flatten, pipeline_run_id
+from distill.run_logging import (TAG_PIPELINE_RUN, TAG_PROCESS, TAG_STAGE, _model_or_warn, _start, apply, flatten,
+                                 pipeline_run_id, this_process)
 from distill.store import (HTTP_SETTINGS, TrackingFailure, _os_reason, _retry_locked, describe_failure, project_root,
                            tracking_uri)
 
@@ -150,7 +151,8 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     root = project_root()
     uri = tracking_uri(root)
     run = StageRun(None, pipeline_id, uri, stage, tracked=True, on_error=cfg.on_error)
-    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown"}
+    tags = {TAG_STAGE: stage, TAG_PIPELINE_RUN: pipeline_id, "git.commit": git_head(root) or "unknown",
+            TAG_PROCESS: this_process()}
     if inputs_sha256 is not None:
         tags["dvc.inputs_sha256"] = inputs_sha256()
     experiment_id = None
@@ -165,6 +167,9 @@ def stage_run(stage: str, cfg: TrackingConfig, params: dict, receipt: str | Path
     try:
         yield run
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (stages/common.py): the run was stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         _finish(run, status)
     waiting = None

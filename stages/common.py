@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,23 @@ def training_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's `main`; a `UserError` becomes one line and exit status 2."""
+    """Run a stage's `main`; a `UserError` becomes one line and exit status 2. SIGTERM (what
+    `distill run` sends a stage when it is stopped, and `timeout` or a scheduler) ends the stage
+    as Ctrl-C does: its MLflow run ends KILLED, nothing half-written stays, exit 143 (130)."""
     setup_logging()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(argv)
     except UserError as exc:
         return report(exc)
+    except KeyboardInterrupt:
+        return 143 if _interrupt.by_sigterm else 130
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    _interrupt.by_sigterm = True
+    raise KeyboardInterrupt
+
+
+_interrupt.by_sigterm = False
