@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+	@$(BIN)/python -m pipelines.prefect_server $(BIN)/activate
 
 ## run: the whole pipeline (a Prefect flow over the DVC stages) on MNIST-1D, then the comparison
 run: install

@@ -15,3 +15,4 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(PROJECT_DIR / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
+os.environ.setdefault("DO_NOT_TRACK", "1")  # nor the client's telemetry (and no notice about it on the terminal)

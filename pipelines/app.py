@@ -15,9 +15,7 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 from collections.abc import Callable
 from functools import wraps
@@ -29,10 +27,8 @@ from distill.errors import UserError, report
 from distill.progress import setup_logging
 from pipelines import experiments, overrides
 from pipelines.dvcfile import evaluate_file
-from pipelines.tools import BIN, dvc
+from pipelines.tools import BIN, StageCrashed, StageFailed, dvc
 
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted command
 
 app = typer.Typer(
     help="Knowledge distillation as a pipeline: teacher -> soft labels -> student, "
@@ -53,6 +49,11 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserError as exc:
             raise typer.Exit(report(exc, emit=lambda line: typer.echo(line, err=True))) from None
+        except (StageCrashed, StageFailed) as exc:  # the stage's traceback is in its output, above
+            if os.environ.get("DISTILL_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -74,46 +75,27 @@ def run(
 
     Example: distill run --set student.temperature=2
     """
+    from pipelines.lifecycle import command
+
     root = project()
     changes = overrides.parse(set_)
-    overrides.check(root, changes)  # a bad key or value is one line here, before Prefect starts
-    from pipelines.flow import pipeline
+    refuse_if_busy(root)
+    overrides.check(root, changes)  # a bad key or value, or a file a stage would refuse: one line, before Prefect
+    with command(root):
+        from pipelines.flow import pipeline
 
-    previous = signal.signal(signal.SIGINT, _stop_on_interrupt)
-    try:
         outcome = pipeline(overrides=changes, force=force, repo_dir=str(root))
-    finally:
-        signal.signal(signal.SIGINT, previous)
     typer.echo("stages: " + ", ".join(f"{stage} {result}" for stage, result in outcome.items()))
     typer.echo((root / evaluate_file(root, "compare")).read_text())
     typer.echo(f"report: {root / evaluate_file(root, 'report')}")
 
 
-def _stop_on_interrupt(signum, frame) -> None:
-    """Ctrl-C during `distill run`: one line, every process this run started stopped, exit 130.
+def refuse_if_busy(root: Path) -> None:
+    """Refuse at once (before any server starts) a run in a project another run holds."""
+    from pipelines.lifecycle import project_busy
 
-    The terminal sends the interrupt to the whole process group: the running stage stops
-    (its outputs are written atomically, so it leaves none half-written, and DVC records
-    nothing for it), and so does Prefect's temporary server, which the flow engine would
-    then retry for a minute to report the crash to. So this process stops the rest itself
-    and exits at once. With PREFECT_API_URL (a server that survives), Prefect records the
-    interrupted run as Crashed first.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        raise KeyboardInterrupt
-    typer.echo("interrupted: the running stage was stopped, and left no half-written output; "
-               "`distill run` again resumes from DVC's cache", err=True)
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    os._exit(EXIT_INTERRUPTED)
+    if busy := project_busy(root):
+        raise UserError(busy)
 
 
 @app.command(short_help="teacher / student / baseline side by side")
@@ -203,11 +185,14 @@ def sweep(
     distill sweep -S student.temperature=1,2,4 --dask |
     distill sweep -S student.temperature=1,2,4 --dask-address tcp://scheduler:8786
     """
-    from pipelines.sweep import run_sweep
+    from pipelines.lifecycle import command
 
     root = project()
-    result = run_sweep(overrides.parse(set_, several=True), workers=jobs, dask=dask, address=dask_address,
-                       prefix=prefix, repo_dir=str(root))
+    axes = overrides.parse(set_, several=True)
+    with command(root):
+        from pipelines.sweep import run_sweep
+
+        result = run_sweep(axes, workers=jobs, dask=dask, address=dask_address, prefix=prefix, repo_dir=str(root))
     typer.echo(result["summary"])
     typer.echo("dvc exp show lists them; dvc exp apply <name> takes one into the workspace.")
 
@@ -220,7 +205,7 @@ def serve(
 ) -> None:
     """Run the pipeline on a cron schedule from this process (needs a Prefect server: make server).
 
-    Example: PREFECT_API_URL=http://127.0.0.1:4200/api distill serve --cron "0 3 * * *"
+    Example: distill serve --cron "0 3 * * *"   (with make server running in another terminal)
     """
     project()
     from pipelines.serve import main as serve_main

@@ -20,13 +20,12 @@ not a crash) if the project is still busy.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +33,23 @@ import pipelines  # noqa: F401  (project-local Prefect settings, before Prefect 
 import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Cancelled, Completed
+from prefect.states import Cancelled, Completed, Failed
 
 from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
+from pipelines.lifecycle import (POLL_S, ProjectBusy, command, exclusive_run, project_busy,  # noqa: F401
+                                 recorded_flow_run, running_stage, _until)
 from pipelines.dvcfile import evaluate_file
-from pipelines.tools import BIN, run_streaming, stage_error, tool_env
+from pipelines.tools import BIN, StageCrashed, StageFailed, run_streaming, stage_error, tool_env
 
 
-POLL_S = 2.0  # how often a waiting run looks at a busy lock again
 COMPARISON_ARTIFACT = "distill-comparison"
 
 
-class StageFailed(RuntimeError):
-    """A stage command failed for a reason that may pass on retry (killed, lock held)."""
-
-
-class ProjectBusy(UserError):
-    """Another pipeline run, or a dvc command, holds the project's lock."""
+TRANSIENT = re.compile(r"Unable to acquire lock|database is locked|Connection refused|ConnectionError|"
+                       r"ConnectTimeout|Temporary failure in name resolution|503 Service Unavailable")
 
 
 def dvc_plan(repo_dir: Path, deadline: float = 0.0) -> tuple[list[str], set[str]]:
@@ -96,22 +92,10 @@ def _waiting_for_dvc(repo_dir: Path, deadline: float, look: Callable):
             return look(repo)
 
     try:
-        return _until(deadline, attempt, LockError)
+        return _until(deadline, attempt, LockError, lambda: "a dvc command holds DVC's lock (.dvc/tmp/lock)")
     except LockError:
         raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
                           "run again when it has finished") from None
-
-
-def _until(deadline: float, attempt: Callable, busy: type[Exception]):
-    """`attempt()` until it stops raising `busy`, every POLL_S seconds; past `deadline` (time.monotonic)
-    the last `busy` is raised."""
-    while True:
-        try:
-            return attempt()
-        except busy:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(POLL_S)
 
 
 def _check_inputs_exist(stages: list) -> None:
@@ -126,42 +110,18 @@ def _check_inputs_exist(stages: list) -> None:
                                 "params.yaml (data.path for your data) or create it")
 
 
-@contextmanager
-def exclusive_run(repo_dir: Path, deadline: float = 0.0) -> Iterator[None]:
-    """Hold the project's pipeline lock for one flow run. A second run started meanwhile in
-    the same checkout waits until `deadline` (time.monotonic; by default not at all), then
-    is refused with one sentence instead of interleaving its stages."""
-    path = repo_dir / ".dvc" / "tmp" / "distill-pipeline.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:  # the lock is released by the OS if its holder dies
-            _until(deadline, lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB), BlockingIOError)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ProjectBusy(f"{path}: another pipeline run ({holder}) is running in this checkout; "
-                              "wait for it to finish") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _retry_unless_user_error(task, task_run, state) -> bool:
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retries a stage only when it failed for a reason that can pass (StageFailed)."""
     try:
         state.result()
-    except UserError:
-        return False
-    except Exception:
+    except StageFailed:
         return True
+    except BaseException:
+        return False
     return False
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_transient)
 def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str, wait_for_lock: bool = False):
     """Run one DVC stage with `dvc repro --single-item`, streaming its output to the log; with
     `wait_for_lock`, DVC waits for a lock another dvc command holds instead of failing."""
@@ -175,11 +135,27 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str, wait_fo
     logger = _ui_only_logger() if terminal else get_run_logger()
     code, lines = run_streaming(cmd, repo_dir, env, logger.info, terminal)
     output = "\n".join(lines)
-    if code != 0:
-        if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
-            raise UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}")
-        raise StageFailed(f"stage {stage} failed (dvc exit {code}): {output[-500:]}")
-    return "ran" if f"Running stage '{stage}'" in output else _reused()
+    if code == 0:
+        return "ran" if f"Running stage '{stage}'" in output else _reused()
+    if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
+        refusal = UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}{_put_back(stage, repo_dir)}")
+        return Failed(name="Refused", message=str(refusal), data=refusal)
+    if TRANSIENT.search(output):
+        raise StageFailed(f"stage {stage} failed (dvc exit {code}), to be tried again: {output[-300:]}")
+    crash = StageCrashed(f"stage {stage} crashed (dvc exit {code}); its traceback is above: "
+                         f"{(lines or [''])[-1][-300:]}")
+    return Failed(message=str(crash), data=crash)
+
+
+def _put_back(stage: str, repo_dir: str) -> str:
+    """After a refusal: the stage's outputs of its last good run, which DVC deleted before running it,
+    checked out of DVC's cache again; the words that say so (empty when there was nothing to put back)."""
+    result = subprocess.run([str(BIN / "dvc"), "checkout", stage], cwd=repo_dir, env=tool_env(),
+                            capture_output=True, text=True)
+    restored = [line.split(None, 1)[1] for line in result.stdout.splitlines() if line[:2] in ("A ", "M ")]
+    if result.returncode == 0 and restored:
+        return f" (its last good outputs are back from DVC's cache: {', '.join(restored)})"
+    return ""
 
 
 def _ui_only_logger() -> logging.LoggerAdapter:
@@ -212,51 +188,81 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
 
     Args:
         overrides: params.yaml changes as {"student.temperature": 2}, applied like
-            `dvc exp run -S` before the run (and left in params.yaml, as DVC does).
+            `dvc exp run -S` before the run (and left in params.yaml, as DVC does, when the run
+            finishes; undone when it is refused, crashes or is interrupted).
         force: rerun every stage even if DVC's cache has it (`dvc repro -f`).
         repo_dir: the project directory (default: this checkout).
         wait_for_lock_s: how long to wait for a busy project (another run, a dvc command);
-            0 refuses at once with a UserError, more ends the run `Skipped` after the wait.
+            0 refuses at once, more ends the run `Skipped` after the wait.
+
+    A refused input (a UserError: the project busy, a bad param, a stage's one-sentence refusal)
+    ends the run `Refused` (a failed state whose message is the sentence); called in-process, the
+    flow raises that UserError. A crashed stage (a bug) ends it Failed; neither is retried.
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     try:
-        return _run(root, overrides, force, wait_for_lock_s)
+        with recorded_flow_run(prefect.runtime.flow_run.id):
+            return _run(root, overrides, force, wait_for_lock_s)
     except ProjectBusy as exc:
         if wait_for_lock_s <= 0:
-            raise
+            return _refused(exc)
         get_run_logger().warning("skipped after waiting %.0f s: %s", wait_for_lock_s, exc)
         return Cancelled(name="Skipped", message=f"the project stayed busy for {wait_for_lock_s:.0f} s: {exc}")
+    except UserError as exc:
+        return _refused(exc)
+    except (StageCrashed, StageFailed) as exc:  # its traceback is in the stage's own output, above
+        return Failed(message=str(exc), data=exc)
+
+
+def _refused(exc: UserError):
+    """The flow run's end when the user's input is refused: its state says the sentence (no traceback),
+    and calling the flow raises `exc` again."""
+    return Failed(name="Refused", message=str(exc), data=exc)
 
 
 def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float) -> dict:
-    """The flow's body: the stages in order, each run or reused, then the comparison artifact."""
+    """The flow's body: the stages in order, each run or reused, then the comparison artifact. A run
+    that does not finish leaves params.yaml as it found it, and says so when it had changed it."""
     deadline = time.monotonic() + wait_s
     with exclusive_run(root, deadline):
         params = root / "params.yaml"
         _waiting_for_dvc(root, deadline, _dvc_lock_free)  # before params.yaml changes, not after
         original = params.read_text()
-        if overrides:
-            params_overrides.apply(params, overrides)
-        load_params(params, task=None)  # bad params fail here, once, before any stage
         try:
-            order, changed = dvc_plan(root, deadline)
-        except ProjectBusy:
-            params.write_text(original)  # nothing ran: the run leaves params.yaml as it found it
+            outcome = _stages(root, overrides, force, wait_s, deadline)
+        except BaseException as exc:
+            if params.read_text() != original:
+                params.write_text(original)
+                if isinstance(exc, (UserError, StageCrashed)):
+                    exc.args = (f"{exc} (params.yaml is as before the run: its --set changes were undone)",)
             raise
-        wait = wait_s > 0  # a run that waits for a busy project waits at every stage too
-        pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
-        outcome: dict[str, str] = {}
-        upstream_ran = False
-        for stage in order:
-            if not force and not upstream_ran and stage not in changed:
-                state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
-            else:
-                state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run, wait,
-                                                                    return_state=True)
-            outcome[stage] = state.result()
-            upstream_ran |= outcome[stage] == "ran"
     get_run_logger().info("stages: %s", outcome)
     _comparison_artifact(root, outcome)
+    return outcome
+
+
+def _stages(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float, deadline: float) -> dict:
+    """Apply the overrides, check them, then each stage in DVC's order, run or reused; {stage: "ran" | "reused"}."""
+    params = root / "params.yaml"
+    if overrides:
+        params_overrides.apply(params, overrides)
+    # bad params, or a user's file a stage would refuse, fail here, once, before DVC touches anything
+    params_overrides.check_files(root, load_params(params, task=None))
+    order, changed = dvc_plan(root, deadline)
+    wait = wait_s > 0  # a run that waits for a busy project waits at every stage too
+    pipeline_run = f"prefect-{prefect.runtime.flow_run.id}"
+    outcome: dict[str, str] = {}
+    upstream_ran = False
+    for stage in order:
+        running_stage(stage)
+        if not force and not upstream_ran and stage not in changed:
+            state = reused_stage.with_options(task_run_name=stage)(stage, return_state=True)
+        else:
+            state = run_stage.with_options(task_run_name=stage)(stage, str(root), force, pipeline_run, wait,
+                                                                return_state=True)
+        outcome[stage] = state.result()  # a refusal or a crash raises here, and ends the run
+        upstream_ran |= outcome[stage] == "ran"
+    running_stage(None)
     return outcome
 
 
@@ -274,7 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     args = parser.parse_args(argv)
-    return pipeline(overrides=params_overrides.parse(args.set), force=args.force)
+    root = pipelines.PROJECT_DIR
+    with command(root):
+        return pipeline(overrides=params_overrides.parse(args.set), force=args.force, repo_dir=str(root))
 
 
 if __name__ == "__main__":

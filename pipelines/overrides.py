@@ -1,13 +1,16 @@
 """params.yaml overrides from the command line (`--set key=value`), applied as DVC does.
 
 One parser for both forms: `key=value` for a run, `key=v1,v2,...` for a sweep's
-axis. Overrides are applied with DVC's own Hydra machinery (the `dvc exp run -S`
-syntax) and the result is validated by distill.config, so a typo in a key or a
-value out of range is one sentence before anything runs.
+axis. An override changes that one value in params.yaml and nothing else (comments,
+`null`s and flow lists stay), as `dvc exp run -S` would set it, and the result is
+validated by distill.config, so a typo in a key or a value out of range is one
+sentence before anything runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,45 +39,88 @@ def parse(pairs: list[str], several: bool = False) -> dict[str, Any]:
     return out
 
 
-def apply(path: Path, overrides: dict[str, Any]) -> None:
-    """Edit the params file at `path` as `dvc exp run -S key=value` does, then validate it;
-    on any error the file is left as it was and the error names the key."""
-    from dvc.utils.hydra import apply_overrides
-
+def apply(path: Path, overrides: dict[str, Any]) -> Any:
+    """Set each `key=value` of `overrides` in the params file at `path` (a value is read as YAML:
+    `2`, `0.5`, `null`, `[64, 64]`, `mlp`), then validate it. Only those values change: comments,
+    `null`s, flow lists and key order stay as the user wrote them (a round trip through
+    ruamel.yaml, which DVC itself uses). Returns the validated params. On any error the file is
+    left as it was and the error names the key."""
     original = path.read_text()
-    raw = yaml.safe_load(original) or {}
+    document = _round_trip().load(original) or {}
     for key, value in overrides.items():
-        if not _has_key(raw, key):
+        *parents, leaf = key.split(".")
+        node = document
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
             raise UserError(f"--set {key}={value}: {path.name} has no key '{key}'; check its spelling")
+        node[leaf] = _value(key, value)
+    if overrides:
+        stream = io.StringIO()
+        _round_trip().dump(document, stream)
+        path.write_text(stream.getvalue())
     try:
-        if overrides:
-            apply_overrides(path, [f"{k}={v}" for k, v in overrides.items()])
-        load_params(path, task=None)
+        return load_params(path, task=None)
     except UserError:
         path.write_text(original)
         raise
-    except Exception as exc:  # dvc wraps Hydra's parse and composition errors (an unknown key, say)
-        path.write_text(original)
-        raise UserError(f"{path}: cannot apply overrides {overrides}: {exc}") from None
 
 
-def check(root: Path, overrides: dict[str, Any]) -> None:
-    """Apply `overrides` to a copy of root/params.yaml and validate it (params.yaml untouched)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "params.yaml"
-        shutil.copy(root / "params.yaml", copy)
-        try:
-            apply(copy, overrides)
-        except UserError as exc:
-            said = " ".join(f"{k}={v}" for k, v in overrides.items())
-            raise UserError(f"--set {said}: {str(exc).removeprefix(str(copy) + ': ')}".replace(
-                f"--set {said}: --set ", "--set ")) from None
+def _round_trip():
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()  # round-trip mode: comments, flow style and quoting kept
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # no re-wrapping of long lines
+    yaml_rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null",
+                                                                                          "null"))
+    return yaml_rt
 
 
-def _has_key(raw: dict, dotted: str) -> bool:
-    node = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _value(key: str, text: Any) -> Any:
+    """A --set value as YAML reads it ("2" -> 2, "[64, 64]" -> [64, 64], "null" -> None); a list
+    or mapping is written in flow style, as one would type it."""
+    if not isinstance(text, str):
+        return text
+    try:
+        value = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}={text}: not a value YAML can read ({str(exc).splitlines()[0]})") from None
+    if isinstance(value, (list, dict)):
+        from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+        node = CommentedSeq(value) if isinstance(value, list) else CommentedMap(value)
+        node.fa.set_flow_style()
+        return node
+    return value
+
+
+def check(root: Path, overrides: dict[str, Any]) -> Any:
+    """Apply `overrides` to a copy of root/params.yaml and validate it (params.yaml untouched);
+    with none, params.yaml itself is validated, and its errors name it, not --set. Then the
+    user's files those params name are read as the stages would read them (check_files).
+    Returns the validated params."""
+    if not overrides:
+        params = load_params(root / "params.yaml", task=None)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "params.yaml"
+            shutil.copy(root / "params.yaml", copy)
+            try:
+                params = apply(copy, overrides)
+            except UserError as exc:
+                said = " ".join(f"{k}={v}" for k, v in overrides.items())
+                raise UserError(f"--set {said}: {str(exc).removeprefix(str(copy) + ': ')}".replace(
+                    f"--set {said}: --set ", "--set ")) from None
+    check_files(root, params)
+    return params
+
+
+def check_files(root: Path, params: Any) -> None:
+    """What the task can refuse before DVC touches anything (distill.task.Task.check: a table's
+    columns, the tokenizer and teacher folders), in the project folder `root`. DVC deletes a
+    stage's outputs before running it: a refusal found here costs no earlier work."""
+    from distill.task import get_task
+
+    with contextlib.chdir(root):
+        get_task(params.task).check(params)

@@ -1,18 +1,18 @@
 """Serve the pipeline flow on a cron schedule from this process, without a work pool.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m pipelines.serve --cron "0 3 * * *"
+    python -m pipelines.serve --cron "0 3 * * *"
 
-Needs a running Prefect server (`make server`): the temporary server Prefect starts
-on its own cannot schedule. Stop with Ctrl-C.
+Needs a running Prefect server: the project's (`make server`), or PREFECT_API_URL's;
+a temporary server cannot schedule. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
+from pipelines import PROJECT_DIR
 from pipelines.flow import pipeline
-from distill.errors import UserError
+from pipelines.lifecycle import command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,10 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait-for-lock", type=float, default=3600, metavar="SECONDS",
                         help="how long a run waits for a busy project before it ends Skipped (default 3600)")
     args = parser.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise UserError("PREFECT_API_URL is not set; start a server (make server) and export "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    pipeline.serve(name=args.name, cron=args.cron, parameters={"wait_for_lock_s": args.wait_for_lock})
+    with command(PROJECT_DIR, temporary_server=False):  # a schedule needs a server that stays
+        pipeline.serve(name=args.name, cron=args.cron, parameters={"wait_for_lock_s": args.wait_for_lock})
 
 
 if __name__ == "__main__":

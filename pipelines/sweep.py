@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -27,10 +28,11 @@ import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from distill.errors import UserError
-from pipelines import experiments, overrides
+from pipelines import experiments, lifecycle, overrides
 
 # Passed from the submitting process to each task: a Dask worker elsewhere has its own environment.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
@@ -68,8 +70,11 @@ def run_point(repo_dir: str, name: str, overrides: dict[str, str], baseline: str
     """One grid point: one DVC experiment, run where the task runner placed this task (experiments.run_in_clone)."""
     logger = get_run_logger()
     started = time.time()
-    rev = experiments.run_in_clone(Path(repo_dir), name, overrides, baseline, patch, log=logger.info,
-                                   extra_env=env)
+    try:
+        rev = experiments.run_in_clone(Path(repo_dir), name, overrides, baseline, patch, log=logger.info,
+                                       extra_env=env)
+    except UserError as exc:  # the point's state says the sentence; no traceback in its log
+        return Failed(name="Refused", message=str(exc), data=exc)
     return {"name": name, "overrides": overrides, "rev": rev, "pid": os.getpid(), "started": started,
             "finished": time.time(), **_where()}
 
@@ -97,14 +102,16 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
     logger = get_run_logger()
     logger.info("sweep of %d points: %s", len(points), ", ".join(names))
     headline = experiments.project_task(root).headline  # what each point is shown by
-    done, failed = [], []
+    done, failed, rows = [], [], []
+    lifecycle.on_interrupt(lambda: _interrupted(root, names, rows, headline))
     for finished, future in enumerate(as_completed(futures), 1):  # each point's result as soon as it is in
         name = names[futures.index(future)]
         outcome = future.result(raise_on_failure=False)
         if future.state.is_completed():
             done.append(outcome)
             try:
-                said = experiments.one_line(name, experiments.metrics(root, outcome["rev"]), headline)
+                rows.append((name, outcome["overrides"], experiments.metrics(root, outcome["rev"])))
+                said = experiments.one_line(name, rows[-1][2], headline)
             except (UserError, KeyError, ValueError) as exc:  # the table at the end says it again, or fails
                 said = f"{name}: finished, but its metrics could not be read yet ({exc})"
             logger.info("[%d/%d] %s", finished, len(points), said)
@@ -119,6 +126,18 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
         raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
                         + "; ".join(failed))
     return {"summary": table, "points": done}
+
+
+def _interrupted(root: Path, names: list[str], rows: list, headline) -> str:
+    """What an interrupted sweep says: where its finished points are, their table; the unfinished
+    points' clones (whose own clean-up did not run) are removed."""
+    for name in names:
+        for clone in (root / experiments.CLONES).glob(f"{name}-*"):
+            shutil.rmtree(clone, ignore_errors=True)
+    if not rows:
+        return "no sweep point had finished; none is in dvc exp show"
+    return (f"{len(rows)} of {len(names)} sweep points had finished (dvc exp show lists them):\n"
+            + experiments.summary(sorted(rows, key=lambda row: names.index(row[0])), headline))
 
 
 def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool = False, address: str | None = None,
@@ -146,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--address", help="run the points on the running Dask scheduler at this address")
     parser.add_argument("--prefix", help="experiment name prefix (default: sweep; sweep-lm in lm/)")
     args = parser.parse_args(argv)
-    result = run_sweep(overrides.parse(args.set, several=True), args.workers, args.dask,
-                       args.address, args.prefix)
+    with lifecycle.command(pipelines.PROJECT_DIR):
+        result = run_sweep(overrides.parse(args.set, several=True), args.workers, args.dask,
+                           args.address, args.prefix)
     print(result["summary"])
     return result
 

@@ -21,6 +21,15 @@ from distill.errors import UserError
 BIN = Path(sys.executable).parent
 
 
+class StageFailed(RuntimeError):
+    """A stage command failed for a reason that may pass on retry (a lock held, a server that did
+    not answer): the only failure the pipeline flow retries."""
+
+
+class StageCrashed(RuntimeError):
+    """A stage command failed on a bug (its traceback is in the stage's output): not retried."""
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     """os.environ with BIN first on PATH, plus `extra`, for dvc / mlflow subprocesses."""
     return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)

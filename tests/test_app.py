@@ -223,11 +223,14 @@ def test_each_tasks_experiment_columns_are_keys_of_its_params(folder):
         assert name in model.model_fields, key
 
 
-def test_serve_needs_a_prefect_server(project, monkeypatch):
-    monkeypatch.chdir(project)
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    result = runner.invoke(app, ["serve"])
-    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
+def test_serve_needs_a_prefect_server(project):
+    from servers import free_port
+
+    env = {k: v for k, v in subprocess_env().items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_PORT": str(free_port()), "PREFECT_HOME": str(project / ".prefect")}  # no server answers there
+    result = subprocess.run([str(BIN / "distill"), "serve"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: no Prefect server answers at "), result.stderr
 
 
 @pytest.mark.slow

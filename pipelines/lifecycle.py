@@ -1,0 +1,280 @@
+"""A pipeline command from start to end: the Prefect server it uses, the flow runs it owns, and
+how it stops.
+
+`command()` wraps `distill run`, `sweep` and `serve` (and python -m pipelines.flow):
+
+- first, flow runs that a process now gone left Running are closed (Crashed), so a killed
+  run does not stay Running in the UI for ever;
+- the Prefect server is chosen (pipelines.prefect_server: the project's, or a temporary one);
+- one Ctrl-C (SIGINT) or SIGTERM ends everything within seconds: every process the command
+  started is stopped (a stage ends its MLflow run KILLED on the way out), the command's flow
+  runs and their unfinished task runs end Cancelled, params.yaml is put back as it was before
+  the command, one line says what state the workspace is in (then what the command adds: a
+  sweep's finished points), and the command exits 130 (143 for SIGTERM).
+
+Each flow run of the project records itself (`recorded_flow_run`) in .prefect/runs/ while it
+runs: {pid, process start time, server}; that is how a command knows its own runs, and how
+a later one finds runs whose process has gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from distill.errors import UserError
+from pipelines import prefect_server
+
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+POLL_S = 2.0  # how often a waiting run looks at a busy lock again
+SAY_EVERY_S = 60.0  # a run waiting for a busy project says so this often
+STOP_WAIT_S = 3.0  # how long stopped processes get to end their runs before they are killed
+_now: dict = {"stage": None, "extra": []}  # what an interrupt reports: the running stage, the command's own lines
+
+
+def home() -> Path:
+    """The project's Prefect home (.prefect; pipelines/__init__ sets PREFECT_HOME)."""
+    return Path(os.environ["PREFECT_HOME"])
+
+
+def _runs_dir() -> Path:
+    return home() / "runs"
+
+
+@contextlib.contextmanager
+def recorded_flow_run(flow_run_id: str | None) -> Iterator[None]:
+    """Record the running flow run (this process, its server) in .prefect/runs/ until it ends."""
+    if not flow_run_id:
+        yield
+        return
+    import psutil
+
+    path = _runs_dir() / f"{flow_run_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time(), "database": prefect_server.database(),
+                                "server": os.environ.get("PREFECT_API_URL", "")}))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def running_stage(stage: str | None) -> None:
+    """Tell an interrupt which stage is running (None: none)."""
+    _now["stage"] = stage
+
+
+def on_interrupt(say: Callable[[], str]) -> None:
+    """Add what `say()` returns to what an interrupt prints (a sweep: its finished points)."""
+    _now["extra"].append(say)
+
+
+@contextlib.contextmanager
+def command(root: Path, temporary_server: bool = True) -> Iterator[str]:
+    """The command's life (module docstring): yields the Prefect server's address. Without
+    `temporary_server` (serve) the project's server, or PREFECT_API_URL's, must answer."""
+    params = Path(root) / "params.yaml"
+    before = params.read_text() if params.is_file() else None
+    url = prefect_server.connect(home(), temporary=temporary_server)
+    close_orphans(url)
+    handler = _stopper(params, before)
+    previous = {sig: signal.signal(sig, handler) for sig in EXIT_INTERRUPTED}
+    try:
+        yield url
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _now.update(stage=None, extra=[])
+        prefect_server.stop_temporary()
+
+
+def _stopper(params: Path, before: str | None) -> Callable:
+    def stop(signum, frame) -> None:
+        for sig in EXIT_INTERRUPTED:  # a second Ctrl-C while stopping changes nothing
+            signal.signal(sig, signal.SIG_IGN)
+        stopped = stop_children()
+        cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
+        lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "
+                 + _workspace(params, before)]
+        for say in _now["extra"]:
+            with contextlib.suppress(Exception):
+                lines.append(say())
+        sys.stderr.write("\n".join(line for line in lines if line) + "\n")
+        sys.stderr.flush()
+        prefect_server.stop_temporary()
+        os._exit(EXIT_INTERRUPTED[signal.Signals(signum)])
+
+    return stop
+
+
+def _workspace(params: Path, before: str | None) -> str:
+    """The interrupt's one line on the workspace: params.yaml, and the stage that did not finish."""
+    said = "params.yaml is as before the command"
+    if before is not None and params.is_file() and params.read_text() != before:
+        params.write_text(before)
+        said = "params.yaml is as before the command (its --set changes were undone)"
+    if _now["stage"]:
+        said += (f"; stage {_now['stage']} did not finish and left no output (`dvc checkout {_now['stage']}` "
+                 "puts its last ones back; running again resumes from DVC's cache)")
+    return said
+
+
+def stop_children() -> set[int]:
+    """SIGTERM to every process this one started (not the temporary Prefect server: the runs are
+    still to be closed on it), SIGKILL to those still there after STOP_WAIT_S; their pids."""
+    import psutil
+
+    server = prefect_server.temporary_pid()
+    children = [p for p in psutil.Process().children(recursive=True) if p.pid != server]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=STOP_WAIT_S)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    return {child.pid for child in children}
+
+
+def cancel_flow_runs(pids: set[int], why: str) -> list[str]:
+    """End Cancelled the recorded flow runs of these processes, and their unfinished task runs."""
+    return _close_runs(lambda record: record["pid"] in pids, "Cancelled", why)
+
+
+def close_orphans(url: str) -> list[str]:
+    """End Crashed the recorded flow runs kept in the database the server at `url` serves, whose
+    process has gone."""
+    here = prefect_server.database()
+    return _close_runs(lambda record: record.get("database") == here and not _alive(record), "Crashed",
+                       "its process ended without closing the run", server=url)
+
+
+def _close_runs(chosen: Callable[[dict], bool], state: str, why: str, server: str | None = None) -> list[str]:
+    closed = []
+    for path in sorted(_runs_dir().glob("*.json")) if _runs_dir().is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not chosen(record):
+            continue
+        with contextlib.suppress(Exception):  # a server gone or a run deleted: nothing left to close
+            _set_state(server or record["server"], path.stem, state, why)
+            closed.append(path.stem)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return closed
+
+
+def _set_state(server: str, flow_run_id: str, state: str, why: str) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelled, Crashed
+
+    make = {"Cancelled": Cancelled, "Crashed": Crashed}[state]
+    with SyncPrefectClient(server, httpx_settings={"timeout": 2.0}) as client:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is None or run.state.is_final():
+            return
+        client.set_flow_run_state(flow_run_id, make(message=why), force=True)
+        mine = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        for task_run in client.read_task_runs(flow_run_filter=mine):
+            if task_run.state is None or not task_run.state.is_final():
+                client.set_task_run_state(task_run.id, make(message=why), force=True)
+
+
+def _alive(record: dict) -> bool:
+    """Whether the process that recorded a run is still that process (not a new one with its pid)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(record["pid"]).create_time() - record["started"]) < 1.0
+    except psutil.Error:
+        return False
+
+
+class ProjectBusy(UserError):
+    """Another pipeline run, or a dvc command, holds the project's lock."""
+
+
+@contextlib.contextmanager
+def exclusive_run(repo_dir: Path, deadline: float = 0.0) -> Iterator[None]:
+    """Hold the project's pipeline lock for one flow run. A second run started meanwhile in
+    the same checkout waits until `deadline` (time.monotonic; by default not at all), then
+    is refused with one sentence instead of interleaving its stages."""
+    path = repo_dir / ".dvc" / "tmp" / "distill-pipeline.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+
+        def holder() -> str:
+            f.seek(0)
+            return f.read().strip() or "another process"
+
+        try:  # the lock is released by the OS if its holder dies
+            _until(deadline, lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB), BlockingIOError,
+                   lambda: f"another pipeline run ({holder()}) holds the project's lock")
+        except BlockingIOError:
+            raise ProjectBusy(f"{path}: another pipeline run ({holder()}) is running in this checkout; "
+                              "wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {_command()}, since {time.strftime('%H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def project_busy(repo_dir: Path) -> str | None:
+    """Who holds the project's pipeline lock (as exclusive_run words it), or None when it is free:
+    a look that takes no lock for long, so a busy project is refused before any server starts."""
+    try:
+        with exclusive_run(Path(repo_dir)):
+            return None
+    except ProjectBusy as exc:
+        return str(exc)
+
+
+def _command() -> str:
+    """This process's command line, short: what a waiting run says holds the project."""
+    words = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return " ".join(words)[:120]
+
+
+def _until(deadline: float, attempt: Callable, busy: type[Exception], why: Callable[[], str] = lambda: "busy"):
+    """`attempt()` until it stops raising `busy`, every POLL_S seconds; past `deadline` (time.monotonic)
+    the last `busy` is raised. While it waits, the run's log says `why()` every SAY_EVERY_S seconds."""
+    started = said = time.monotonic()
+    while True:
+        try:
+            return attempt()
+        except busy:
+            now = time.monotonic()
+            if now >= deadline:
+                raise
+            if now - said >= SAY_EVERY_S:
+                said = now
+                _log().info("waiting %.0f s so far (at most %.0f s more): %s", now - started, deadline - now, why())
+            time.sleep(POLL_S)
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's log (the terminal and the Prefect UI) inside a run; this module's logger outside one."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
