@@ -25,7 +25,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,8 @@ from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
-from pipelines.lifecycle import (POLL_S, ProjectBusy, command, exclusive_run, project_busy,  # noqa: F401
-                                 recorded_flow_run, running_stage, _until)
+from pipelines.lifecycle import (ProjectBusy, _until, command, exclusive_run, reclaim_signals, recorded_flow_run,
+                                 running_stage)
 from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, StageCrashed, StageFailed, run_streaming, stage_error, tool_env
 
@@ -83,7 +83,7 @@ def _dvc_lock_free(repo) -> None:
 
 def _waiting_for_dvc(repo_dir: Path, deadline: float, look: Callable):
     """`look(repo)` on the open DVC repository; while a dvc command holds DVC's lock, again every
-    POLL_S seconds until `deadline`, then ProjectBusy."""
+    lifecycle.POLL_S seconds until `deadline`, then ProjectBusy."""
     from dvc.lock import LockError
     from dvc.repo import Repo
 
@@ -201,6 +201,7 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
     """
     root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
     try:
+        reclaim_signals()
         with recorded_flow_run(prefect.runtime.flow_run.id):
             return _run(root, overrides, force, wait_for_lock_s)
     except ProjectBusy as exc:

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal
 POLL_S = 2.0  # how often a waiting run looks at a busy lock again
 SAY_EVERY_S = 60.0  # a run waiting for a busy project says so this often
 STOP_WAIT_S = 3.0  # how long stopped processes get to end their runs before they are killed
-_now: dict = {"stage": None, "extra": []}  # what an interrupt reports: the running stage, the command's own lines
+_now: dict = {"stage": None, "extra": [], "handler": None}  # the running stage, the command's own lines, its handler
 
 
 def home() -> Path:
@@ -69,6 +70,14 @@ def recorded_flow_run(flow_run_id: str | None) -> Iterator[None]:
             path.unlink()
 
 
+def reclaim_signals() -> None:
+    """Inside a flow run of a command: SIGTERM stops the command as Ctrl-C does. Prefect's flow
+    engine installs a SIGTERM handler of its own, which would crash the run ("Crash detected!")
+    and leave the stage processes to their fate; a deployment's run (no command) keeps Prefect's."""
+    if _now["handler"] is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _now["handler"])
+
+
 def running_stage(stage: str | None) -> None:
     """Tell an interrupt which stage is running (None: none)."""
     _now["stage"] = stage
@@ -87,14 +96,14 @@ def command(root: Path, temporary_server: bool = True) -> Iterator[str]:
     before = params.read_text() if params.is_file() else None
     url = prefect_server.connect(home(), temporary=temporary_server)
     close_orphans(url)
-    handler = _stopper(params, before)
+    handler = _now["handler"] = _stopper(params, before)
     previous = {sig: signal.signal(sig, handler) for sig in EXIT_INTERRUPTED}
     try:
         yield url
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _now.update(stage=None, extra=[])
+        _now.update(stage=None, extra=[], handler=None)
         prefect_server.stop_temporary()
 
 

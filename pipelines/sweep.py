@@ -86,7 +86,13 @@ def sweep_flow(points: list[dict[str, str]], prefix: str = "sweep", repo_dir: st
     The task runner is chosen by the caller (run_sweep: `sweep_flow.with_options(task_runner=...)`);
     by default one point at a time in this process.
     """
-    root = Path(repo_dir or pipelines.PROJECT_DIR).resolve()
+    lifecycle.reclaim_signals()
+    with lifecycle.recorded_flow_run(prefect.runtime.flow_run.id):
+        return _sweep(points, prefix, Path(repo_dir or pipelines.PROJECT_DIR).resolve())
+
+
+def _sweep(points: list[dict[str, str]], prefix: str, root: Path) -> dict:
+    """sweep_flow's body: the points submitted, each said as it finishes, then the table."""
     names = [experiments.point_name(prefix, point) for point in points]
     for name in names:
         experiments.remove(root, name)  # a point run again replaces its earlier experiment
