@@ -115,11 +115,12 @@ def training_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's `main`; a `UserError` becomes one line and exit status 2. SIGTERM (what
-    `distill run` sends a stage when it is stopped, and `timeout` or a scheduler) ends the stage
-    as Ctrl-C does: its MLflow run ends KILLED, nothing half-written stays, exit 143 (130)."""
+    """Run a stage's `main`; a `UserError` becomes one line and exit status 2. Ctrl-C and SIGTERM
+    (what `distill run` sends a stage when it is stopped, and `timeout` or a scheduler) end the
+    stage alike: its MLflow run ends KILLED, nothing half-written stays, exit 130 (143)."""
     setup_logging()
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         main(argv)
     except UserError as exc:
@@ -130,7 +131,12 @@ def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
 
 
 def _interrupt(signum, frame) -> None:
-    _interrupt.by_sigterm = True
+    """The first Ctrl-C or SIGTERM stops the stage; a second one (a terminal's Ctrl-C reaches the
+    stage, then `distill run` stops it with SIGTERM) must not cut short the run's ending as KILLED,
+    or MLflow's exit hook would end it FINISHED."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _interrupt.by_sigterm = signum == signal.SIGTERM
     raise KeyboardInterrupt
 
 

@@ -300,6 +300,8 @@ def test_one_signal_stops_distill_run_within_seconds_and_leaves_nothing_running(
            "the command (its --set changes were undone); stage train_teacher did not finish" in rest
     assert (project / "params.yaml").read_text() == original
     nothing_left_running(project, proc.pid)
+    with sqlite3.connect(project / "mlflow.db") as conn:  # the stopped stage's run says it was stopped
+        assert conn.execute("select status from runs where name = 'train_teacher'").fetchall() == [("KILLED",)]
 
 
 @pytest.mark.slow
