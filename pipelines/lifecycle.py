@@ -111,6 +111,7 @@ def _stopper(params: Path, before: str | None) -> Callable:
     def stop(signum, frame) -> None:
         for sig in EXIT_INTERRUPTED:  # a second Ctrl-C while stopping changes nothing
             signal.signal(sig, signal.SIG_IGN)
+        logging.disable(logging.CRITICAL)  # other threads (sweep points) say no more: these lines are the last
         stopped = stop_children()
         cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
         lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "

@@ -64,7 +64,14 @@ def _where() -> dict:
     return {"worker": worker.address, "scheduler": worker.scheduler.address}
 
 
-@task(cache_policy=NO_CACHE)  # every call is a run; DVC decides what it reuses
+def _not_again(task, task_run, state) -> bool:
+    return False
+
+
+# Every call is a run (DVC decides what it reuses). A point is not tried again; the one retry
+# allowed, with a condition that always says no, keeps Prefect from logging a refused point's
+# state with an empty traceback ("NoneType: None"), which it does when no retry is allowed.
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=_not_again)
 def run_point(repo_dir: str, name: str, overrides: dict[str, str], baseline: str, patch: bytes,
               env: dict[str, str]) -> dict:
     """One grid point: one DVC experiment, run where the task runner placed this task (experiments.run_in_clone)."""
