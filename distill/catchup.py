@@ -19,7 +19,7 @@ from distill.errors import UserError
 from distill.io import write_json
 from distill.journal import FILE_KEYS, PENDING_DIR
 from distill.model_registry import _register
-from distill.run_logging import _end_run, _parent_run, apply
+from distill.run_logging import TAG_PROCESS, _end_run, _parent_run, apply, this_process
 from distill.store import (TrackingFailure, _experiment_id, _retry_locked, _store_lock, check_reachable,
                            describe_failure, tracking_uri)
 
@@ -66,7 +66,8 @@ def _replay(folder: Path, journal: dict, root: Path, uri: str, load_model: Calla
     with _store_lock(uri):
         experiment_id = _retry_locked(lambda: _experiment_id(journal["experiment"], root, uri))
         parent_id = _parent_run(experiment_id, journal["pipeline_run"])
-        tags = journal["tags"] | {"distill.caught_up": "true"}
+        # the process catching up runs it now: a stage starting meanwhile must not take it for a dead one's
+        tags = journal["tags"] | {"distill.caught_up": "true", TAG_PROCESS: this_process()}
         active = mlflow.start_run(experiment_id=experiment_id, run_name=journal["stage"], parent_run_id=parent_id,
                                   nested=True, tags=tags)
     ids = _id_map(root)

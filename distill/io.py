@@ -69,6 +69,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_id(pid: int | None = None) -> tuple[int, float]:
+    """A process as (pid, start time): the pid alone may be a new process's once the first has gone."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return process.pid, process.create_time()
+
+
+def process_running(pid: int, started: float) -> bool:
+    """Whether the process that process_id named is still running."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

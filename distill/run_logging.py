@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distill.io import process_id, process_running
 from distill.store import _experiment_id, _retry_locked, _store_lock, check_reachable
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,20 @@ def this_process() -> str:
     """This process as TAG_PROCESS names it."""
     import socket
 
-    import psutil
-
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+    pid, started = process_id()
+    return f"{socket.gethostname()}:{pid}:{started:.2f}"
 
 
 def process_gone(tag: str) -> bool:
     """Whether the process a TAG_PROCESS value names (on this host) is no longer running."""
     import socket
 
-    import psutil
-
     parts = tag.split(":")
     if len(parts) != 3 or parts[0] != socket.gethostname():
         return False  # untagged, or another machine's process: not for this one to judge
     try:
-        return abs(psutil.Process(int(parts[1])).create_time() - float(parts[2])) > 1.0
-    except (psutil.Error, ValueError):
+        return not process_running(int(parts[1]), float(parts[2]))
+    except ValueError:
         return True
 
 

@@ -39,8 +39,8 @@ from distill.config import load_params
 from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
-from pipelines.lifecycle import (ProjectBusy, _until, command, exclusive_run, reclaim_signals, recorded_flow_run,
-                                 running_stage)
+from pipelines.lifecycle import (ProjectBusy, command, exclusive_run, params_changed, reclaim_signals,
+                                 recorded_flow_run, running_stage, until)
 from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, StageCrashed, StageFailed, run_streaming, stage_error, tool_env
 
@@ -92,7 +92,7 @@ def _waiting_for_dvc(repo_dir: Path, deadline: float, look: Callable):
             return look(repo)
 
     try:
-        return _until(deadline, attempt, LockError, lambda: "a dvc command holds DVC's lock (.dvc/tmp/lock)")
+        return until(deadline, attempt, LockError, lambda: "a dvc command holds DVC's lock (.dvc/tmp/lock)")
     except LockError:
         raise ProjectBusy(f"{repo_dir}: a dvc command holds DVC's lock (.dvc/tmp/lock); "
                           "run again when it has finished") from None
@@ -140,7 +140,7 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str, wait_fo
     if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
         refusal = UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}{_put_back(stage, repo_dir)}")
         return Failed(name="Refused", message=str(refusal), data=refusal)
-    if TRANSIENT.search(output):
+    if TRANSIENT.search("\n".join(lines[-5:])):  # DVC's last words, not a warning earlier in the stage
         raise StageFailed(f"stage {stage} failed (dvc exit {code}), to be tried again: {output[-300:]}")
     crash = StageCrashed(f"stage {stage} crashed (dvc exit {code}); its traceback is above: "
                          f"{(lines or [''])[-1][-300:]}")
@@ -228,25 +228,32 @@ def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: floa
     with exclusive_run(root, deadline):
         params = root / "params.yaml"
         _waiting_for_dvc(root, deadline, _dvc_lock_free)  # before params.yaml changes, not after
-        original = params.read_text()
+        original, written = params.read_text(), {}
         try:
-            outcome = _stages(root, overrides, force, wait_s, deadline)
+            outcome = _stages(root, overrides, force, wait_s, deadline, written)
         except BaseException as exc:
-            if params.read_text() != original:
+            if written and params.read_text() == written["after"]:  # --set changed it, and nobody since
                 params.write_text(original)
                 if isinstance(exc, (UserError, StageCrashed)):
                     exc.args = (f"{exc} (params.yaml is as before the run: its --set changes were undone)",)
             raise
+        finally:
+            params_changed(None)
     get_run_logger().info("stages: %s", outcome)
     _comparison_artifact(root, outcome)
     return outcome
 
 
-def _stages(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float, deadline: float) -> dict:
-    """Apply the overrides, check them, then each stage in DVC's order, run or reused; {stage: "ran" | "reused"}."""
+def _stages(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float, deadline: float,
+            written: dict) -> dict:
+    """Apply the overrides (`written["after"]`: params.yaml as they left it), check them, then each
+    stage in DVC's order, run or reused; {stage: "ran" | "reused"}."""
     params = root / "params.yaml"
     if overrides:
+        before = params.read_text()
         params_overrides.apply(params, overrides)
+        written["after"] = params.read_text()
+        params_changed((params, before, written["after"]))
     # bad params, or a user's file a stage would refuse, fail here, once, before DVC touches anything
     params_overrides.check_files(root, load_params(params, task=None))
     order, changed = dvc_plan(root, deadline)

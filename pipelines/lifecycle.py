@@ -6,11 +6,12 @@ how it stops.
 - first, flow runs that a process now gone left Running are closed (Crashed), so a killed
   run does not stay Running in the UI for ever;
 - the Prefect server is chosen (pipelines.prefect_server: the project's, or a temporary one);
-- one Ctrl-C (SIGINT) or SIGTERM ends everything within seconds: every process the command
-  started is stopped (a stage ends its MLflow run KILLED on the way out), the command's flow
-  runs and their unfinished task runs end Cancelled, params.yaml is put back as it was before
-  the command, one line says what state the workspace is in (then what the command adds: a
-  sweep's finished points), and the command exits 130 (143 for SIGTERM).
+- one Ctrl-C (SIGINT), SIGTERM or SIGHUP ends everything within seconds: every process the
+  command started is stopped (a stage ends its MLflow run KILLED on the way out), the
+  command's flow runs and their unfinished task runs end Cancelled, params.yaml is put back as
+  it was before the run's `--set` (unless the user edited it meanwhile), one line says what
+  state the workspace is in (then what the command adds: a sweep's finished points), and the
+  command exits 130 (143 for SIGTERM, 129 for SIGHUP).
 
 Each flow run of the project records itself (`recorded_flow_run`) in .prefect/runs/ while it
 runs: {pid, process start time, server}; that is how a command knows its own runs, and how
@@ -32,13 +33,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.io import process_id, process_running
 from pipelines import prefect_server
 
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # 128 + the signal, as a shell says
 POLL_S = 2.0  # how often a waiting run looks at a busy lock again
 SAY_EVERY_S = 60.0  # a run waiting for a busy project says so this often
 STOP_WAIT_S = 3.0  # how long stopped processes get to end their runs before they are killed
-_now: dict = {"stage": None, "extra": [], "handler": None}  # the running stage, the command's own lines, its handler
+# the running stage, the command's own lines, its handler, params.yaml as changed by the run, whether it is stopping
+_now: dict = {"stage": None, "extra": [], "handler": None, "params": None, "stopping": False}
 
 
 def home() -> Path:
@@ -56,13 +59,11 @@ def recorded_flow_run(flow_run_id: str | None) -> Iterator[None]:
     if not flow_run_id:
         yield
         return
-    import psutil
-
     path = _runs_dir() / f"{flow_run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = psutil.Process()
-    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time(), "database": prefect_server.database(),
-                                "server": os.environ.get("PREFECT_API_URL", "")}))
+    pid, started = process_id()
+    path.write_text(json.dumps({"pid": pid, "started": started, "database": prefect_server.database(),
+                                "server": prefect_server.configured_url()}))
     try:
         yield
     finally:
@@ -88,51 +89,66 @@ def on_interrupt(say: Callable[[], str]) -> None:
     _now["extra"].append(say)
 
 
+def params_changed(change: tuple[Path, str, str] | None) -> None:
+    """Tell an interrupt that this run changed params.yaml (`--set`): (path, before, after); it puts
+    `before` back, unless the file no longer reads `after` (the user edited it meanwhile). None: no
+    change (any more)."""
+    _now["params"] = change
+
+
+def stopping() -> bool:
+    """Whether the command is being stopped: a sweep point not started yet is not started."""
+    return _now["stopping"]
+
+
 @contextlib.contextmanager
-def command(root: Path, temporary_server: bool = True) -> Iterator[str]:
+def command(root: Path, temporary_server: bool = True, signals: bool = True) -> Iterator[str]:
     """The command's life (module docstring): yields the Prefect server's address. Without
-    `temporary_server` (serve) the project's server, or PREFECT_API_URL's, must answer."""
-    params = Path(root) / "params.yaml"
-    before = params.read_text() if params.is_file() else None
-    url = prefect_server.connect(home(), temporary=temporary_server)
-    close_orphans(url)
-    handler = _now["handler"] = _stopper(params, before)
-    previous = {sig: signal.signal(sig, handler) for sig in EXIT_INTERRUPTED}
-    try:
+    `temporary_server` (serve) the project's server, or PREFECT_API_URL's, must answer; without
+    `signals` (serve: Prefect's runner stops gracefully, cancelling its runs and pausing its
+    schedule) the signals are left to the command."""
+    handler = _now["handler"] = _stop
+    previous = {sig: signal.signal(sig, handler) for sig in EXIT_INTERRUPTED} if signals else {}
+    try:  # the handlers are in place before a temporary server starts: no signal leaves it behind
+        url = prefect_server.connect(home(), temporary=temporary_server)
+        close_orphans(url)
         yield url
     finally:
+        prefect_server.stop_temporary()
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _now.update(stage=None, extra=[], handler=None)
-        prefect_server.stop_temporary()
+        _now.update(stage=None, extra=[], handler=None, params=None, stopping=False)
 
 
-def _stopper(params: Path, before: str | None) -> Callable:
-    def stop(signum, frame) -> None:
-        for sig in EXIT_INTERRUPTED:  # a second Ctrl-C while stopping changes nothing
-            signal.signal(sig, signal.SIG_IGN)
-        logging.disable(logging.CRITICAL)  # other threads (sweep points) say no more: these lines are the last
-        stopped = stop_children()
-        cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
-        lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "
-                 + _workspace(params, before)]
-        for say in _now["extra"]:
-            with contextlib.suppress(Exception):
-                lines.append(say())
-        sys.stderr.write("\n".join(line for line in lines if line) + "\n")
-        sys.stderr.flush()
-        prefect_server.stop_temporary()
-        os._exit(EXIT_INTERRUPTED[signal.Signals(signum)])
+def _stop(signum, frame) -> None:
+    """The first SIGINT, SIGTERM or SIGHUP: the module docstring's ending, then the exit."""
+    for sig in EXIT_INTERRUPTED:  # a second Ctrl-C while stopping changes nothing
+        signal.signal(sig, signal.SIG_IGN)
+    _now["stopping"] = True
+    logging.disable(logging.CRITICAL)  # other threads (sweep points) say no more: these lines are the last
+    stopped = stop_children()
+    cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
+    lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "
+             + _workspace()]
+    for say in _now["extra"]:
+        with contextlib.suppress(Exception):
+            lines.append(say())
+    sys.stderr.write("\n".join(line for line in lines if line) + "\n")
+    sys.stderr.flush()
+    prefect_server.stop_temporary(quick=True)
+    os._exit(EXIT_INTERRUPTED[signal.Signals(signum)])
 
-    return stop
 
-
-def _workspace(params: Path, before: str | None) -> str:
+def _workspace() -> str:
     """The interrupt's one line on the workspace: params.yaml, and the stage that did not finish."""
     said = "params.yaml is as before the command"
-    if before is not None and params.is_file() and params.read_text() != before:
-        params.write_text(before)
-        said = "params.yaml is as before the command (its --set changes were undone)"
+    if _now["params"] is not None:
+        path, before, after = _now["params"]
+        if path.is_file() and path.read_text() == after:
+            path.write_text(before)
+            said += " (its --set changes were undone)"
+        else:
+            said = "params.yaml was edited during the run: left as it is now"
     if _now["stage"]:
         said += (f"; stage {_now['stage']} did not finish and left no output (`dvc checkout {_now['stage']}` "
                  "puts its last ones back; running again resumes from DVC's cache)")
@@ -141,19 +157,24 @@ def _workspace(params: Path, before: str | None) -> str:
 
 def stop_children() -> set[int]:
     """SIGTERM to every process this one started (not the temporary Prefect server: the runs are
-    still to be closed on it), SIGKILL to those still there after STOP_WAIT_S; their pids."""
+    still to be closed on it), SIGKILL to those still there after STOP_WAIT_S; then again for any
+    started meanwhile (a sweep thread between two commands). Their pids."""
     import psutil
 
-    server = prefect_server.temporary_pid()
-    children = [p for p in psutil.Process().children(recursive=True) if p.pid != server]
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=STOP_WAIT_S)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    return {child.pid for child in children}
+    server, stopped = prefect_server.temporary_pid(), set()
+    for _ in range(3):
+        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in {server, *stopped}]
+        if not children:
+            break
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=STOP_WAIT_S)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        stopped |= {child.pid for child in children}
+    return stopped
 
 
 def cancel_flow_runs(pids: set[int], why: str) -> list[str]:
@@ -165,7 +186,7 @@ def close_orphans(url: str) -> list[str]:
     """End Crashed the recorded flow runs kept in the database the server at `url` serves, whose
     process has gone."""
     here = prefect_server.database()
-    return _close_runs(lambda record: record.get("database") == here and not _alive(record), "Crashed",
+    return _close_runs(lambda record: record.get("database") == here and not process_running(record["pid"], record["started"]), "Crashed",
                        "its process ended without closing the run", server=url)
 
 
@@ -178,9 +199,11 @@ def _close_runs(chosen: Callable[[dict], bool], state: str, why: str, server: st
             continue
         if not chosen(record):
             continue
-        with contextlib.suppress(Exception):  # a server gone or a run deleted: nothing left to close
+        try:
             _set_state(server or record["server"], path.stem, state, why)
-            closed.append(path.stem)
+        except Exception:  # a server that does not answer now: the record waits for the next command
+            continue
+        closed.append(path.stem)
         with contextlib.suppress(OSError):
             path.unlink()
     return closed
@@ -203,16 +226,6 @@ def _set_state(server: str, flow_run_id: str, state: str, why: str) -> None:
                 client.set_task_run_state(task_run.id, make(message=why), force=True)
 
 
-def _alive(record: dict) -> bool:
-    """Whether the process that recorded a run is still that process (not a new one with its pid)."""
-    import psutil
-
-    try:
-        return abs(psutil.Process(record["pid"]).create_time() - record["started"]) < 1.0
-    except psutil.Error:
-        return False
-
-
 class ProjectBusy(UserError):
     """Another pipeline run, or a dvc command, holds the project's lock."""
 
@@ -231,7 +244,7 @@ def exclusive_run(repo_dir: Path, deadline: float = 0.0) -> Iterator[None]:
             return f.read().strip() or "another process"
 
         try:  # the lock is released by the OS if its holder dies
-            _until(deadline, lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB), BlockingIOError,
+            until(deadline, lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB), BlockingIOError,
                    lambda: f"another pipeline run ({holder()}) holds the project's lock")
         except BlockingIOError:
             raise ProjectBusy(f"{path}: another pipeline run ({holder()}) is running in this checkout; "
@@ -258,11 +271,14 @@ def project_busy(repo_dir: Path) -> str | None:
 
 def _command() -> str:
     """This process's command line, short: what a waiting run says holds the project."""
+    runtime = sys.modules.get("prefect.runtime")
+    if runtime is not None and runtime.flow_run.name:  # a deployment's run: its process is Prefect's engine
+        return f"flow run {runtime.flow_run.name}"
     words = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
     return " ".join(words)[:120]
 
 
-def _until(deadline: float, attempt: Callable, busy: type[Exception], why: Callable[[], str] = lambda: "busy"):
+def until(deadline: float, attempt: Callable, busy: type[Exception], why: Callable[[], str] = lambda: "busy"):
     """`attempt()` until it stops raising `busy`, every POLL_S seconds; past `deadline` (time.monotonic)
     the last `busy` is raised. While it waits, the run's log says `why()` every SAY_EVERY_S seconds."""
     started = said = time.monotonic()

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from distill.config import load_params
 from distill.errors import UserError
@@ -82,9 +81,12 @@ def _value(key: str, text: Any) -> Any:
     or mapping is written in flow style, as one would type it."""
     if not isinstance(text, str):
         return text
-    try:
-        value = yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError as exc:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:  # YAML 1.2, as DVC reads -S values: 1e-3 is a number, `no` a string
+        value = YAML(typ="safe").load(text) if text.strip() else text
+    except YAMLError as exc:
         raise UserError(f"--set {key}={text}: not a value YAML can read ({str(exc).splitlines()[0]})") from None
     if isinstance(value, (list, dict)):
         from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -100,9 +102,8 @@ def check(root: Path, overrides: dict[str, Any]) -> Any:
     with none, params.yaml itself is validated, and its errors name it, not --set. Then the
     user's files those params name are read as the stages would read them (check_files).
     Returns the validated params."""
-    if not overrides:
-        params = load_params(root / "params.yaml", task=None)
-    else:
+    params = load_params(root / "params.yaml", task=None)  # what is wrong in the file is not --set's fault
+    if overrides:
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / "params.yaml"
             shutil.copy(root / "params.yaml", copy)
@@ -122,5 +123,7 @@ def check_files(root: Path, params: Any) -> None:
     stage's outputs before running it: a refusal found here costs no earlier work."""
     from distill.task import get_task
 
-    with contextlib.chdir(root):
-        get_task(params.task).check(params)
+    check = getattr(get_task(params.task), "check", None)  # a user's task may have no check
+    if check is not None:
+        with contextlib.chdir(root):
+            check(params)

@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from distill.errors import UserError
 STARTUP_TIMEOUT_S = 120.0  # a new database is migrated first: about 10 s on 2 busy cores
 _temporary: dict = {}  # the server this process started: process, url, lock, database
 _temporary_settings: list = []  # Prefect settings contexts entered by _use
+_saved_env: list = []  # PREFECT_API_URL as it was before _use
 
 
 def project_url() -> str:
@@ -68,23 +70,22 @@ def connect(home: Path, temporary: bool = True) -> str:
 
 
 def configured_url() -> str:
-    """PREFECT_API_URL as this process sees it: Prefect's settings once Prefect is imported (a test's
-    harness sets them), the environment before."""
-    if "prefect.settings" in sys.modules:
-        from prefect.settings import PREFECT_API_URL
+    """PREFECT_API_URL as Prefect sees it: the environment, the active profile (`prefect config set`,
+    `prefect cloud login`), or a test harness's settings."""
+    from prefect.settings import PREFECT_API_URL
 
-        return (PREFECT_API_URL.value() or "").rstrip("/")
-    return os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    return (PREFECT_API_URL.value() or "").rstrip("/")
 
 
 def _use(url: str) -> str:
-    """Point this process, and what it starts, at `url`; Prefect too if it was imported already."""
-    os.environ["PREFECT_API_URL"] = url
-    if "prefect.settings" in sys.modules:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Point this process (Prefect's settings), and what it starts (the environment), at `url`; the
+    environment is put back by stop_temporary."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        _temporary_settings.append(temporary_settings(updates={PREFECT_API_URL: url}))
-        _temporary_settings[-1].__enter__()
+    _saved_env.append(os.environ.get("PREFECT_API_URL"))
+    os.environ["PREFECT_API_URL"] = url
+    _temporary_settings.append(temporary_settings(updates={PREFECT_API_URL: url}))
+    _temporary_settings[-1].__enter__()
     return url
 
 
@@ -111,7 +112,9 @@ def start_temporary(home: Path) -> str:
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
              "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)  # not in the terminal's process group: Ctrl-C does not reach it
+            start_new_session=True,  # not in the terminal's process group: Ctrl-C does not reach it
+            # the server holds the database's lock as long as it lives, and dies with this process
+            pass_fds=[lock.fileno()] if lock is not None else [], preexec_fn=_die_with_parent)
     _temporary.update(process=process, url=url, lock=lock, database=database)
     atexit.register(stop_temporary)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -138,13 +141,29 @@ def temporary_pid() -> int | None:
     return _temporary["process"].pid if _temporary else None
 
 
-def stop_temporary() -> None:
-    """Stop the temporary server this process started (if any), and give back its database."""
-    if _temporary:
+def _die_with_parent() -> None:
+    """In the server's process, before it starts (Linux): SIGTERM when the process that started it
+    dies, however it dies (SIGKILL too), so no temporary server outlives its command."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_temporary(quick: bool = False) -> None:
+    """Stop the temporary server this process started (if any), and give back its database;
+    `quick` (an interrupt): no waiting for Prefect's workers to send what they hold."""
+    if _temporary and not quick:
         _drain_prefect()  # the run's last log lines and events, before the server they go to stops
     while _temporary_settings:
         with contextlib.suppress(Exception):
             _temporary_settings.pop().__exit__(None, None, None)
+    while _saved_env:
+        saved = _saved_env.pop()
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
     if not _temporary:
         return
     process, lock, database = _temporary["process"], _temporary["lock"], _temporary["database"]
@@ -152,7 +171,7 @@ def stop_temporary() -> None:
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=1 if quick else 5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -195,7 +214,7 @@ def add_to_activate(script: Path, project: Path, port: str = "4200") -> bool:
 
 {ACTIVATE_MARK} (make server serves it; with none running, distill starts a temporary one)
 export PREFECT_HOME="{project / '.prefect'}"
-export PREFECT_API_URL="http://127.0.0.1:{port}/api"
+export PREFECT_API_URL="http://127.0.0.1:{port}/api" PREFECT_PORT={port}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 """)
     return True

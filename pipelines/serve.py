@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait-for-lock", type=float, default=3600, metavar="SECONDS",
                         help="how long a run waits for a busy project before it ends Skipped (default 3600)")
     args = parser.parse_args(argv)
-    with command(PROJECT_DIR, temporary_server=False):  # a schedule needs a server that stays
+    # a schedule needs a server that stays; Ctrl-C and SIGTERM are the runner's own: it cancels
+    # the runs it started and pauses the schedule
+    with command(PROJECT_DIR, temporary_server=False, signals=False):
         pipeline.serve(name=args.name, cron=args.cron, parameters={"wait_for_lock_s": args.wait_for_lock})
 
 

@@ -32,7 +32,7 @@ from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from distill.errors import UserError
-from pipelines import experiments, lifecycle, overrides
+from pipelines import experiments, lifecycle, overrides, prefect_server
 
 # Passed from the submitting process to each task: a Dask worker elsewhere has its own environment.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
@@ -76,6 +76,8 @@ def run_point(repo_dir: str, name: str, overrides: dict[str, str], baseline: str
               env: dict[str, str]) -> dict:
     """One grid point: one DVC experiment, run where the task runner placed this task (experiments.run_in_clone)."""
     logger = get_run_logger()
+    if lifecycle.stopping():  # the sweep is being stopped: a point not started stays so
+        return Failed(name="Refused", message=f"{name}: not started, the sweep was stopped")
     started = time.time()
     try:
         rev = experiments.run_in_clone(Path(repo_dir), name, overrides, baseline, patch, log=logger.info,
@@ -136,8 +138,9 @@ def _sweep(points: list[dict[str, str]], prefix: str, root: Path) -> dict:
                                 headline)
     logger.info("sweep of %d points:\n%s", len(points), table)
     if failed:
-        raise UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
-                        + "; ".join(failed))
+        refusal = UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
+                            + "; ".join(failed))
+        return Failed(name="Refused", message=str(refusal), data=refusal)  # the sentence, no traceback
     return {"summary": table, "points": done}
 
 
@@ -153,6 +156,14 @@ def _interrupted(root: Path, names: list[str], rows: list, headline) -> str:
             + experiments.summary(sorted(rows, key=lambda row: names.index(row[0])), headline))
 
 
+def _loopback(address: str) -> bool:
+    """Whether a tcp:// or http:// address is this machine's loopback."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "//" in address else f"tcp://{address}").hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool = False, address: str | None = None,
               prefix: str | None = None, repo_dir: str | None = None) -> dict:
     """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner:
@@ -166,6 +177,9 @@ def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool
         overrides.check(root, point)  # a bad point fails here, before any runner starts
     if workers < 1:
         raise UserError(f"workers = {workers}: at least 1")
+    if address and not _loopback(address) and _loopback(prefect_server.configured_url()):
+        raise UserError(f"{address}: Dask workers on other machines cannot reach a Prefect server on 127.0.0.1; "
+                        "set PREFECT_API_URL to a server they can reach (docs/scaling-out.md)")
     return sweep_flow.with_options(task_runner=task_runner(workers, dask, address))(
         points=points, prefix=prefix or experiments.default_prefix(root), repo_dir=str(root))
 
