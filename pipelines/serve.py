@@ -9,6 +9,8 @@ a temporary server cannot schedule. Stop with Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
 from pipelines import PROJECT_DIR
 from pipelines.flow import pipeline
@@ -25,7 +27,20 @@ def main(argv: list[str] | None = None) -> None:
     # a schedule needs a server that stays; Ctrl-C and SIGTERM are the runner's own: it cancels
     # the runs it started and pauses the schedule
     with command(PROJECT_DIR, temporary_server=False, signals=False):
+        signal.signal(signal.SIGINT, _interrupted)
         pipeline.serve(name=args.name, cron=args.cron, parameters={"wait_for_lock_s": args.wait_for_lock})
+    if _interrupted.seen:  # the runner took the interrupt and returned: say so, and exit as interrupted
+        print(f"interrupted: the schedule of distill-pipeline/{args.name} is paused and its runs were stopped",
+              file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _interrupted(signum, frame) -> None:
+    _interrupted.seen = True
+    raise KeyboardInterrupt
+
+
+_interrupted.seen = False
 
 
 if __name__ == "__main__":
