@@ -326,40 +326,63 @@ def test_one_ctrl_c_stops_a_parallel_sweep_and_summarises_the_points_that_finish
 
 # ---- 5. one Prefect server per project ---------------------------------------------------------------
 
-@pytest.mark.slow
-def test_with_the_projects_server_up_the_cli_uses_it_and_no_other_server_touches_its_database(project):
+@pytest.fixture
+def project_server(project):
+    """The project's own Prefect server (as `make server` starts it) on a free port; its env and url."""
     port = free_port()
     env = cli_env(project, PREFECT_PORT=str(port))
     log = (project / "server.log").open("w")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
     try:
-        url = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + 120
         while not prefect_server.answers(url):
             assert server.poll() is None and time.monotonic() < deadline, (project / "server.log").read_text()
             time.sleep(0.5)
-        result = subprocess.run([str(BIN / "distill"), "run"], cwd=project, env=env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
-        request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
-                                         headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(request, timeout=10))
-        assert [(r["name"], r["state_type"]) for r in runs if r["state_type"] == "COMPLETED"]
-        assert not (project / ".prefect" / "temporary.db").exists()  # no temporary server
-        assert "database is locked" not in (project / "server.log").read_text()
-        # an activated shell's `prefect` commands talk to the project's server
-        activate = project / "activate"
-        activate.write_text("")
-        prefect_server.add_to_activate(activate, project, str(port))
-        shown = subprocess.run(["bash", "-c", f"source {activate} && {BIN / 'prefect'} flow-run ls"], cwd="/",
-                               env={k: v for k, v in env.items() if not k.startswith("PREFECT_")}, capture_output=True,
-                               text=True, timeout=120)
-        assert shown.returncode == 0 and runs[0]["id"][:8] in shown.stdout, shown.stdout + shown.stderr
+        yield env, url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_distill_serve_with_its_schedule_paused(project, project_server):
+    env, url = project_server
+    proc = subprocess.Popen([str(BIN / "distill"), "serve", "--cron", "0 3 * * *", "--name", "nightly-test"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    read_until(proc, "is being served", limit_s=120)
+    time.sleep(5)  # the runner's loop is up (an interrupt in its first instant is asyncio's noise, not ours)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, took = stopped_within(proc)
+    assert proc.returncode == 130 and took < 10, (took, rest)
+    assert "interrupted: the schedule of distill-pipeline/nightly-test is paused" in rest and "Traceback" not in rest
+    deployment = json.load(urllib.request.urlopen(f"{url}/deployments/name/distill-pipeline/nightly-test", timeout=10))
+    assert deployment["paused"] is True
+
+
+@pytest.mark.slow
+def test_with_the_projects_server_up_the_cli_uses_it_and_no_other_server_touches_its_database(project, project_server):
+    env, url = project_server
+    result = subprocess.run([str(BIN / "distill"), "run"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    runs = json.load(urllib.request.urlopen(request, timeout=10))
+    assert [(r["name"], r["state_type"]) for r in runs if r["state_type"] == "COMPLETED"]
+    assert not (project / ".prefect" / "temporary.db").exists()  # no temporary server
+    assert "database is locked" not in (project / "server.log").read_text()
+    # an activated shell's `prefect` commands talk to the project's server
+    activate = project / "activate"
+    activate.write_text("")
+    prefect_server.add_to_activate(activate, project, env["PREFECT_PORT"])
+    shown = subprocess.run(["bash", "-c", f"source {activate} && {BIN / 'prefect'} flow-run ls"], cwd="/",
+                           env={k: v for k, v in env.items() if not k.startswith("PREFECT_")}, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and runs[0]["id"][:8] in shown.stdout, shown.stdout + shown.stderr
 
 
 @pytest.mark.slow
