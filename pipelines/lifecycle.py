@@ -107,8 +107,8 @@ def command(root: Path, temporary_server: bool = True, signals: bool = True) -> 
     `temporary_server` (serve) the project's server, or PREFECT_API_URL's, must answer; without
     `signals` (serve: Prefect's runner stops gracefully, cancelling its runs and pausing its
     schedule) the signals are left to the command."""
-    handler = _now["handler"] = _stop
-    previous = {sig: signal.signal(sig, handler) for sig in EXIT_INTERRUPTED} if signals else {}
+    _now["handler"] = _stop if signals else None
+    previous = {sig: signal.signal(sig, _stop) for sig in EXIT_INTERRUPTED} if signals else {}
     try:  # the handlers are in place before a temporary server starts: no signal leaves it behind
         url = prefect_server.connect(home(), temporary=temporary_server)
         close_orphans(url)
@@ -186,8 +186,9 @@ def close_orphans(url: str) -> list[str]:
     """End Crashed the recorded flow runs kept in the database the server at `url` serves, whose
     process has gone."""
     here = prefect_server.database()
-    return _close_runs(lambda record: record.get("database") == here and not process_running(record["pid"], record["started"]), "Crashed",
-                       "its process ended without closing the run", server=url)
+    return _close_runs(lambda record: record.get("database") == here and not process_running(record["pid"],
+                                                                                             record["started"]),
+                       "Crashed", "its process ended without closing the run", server=url)
 
 
 def _close_runs(chosen: Callable[[dict], bool], state: str, why: str, server: str | None = None) -> list[str]:
