@@ -50,8 +50,8 @@ class LanguageModelTask:
         from distill.config import RAW_DIR
 
         corpus.load_documents(params.data)  # the corpus is there and has text
-        if params.data.tokenizer != RAW_DIR:
-            text.load_tokenizer(params.data.tokenizer, needs_pad=False)
+        if Path(params.data.tokenizer) != Path(RAW_DIR):  # as prepare_corpus tells a given tokenizer
+            corpus.given_tokenizer(params.data.tokenizer)
         if params.teacher.source == "pretrained":
             text.model_folder(params.teacher.model, "teacher.model")
 
