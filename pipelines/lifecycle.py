@@ -34,7 +34,7 @@ from pathlib import Path
 
 from distill.errors import UserError
 from distill.io import process_id, process_running
-from pipelines import prefect_server
+from pipelines import prefect_server, tools
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # 128 + the signal, as a shell says
 POLL_S = 2.0  # how often a waiting run looks at a busy lock again
@@ -126,6 +126,9 @@ def _stop(signum, frame) -> None:
         signal.signal(sig, signal.SIG_IGN)
     _now["stopping"] = True
     logging.disable(logging.CRITICAL)  # other threads (sweep points) say no more: these lines are the last
+    for fd in list(tools.STREAMS):  # a stage's last lines must not block on our reading loop, stopped here
+        with contextlib.suppress(OSError):
+            os.close(fd)
     stopped = stop_children()
     cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
     lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "
@@ -166,10 +169,10 @@ def stop_children() -> set[int]:
         children = [p for p in psutil.Process().children(recursive=True) if p.pid not in {server, *stopped}]
         if not children:
             break
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-        _, alive = psutil.wait_procs(children, timeout=STOP_WAIT_S)
+        for child in children:  # the first time politely; a process started since (a Dask nanny's new
+            with contextlib.suppress(psutil.Error):  # worker) gets no time
+                child.terminate() if not stopped else child.kill()
+        _, alive = psutil.wait_procs(children, timeout=STOP_WAIT_S if not stopped else 1.0)
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.kill()

@@ -49,6 +49,9 @@ def stage_error(lines: Iterable[str]) -> str | None:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes: not for a log line
+# The read ends of the outputs run_streaming is passing on. An interrupt closes them first: a
+# stopping stage that still writes (its last lines) must not block on a reader that has stopped.
+STREAMS: set[int] = set()
 
 
 def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str], on_line: Callable[[str], object],
@@ -60,14 +63,19 @@ def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str], on_line:
     if not terminal:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            on_line(lines[-1])
+        STREAMS.add(proc.stdout.fileno())
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                on_line(lines[-1])
+        finally:
+            STREAMS.discard(proc.stdout.fileno())
         return proc.wait(), lines
     import pty
 
     leader, follower = pty.openpty()
     proc, lines, pending = None, [], b""
+    STREAMS.add(leader)
     try:
         _same_size_as_this_terminal(follower)
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
@@ -85,6 +93,7 @@ def run_streaming(cmd: list[str], cwd: str | Path, env: dict[str, str], on_line:
             on_line(lines[-1])
         return proc.wait(), lines
     finally:
+        STREAMS.discard(leader)
         for fd in (leader, follower):
             if fd is not None:
                 os.close(fd)
