@@ -165,8 +165,12 @@ def stop_children() -> set[int]:
     import psutil
 
     server, stopped = prefect_server.temporary_pid(), set()
-    for _ in range(3):
+    for _ in range(4):
         children = [p for p in psutil.Process().children(recursive=True) if p.pid not in {server, *stopped}]
+        # multiprocessing's resource tracker (Dask workers') goes last: killed while its users live,
+        # it is relaunched by them and prints tracebacks about what it no longer knows
+        users = [p for p in children if not _is_resource_tracker(p)]
+        children = users or children
         if not children:
             break
         for child in children:  # the first time politely; a process started since (a Dask nanny's new
@@ -178,6 +182,13 @@ def stop_children() -> set[int]:
                 child.kill()
         stopped |= {child.pid for child in children}
     return stopped
+
+
+def _is_resource_tracker(process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except Exception:  # gone meanwhile
+        return False
 
 
 def cancel_flow_runs(pids: set[int], why: str) -> list[str]:
