@@ -19,7 +19,7 @@ class UserError(Exception):
     """A problem in the user's params, data or inputs, described in one sentence."""
 
 
-def report(exc: UserError, emit: Callable[[str], object] | None = None) -> int:
+def report(exc: Exception, emit: Callable[[str], object] | None = None) -> int:
     """Say `exc` as one line "error: ..." (through `emit`, by default the "distill" logger) and
     return the exit status for it; under DISTILL_DEBUG=1 re-raise it, traceback and all."""
     if os.environ.get("DISTILL_DEBUG"):

@@ -15,7 +15,6 @@ It wraps the pipeline's own tools without replacing them: `dvc repro`, `dvc exp`
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from functools import wraps
@@ -49,10 +48,8 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserError as exc:
             raise typer.Exit(report(exc, emit=lambda line: typer.echo(line, err=True))) from None
-        except (StageCrashed, StageFailed) as exc:  # the stage's traceback is in its output, above
-            if os.environ.get("DISTILL_DEBUG"):
-                raise
-            typer.echo(f"error: {exc}", err=True)
+        except (StageCrashed, StageFailed) as exc:  # the stage's traceback is in its output, above; a bug: 1
+            report(exc, emit=lambda line: typer.echo(line, err=True))
             raise typer.Exit(1) from None
 
     return wrapper

@@ -40,7 +40,7 @@ from distill.errors import EXIT_USER_ERROR, UserError
 from distill.progress import enabled as progress_shown
 from pipelines import overrides as params_overrides
 from pipelines.lifecycle import (ProjectBusy, command, exclusive_run, params_changed, reclaim_signals,
-                                 recorded_flow_run, running_stage, until)
+                                 recorded_flow_run, refused, running_stage, until)
 from pipelines.dvcfile import evaluate_file
 from pipelines.tools import BIN, StageCrashed, StageFailed, run_streaming, stage_error, tool_env
 
@@ -139,7 +139,7 @@ def run_stage(stage: str, repo_dir: str, force: bool, pipeline_run: str, wait_fo
         return "ran" if f"Running stage '{stage}'" in output else _reused()
     if re.search(rf"exited with {EXIT_USER_ERROR}\b", output):
         refusal = UserError(f"stage {stage}: {stage_error(lines) or output[-300:]}{_put_back(stage, repo_dir)}")
-        return Failed(name="Refused", message=str(refusal), data=refusal)
+        return refused(refusal)
     if TRANSIENT.search("\n".join(lines[-5:])):  # DVC's last words, not a warning earlier in the stage
         raise StageFailed(f"stage {stage} failed (dvc exit {code}), to be tried again: {output[-300:]}")
     crash = StageCrashed(f"stage {stage} crashed (dvc exit {code}); its traceback is above: "
@@ -206,19 +206,13 @@ def pipeline(overrides: dict[str, Any] | None = None, force: bool = False, repo_
             return _run(root, overrides, force, wait_for_lock_s)
     except ProjectBusy as exc:
         if wait_for_lock_s <= 0:
-            return _refused(exc)
+            return refused(exc)
         get_run_logger().warning("skipped after waiting %.0f s: %s", wait_for_lock_s, exc)
         return Cancelled(name="Skipped", message=f"the project stayed busy for {wait_for_lock_s:.0f} s: {exc}")
     except UserError as exc:
-        return _refused(exc)
+        return refused(exc)
     except (StageCrashed, StageFailed) as exc:  # its traceback is in the stage's own output, above
         return Failed(message=str(exc), data=exc)
-
-
-def _refused(exc: UserError):
-    """The flow run's end when the user's input is refused: its state says the sentence (no traceback),
-    and calling the flow raises `exc` again."""
-    return Failed(name="Refused", message=str(exc), data=exc)
 
 
 def _run(root: Path, overrides: dict[str, Any] | None, force: bool, wait_s: float) -> dict:

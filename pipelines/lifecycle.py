@@ -241,6 +241,14 @@ def _set_state(server: str, flow_run_id: str, state: str, why: str) -> None:
                 client.set_task_run_state(task_run.id, make(message=why), force=True)
 
 
+def refused(exc: UserError):
+    """The Prefect state of a flow or task run whose user input was refused: failed, named `Refused`,
+    its message the sentence (no traceback in its log); its result raises `exc` again."""
+    from prefect.states import Failed
+
+    return Failed(name="Refused", message=str(exc), data=exc)
+
+
 class ProjectBusy(UserError):
     """Another pipeline run, or a dvc command, holds the project's lock."""
 

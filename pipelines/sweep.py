@@ -28,7 +28,6 @@ import prefect.runtime
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from distill.errors import UserError
@@ -77,13 +76,13 @@ def run_point(repo_dir: str, name: str, overrides: dict[str, str], baseline: str
     """One grid point: one DVC experiment, run where the task runner placed this task (experiments.run_in_clone)."""
     logger = get_run_logger()
     if lifecycle.stopping():  # the sweep is being stopped: a point not started stays so
-        return Failed(name="Refused", message=f"{name}: not started, the sweep was stopped")
+        return lifecycle.refused(UserError(f"{name}: not started, the sweep was stopped"))
     started = time.time()
     try:
         rev = experiments.run_in_clone(Path(repo_dir), name, overrides, baseline, patch, log=logger.info,
                                        extra_env=env)
     except UserError as exc:  # the point's state says the sentence; no traceback in its log
-        return Failed(name="Refused", message=str(exc), data=exc)
+        return lifecycle.refused(exc)
     return {"name": name, "overrides": overrides, "rev": rev, "pid": os.getpid(), "started": started,
             "finished": time.time(), **_where()}
 
@@ -140,7 +139,7 @@ def _sweep(points: list[dict[str, str]], prefix: str, root: Path) -> dict:
     if failed:
         refusal = UserError(f"{len(failed)} of {len(points)} sweep points failed (any others are in dvc exp show): "
                             + "; ".join(failed))
-        return Failed(name="Refused", message=str(refusal), data=refusal)  # the sentence, no traceback
+        return lifecycle.refused(refusal)  # the sentence, no traceback
     return {"summary": table, "points": done}
 
 
