@@ -38,7 +38,9 @@ class ClassificationTask:
         "prepare": [("${data.path}", "your data file (data/raw, the folder, when the source generates its data)"),
                     ("${data.transfer_path}", "your file of unlabeled rows (data/raw when none)"),
                     ("${data.text.tokenizer}", "text: the tokenizer folder (data/raw when the data is not text)")],
-        "train_teacher": [("${teacher.model}", "a pretrained folder or checkpoint file (data/raw when trained here)")]}
+        "train_teacher": [("${teacher.model}", "a pretrained folder or checkpoint file (data/raw when trained here)")],
+        "train_student": [("${teacher.model}", "the teacher's folder: student.embedding_init teacher reads its embeddings")],
+        "train_baseline": [("${teacher.model}", "the teacher's folder: student.embedding_init teacher reads its embeddings")]}
     # dvc.yaml's plots: report files drawn by `dvc plots show`, and the curves across models
     report_plots: ClassVar[dict[str, dict]] = {"predictions": {"template": "confusion", "x": "actual", "y": "student"},
                                                "figures": {}}
@@ -117,7 +119,8 @@ class ClassificationTask:
         from distill import training
 
         job, out = self._job(params, "student", paths, world, run)
-        result = training.train_student(job, paths.prepared, paths.soft_labels, out, params.resume)
+        result = training.train_student(job, paths.prepared, paths.soft_labels, out, params.resume,
+                                        start=self._student_start(params, paths.prepared))
         text = self._served_text(params, paths.prepared)
         self._log_training(run, result, paths.model, mlflow_model=text is not None, text=text or None)
         return result
@@ -126,9 +129,16 @@ class ClassificationTask:
         from distill import training
 
         job, out = self._job(params, "baseline", paths, world, run)
-        result = training.train_on_labels(job, paths.prepared, out, params.resume)
+        result = training.train_on_labels(job, paths.prepared, out, params.resume,
+                                          start=self._student_start(params, paths.prepared))
         self._log_training(run, result, paths.model)
         return result
+
+    def _student_start(self, params: Params, prepared: Path):
+        """The student's and the baseline's one starting point (their vocabulary and first embeddings)."""
+        from distill import vocabulary
+
+        return vocabulary.student_start(params.student, params.teacher, prepared)
 
     def _log_training(self, run: Any, result: dict, checkpoint: Path, mlflow_model: bool = False,
                       text: dict | None = None) -> None:

@@ -209,6 +209,14 @@ class StudentConfig(ModelTrainConfig):
     shuffle_buffer: int = Field(
         131072, gt=0, description="rows shuffled together when the training rows do not fit at once"
     )
+    vocabulary: Literal["all", "used"] = Field(
+        "all", description="textcnn: all = an embedding row per id of the tokenizer; used = a row per id that "
+        "occurs in train and transfer, and one that every other id shares (distill/vocabulary.py)"
+    )
+    embedding_init: Literal["random", "teacher"] = Field(
+        "random", description="textcnn: teacher = the rows start as the input embeddings of teacher.model (a "
+        "Hugging Face folder), projected to embedding_dim by PCA; the baseline starts from the same"
+    )
 
 
 # Keys of the student section that only the distilled student reads: the baseline

@@ -91,19 +91,30 @@ class TextCNN(nn.Module):
     """A convolutional sentence classifier (Kim 2014, "Convolutional Neural Networks for Sentence
     Classification", CNN-rand): token embeddings, one convolution per filter width, ReLU, the
     maximum over the text of each filter, dropout, a fully connected head. Input: (N, L) token
-    ids, padded with `pad_id` (ignored by the pooling)."""
+    ids, padded with `pad_id` (ignored by the pooling).
+
+    `vocab_rows`: the embedding table holds that many rows, not one per token id: the buffer
+    `rows` (saved with the weights) maps each id to its row, row 0 being the padding's and row 1
+    the one every id unseen in training shares (distill.vocabulary fills both)."""
 
     def __init__(self, num_classes: int, vocab_size: int, pad_id: int, embedding_dim: int, channels: list[int],
-                 kernel_sizes: list[int], hidden: list[int], dropout: float = 0.0):
+                 kernel_sizes: list[int], hidden: list[int], dropout: float = 0.0, vocab_rows: int | None = None):
         super().__init__()
         self.pad_id, self.min_length = pad_id, max(kernel_sizes)
-        self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        if vocab_rows is None:
+            self.rows = None
+            self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        else:
+            self.register_buffer("rows", torch.zeros(vocab_size, dtype=torch.long))
+            self.embed = nn.Embedding(vocab_rows, embedding_dim, padding_idx=0)
         self.convs = nn.ModuleList(nn.Conv1d(embedding_dim, ch, k) for ch, k in zip(channels, kernel_sizes))
         self.dropout = nn.Dropout(dropout)
         self.head = MLP(sum(channels), num_classes, hidden, dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = padding_mask(ids, self.pad_id, self.min_length)
+        if self.rows is not None:
+            ids = self.rows[ids]  # token ids -> rows of the student's own table
         h = self.embed(ids).transpose(1, 2)  # (N, L) -> (N, E, L)
         pooled = []
         for conv in self.convs:

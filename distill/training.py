@@ -285,11 +285,13 @@ def use_as_is(model: nn.Module, args: dict, job: TrainJob, prepared_dir: str | P
 
 
 def train_student(job: TrainJob, prepared_dir: str | Path, soft_labels_dir: str | Path, out: Outputs,
-                  resume: ResumeConfig | None = None) -> dict:
+                  resume: ResumeConfig | None = None,
+                  start: Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None = None) -> dict:
     """Stage step train_student: distil from the stored soft labels (train + transfer rows).
 
     The distillation loss and the shuffle buffer come from the job's (student) config; the
-    rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`.
+    rows are streamed from Parquet when there are more than `cfg.shuffle_buffer`. `start`: as
+    in train_on_labels (the baseline is given the same).
     """
     job = replace(job, name="student", distillation=job.distillation or Distillation.of(job.cfg),
                   buffer_rows=job.cfg.shuffle_buffer)
@@ -302,7 +304,7 @@ def train_student(job: TrainJob, prepared_dir: str | Path, soft_labels_dir: str 
                "soft_labels_run_id": prov.get("run_id"),
                "soft_labels_sha256": file_sha256(rows.path)}
     out = replace(out, info=out.info | {"soft_labels": lineage})
-    result = _train_and_save(job, meta, rows, (val.x, val.y), out, resume, {"soft_labels": lineage})
+    result = _train_and_save(job, meta, rows, (val.x, val.y), out, resume, {"soft_labels": lineage}, start=start)
     return result | {"soft_labels": lineage}
 
 
