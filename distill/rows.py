@@ -10,6 +10,12 @@ one block at a time. `Batches` turns a source into mini-batches for each epoch:
   batches, while a background thread reads the next buffer (Parquet decoding
   releases the GIL). Memory then stays flat in the number of rows.
 
+On token ids (`pad_id` given) rows of similar length share a batch, as a Transformer's
+fine-tuning recipes do: each run of BUCKET_BATCHES batches of the shuffled order is sorted
+by length and cut into batches, and the epoch's batches are shuffled, so a batch is padded
+to little more than its rows' own length (the models cut each batch after its longest row)
+while its rows still come from anywhere in the epoch.
+
 Batches never mix the random generator with anything else, so the same seed gives
 the same batches. Each epoch has exactly ceil(rows / batch_size) batches (rows left
 over from one buffer start the next), which learning-rate schedules rely on.
@@ -30,6 +36,8 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.errors import UserError
+
+BUCKET_BATCHES = 50  # on token ids: batches whose rows are sorted by length together
 
 
 @dataclass(frozen=True)
@@ -133,10 +141,12 @@ class EpochTiming:
 class Batches:
     """Shuffled mini-batches of a `Rows` source (see the module docstring)."""
 
-    def __init__(self, rows: Rows, batch_size: int, buffer_rows: int | None = None, rank: int = 0, ranks: int = 1):
+    def __init__(self, rows: Rows, batch_size: int, buffer_rows: int | None = None, rank: int = 0, ranks: int = 1,
+                 pad_id: int | None = None):
         """`rank` of `ranks` processes (distributed training): every rank draws the same
-        global batches and yields its share of each, rows rank, rank + ranks, ..."""
-        self.rows, self.batch_size = rows, batch_size
+        global batches and yields its share of each, rows rank, rank + ranks, ... `pad_id`:
+        the rows are token ids padded with it, batched by length."""
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
         self.rank, self.ranks = rank, ranks
         self.sizes = list(rows.block_sizes)
         self.num_rows = sum(self.sizes)
@@ -153,8 +163,8 @@ class Batches:
         if not self.streamed:
             if self._resident is None:
                 self._resident = _Tensors.cat([self.rows.read_block(i) for i in range(len(self.sizes))])
-            yield from self._resident.batches(torch.randperm(self.num_rows, generator=gen), self.batch_size,
-                                              self.rank, self.ranks)
+            yield from self._resident.batches(self._order(self._resident, torch.randperm(self.num_rows, generator=gen),
+                                                          gen), self.rank, self.ranks)
             return
         yield from self._streamed_epoch(gen)
 
@@ -183,8 +193,22 @@ class Batches:
                     buffer = _Tensors.cat_tensors([carry, buffer])
                 perm = torch.randperm(len(buffer.y), generator=gen)
                 full = len(perm) if n + 1 == len(groups) else len(perm) // self.batch_size * self.batch_size
-                yield from buffer.batches(perm[:full], self.batch_size, self.rank, self.ranks)
+                yield from buffer.batches(self._order(buffer, perm[:full], gen), self.rank, self.ranks)
                 carry = buffer.take(perm[full:])
+
+    def _order(self, rows: _Tensors, perm: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """The batches (row indices) of `perm`: its consecutive pieces, or on token ids by length."""
+        if not len(perm):
+            return []  # (an empty tensor still splits into one empty piece)
+        if self.pad_id is None:
+            return list(perm.split(self.batch_size))
+        lengths = (rows.x[perm] != self.pad_id).sum(1)
+        window = self.batch_size * BUCKET_BATCHES
+        batches = []
+        for start in range(0, len(perm), window):
+            piece = perm[start:start + window]
+            batches += piece[torch.argsort(lengths[start:start + window], stable=True)].split(self.batch_size)
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def timed(batches: Iterator, timing: EpochTiming) -> Iterator:
@@ -224,9 +248,7 @@ class _Tensors:
     def take(self, idx: torch.Tensor) -> _Tensors:
         return _Tensors(self.x[idx], self.y[idx], None if self.logits is None else self.logits[idx])
 
-    def batches(self, perm: torch.Tensor, batch_size: int, rank: int = 0, ranks: int = 1) -> Iterator:
-        if not len(perm):
-            return  # (an empty tensor still splits into one empty piece)
-        for idx in perm.split(batch_size):
+    def batches(self, order: list[torch.Tensor], rank: int = 0, ranks: int = 1) -> Iterator:
+        for idx in order:
             idx = idx[rank::ranks] if ranks > 1 else idx
             yield self.x[idx], self.y[idx], None if self.logits is None else self.logits[idx]

@@ -96,8 +96,10 @@ def fit_classifier(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.n
     Under torchrun (`job.world`), each rank trains on its share of every global batch.
     """
     cfg = job.cfg
-    trainee = ClassifierTrainee(job, Batches(train, cfg.batch_size, job.buffer_rows, job.world.rank, job.world.size),
-                                val)
+    tokens = np.issubdtype(val[0].dtype, np.integer)  # token ids: batched by length, padded with the model's pad_id
+    batches = Batches(train, cfg.batch_size, job.buffer_rows, job.world.rank, job.world.size,
+                      pad_id=getattr(model, "pad_id", None) if tokens else None)
+    trainee = ClassifierTrainee(job, batches, val)
     if resume is not None:  # saved every few epochs: the loop counts steps
         resume = replace(resume, every=resume.every * trainee.eval_every)
     best = loop.fit(model, trainee, loop.Run(cfg.lr, cfg.weight_decay, job.world, job.precision, job.on_epoch, resume))

@@ -90,3 +90,25 @@ def test_parquet_rows_read_any_range_across_row_groups_and_files(tmp_path):
     assert rows.group_bounds[:4] == [(0, 10), (10, 20), (20, 23), (23, 33)]
     for start, stop in [(0, 63), (5, 27), (20, 23), (22, 24), (60, 70), (7, 7)]:
         assert rows.read(start, stop).column("v").to_pylist() == every[start:stop]
+
+
+@pytest.mark.parametrize("buffer_rows", [None, 300])
+def test_token_rows_are_batched_by_length_each_row_once_in_exactly_ceil_n_over_b_batches(buffer_rows):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=1000)
+    x = np.zeros((1000, 64), dtype=np.int32)  # pad id 0
+    for i, n in enumerate(lengths):
+        x[i, :n] = rng.integers(1, 100, size=n)
+    rows = InMemoryRows(x, np.arange(1000))
+    bucketed = Batches(rows, batch_size=16, buffer_rows=buffer_rows, pad_id=0)
+    plain = Batches(rows, batch_size=16, buffer_rows=buffer_rows)
+    got = epoch_rows(bucketed, 0)
+    assert len(got) == bucketed.steps_per_epoch == 63
+    assert sorted(np.concatenate(got).tolist()) == list(range(1000))
+    assert [len(b) for b in got].count(16) >= 62
+    assert all(np.array_equal(a, b) for a, b in zip(got, epoch_rows(bucketed, 0)))  # the seed fixes them
+
+    def padding(batches):  # tokens of padding a batch cut after its longest row carries
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in batches)
+
+    assert padding(got) < padding(epoch_rows(plain, 0)) / 3
