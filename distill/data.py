@@ -99,15 +99,16 @@ def stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -
     return np.flatnonzero(mask), held_idx
 
 
-def grouped_split(y: np.ndarray, groups: np.ndarray, fraction: float,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def grouped_split(y: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator,
+                  where: str = "data: the groups") -> tuple[np.ndarray, np.ndarray]:
     """Indices (rest, held_out): whole groups held out, about `fraction` of the rows, classes
-    balanced as far as the groups allow (one fold of scikit-learn's StratifiedGroupKFold)."""
+    balanced as far as the groups allow (one fold of scikit-learn's StratifiedGroupKFold).
+    `where` begins a refusal: what holds the groups."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     folds = max(2, int(round(1 / fraction)))
     if len(np.unique(groups)) < folds:
-        raise UserError(f"data: {len(np.unique(groups))} groups cannot be split {folds} ways; "
+        raise UserError(f"{where}: {len(np.unique(groups))} groups cannot be split {folds} ways; "
                         "use fewer, larger fractions or more groups")
     splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=int(rng.integers(2**31)))
     rest, held = next(splitter.split(np.zeros(len(y)), y, groups))
@@ -121,22 +122,25 @@ def split_raw(raw: RawData, cfg: DataConfig,
     rng = np.random.default_rng(cfg.seed)
     labels = raw.y if raw.y_test is None else np.concatenate([raw.y, raw.y_test])
     ids, class_names = encode_labels(labels)
+    labels_in = _labels_in(cfg)
     if len(class_names) < 2:
-        raise UserError(f"data: only one class ({class_names[0]}) found; a classifier needs at least two")
+        raise UserError(f"{labels_in} holds only one class ('{class_names[0]}', all {len(labels)} rows); a "
+                        "classifier needs at least two: set data.label_column to the column of classes, or add "
+                        "rows of another class")
     y, y_test = ids[: len(raw.y)], ids[len(raw.y) :]
     x, x_test, groups = raw.x, raw.x_test, raw.groups
     if x_test is None:
-        _check_class_sizes(y, class_names)
+        _check_class_sizes(y, class_names, labels_in)
         if groups is None:
             rest, test_idx = stratified_split(y, cfg.test_fraction, rng)
         else:
-            rest, test_idx = grouped_split(y, groups, cfg.test_fraction, rng)
+            rest, test_idx = grouped_split(y, groups, cfg.test_fraction, rng, _groups_in(cfg))
             groups = groups[rest]
         x, y, x_test, y_test = x[rest], y[rest], x[test_idx], y[test_idx]
     if groups is None:
         train_idx, val_idx = stratified_split(y, cfg.val_fraction, rng)
     else:
-        train_idx, val_idx = grouped_split(y, groups, cfg.val_fraction, rng)
+        train_idx, val_idx = grouped_split(y, groups, cfg.val_fraction, rng, _groups_in(cfg))
     missing = sorted(set(y_test) - set(y[train_idx]))
     if missing:
         raise UserError(f"data: class '{class_names[missing[0]]}' is in the test split but not in train; add rows")
@@ -197,12 +201,23 @@ def munge(x: np.ndarray, rows: int, rng: np.random.Generator, swap: float = 0.5,
     return np.where(swapped, other + jitter, e).astype(x.dtype)
 
 
-def _check_class_sizes(y: np.ndarray, class_names: list[str]) -> None:
+def _labels_in(cfg: DataConfig) -> str:
+    """What holds the labels, to begin a refusal with: the user's file and its label column, or the source."""
+    return f"{cfg.path}: label column '{cfg.label_column}'" if cfg.source in ("csv", "parquet") else \
+        f"data.source {cfg.source}"
+
+
+def _groups_in(cfg: DataConfig) -> str:
+    """What holds the groups, to begin a refusal with: the user's file and its group column, or the source."""
+    return f"{cfg.path}: group column '{cfg.group_column}'" if cfg.group_column else f"data.source {cfg.source}"
+
+
+def _check_class_sizes(y: np.ndarray, class_names: list[str], labels_in: str) -> None:
     counts = np.bincount(y, minlength=len(class_names))
     if counts.min() < 3:
         c = int(np.argmin(counts))
         raise UserError(
-            f"data: class '{class_names[c]}' has {counts[c]} rows; each class needs at least 3 "
+            f"{labels_in}: class '{class_names[c]}' has {counts[c]} rows; each class needs at least 3 "
             "(train, val and test)"
         )
 

@@ -133,32 +133,55 @@ def _load_table(cfg: DataConfig) -> RawData:
         raise UserError(f"{path}: file not found; set data.path to your {cfg.source} file")
     df = _read_table(path, cfg.source, "; check the file and data.source")
     _check_named_columns(path, list(df.columns), cfg)
-    groups = None if cfg.group_column is None else df[cfg.group_column].astype(str).to_numpy()
+    named = {"text": cfg.text_column, "label": cfg.label_column, "group": cfg.group_column}
     if cfg.text_column is not None:
-        text = _text_column(path, df, cfg.text_column)
-        if df[cfg.label_column].isna().any():
-            raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them")
-        return RawData(text, df[cfg.label_column].to_numpy(), [cfg.text_column], groups=groups)
+        df = df[_rows_to_keep(path, df, named, cfg.on_nan)]
+        return RawData(_text_column(path, df, cfg.text_column), df[cfg.label_column].to_numpy(), [cfg.text_column],
+                       groups=_groups(df, cfg.group_column))
     features = cfg.feature_columns or _numeric_columns(path, df, cfg)
     _check_feature_columns(path, df, features, cfg.label_column)
     x = df[features].to_numpy(dtype=np.float64)
-    y = df[cfg.label_column]
-    bad_x, bad_y = ~np.isfinite(x).all(axis=1), y.isna().to_numpy()
-    if cfg.on_nan == "drop" and (bad_x | bad_y).any():
-        keep = ~(bad_x | bad_y)
-        log.warning("%s: dropped %d of %d rows with NaN / infinite features or no label (data.on_nan: drop)",
-                    path, int((~keep).sum()), len(keep))
-        if not keep.any():
-            raise UserError(f"{path}: every row has a NaN / infinite feature or no label; nothing left to train on")
-        x, y = x[keep], y[keep]
-        groups = None if groups is None else groups[keep]
-    elif bad_x.any():
+    bad_x = ~np.isfinite(x).all(axis=1)
+    if bad_x.any() and cfg.on_nan == "error":
         bad = [c for c in features if not np.isfinite(df[c].to_numpy(dtype=np.float64)).all()]
         raise UserError(f"{path}: column '{bad[0]}' has NaN or infinite values; clean them or set data.on_nan: drop")
-    elif bad_y.any():
-        raise UserError(f"{path}: label column '{cfg.label_column}' has empty values; fill them or set "
-                        "data.on_nan: drop")
-    return RawData(x, y.to_numpy(), features, groups=groups)
+    keep = _rows_to_keep(path, df, named, cfg.on_nan, bad_x)
+    return RawData(x[keep], df[cfg.label_column].to_numpy()[keep], features, groups=_groups(df[keep], cfg.group_column))
+
+
+def _rows_to_keep(path: Path, df, columns: dict[str, str | None], on_nan: str,
+                  bad: np.ndarray | None = None) -> np.ndarray:
+    """Which rows of `df` to read: (N,) bool, False where a cell of the named `columns` ({"text":
+    name, "label": name, ...}; None = no such column) is blank, or where `bad` (a table's rows with
+    NaN / infinite features) is True. With data.on_nan: error a blank cell is refused, naming the
+    column and its first blank row; with drop those rows are dropped and the log says how many."""
+    drop = np.zeros(len(df), dtype=bool) if bad is None else bad.copy()
+    reasons = ["NaN / infinite features"] if drop.any() else []
+    for what, column in columns.items():
+        blank = np.zeros(len(df), dtype=bool) if column is None else _blank(df[column])
+        if blank.any() and on_nan == "error":
+            raise UserError(f"{path}: {what} column '{column}' has empty values, the first at row "
+                            f"{int(np.flatnonzero(blank)[0])} ({int(blank.sum())} in all); fill them, or set "
+                            "data.on_nan: drop to drop those rows")
+        if blank.any():
+            drop |= blank
+            reasons.append(f"a blank {what}")
+    if drop.any():
+        log.warning("%s: dropped %d of %d rows with %s (data.on_nan: drop)", path, int(drop.sum()), len(drop),
+                    " or ".join(reasons))
+    if drop.all() and len(drop):
+        raise UserError(f"{path}: every row has {' or '.join(reasons)}; nothing left to train on")
+    return ~drop
+
+
+def _blank(values) -> np.ndarray:
+    """Which cells of a column are blank: missing (an empty csv cell reads as NaN) or only spaces."""
+    return (values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())).to_numpy(dtype=bool)
+
+
+def _groups(df, column: str | None) -> np.ndarray | None:
+    """The group column as (N,) strings (blank cells already dropped or refused), or None."""
+    return None if column is None else df[column].astype(str).to_numpy(dtype=object)
 
 
 def check_table(cfg: DataConfig) -> None:
@@ -187,19 +210,14 @@ def _check_named_columns(path: Path, columns: list[str], cfg: DataConfig) -> Non
 
 
 def _text_column(path: Path, df, column: str) -> np.ndarray:
-    """The text column as (N,) strings; a missing or non-string column, or an empty text, is refused."""
-    if column not in df.columns:
-        raise UserError(f"{path}: no text column '{column}'; set data.text_column to one of {list(df.columns)}")
+    """The text column as (N,) strings, its blank cells dropped or refused before (_rows_to_keep);
+    a cell that is not a string (a number) is refused."""
     values = df[column]
-    strings = values.map(lambda v: isinstance(v, str))
+    strings = values.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool)
     if not strings.all():
-        row = int(np.flatnonzero(~strings.to_numpy())[0])
-        raise UserError(f"{path}: text column '{column}' holds {type(values.iloc[row]).__name__} at row {row}, "
-                        "not a string; every row needs its text")
-    empty = values.str.strip() == ""
-    if empty.any():
-        raise UserError(f"{path}: text column '{column}' is empty at row {int(np.flatnonzero(empty.to_numpy())[0])}"
-                        f" ({int(empty.sum())} empty in all); drop those rows")
+        row = int(np.flatnonzero(~strings)[0])
+        raise UserError(f"{path}: text column '{column}' holds {type(values.iloc[row]).__name__} at row "
+                        f"{values.index[row]}, not a string; every row needs its text")
     return values.to_numpy(dtype=object)
 
 
@@ -219,7 +237,7 @@ def load_transfer_file(cfg: DataConfig, columns: list[str]) -> np.ndarray | None
         raise UserError(f"{path}: the transfer file lacks the training data's column(s) {missing[:5]}; its columns "
                         f"are {list(df.columns)[:10]}")
     if cfg.is_text:
-        return _text_column(path, df, columns[0])
+        return _text_column(path, df[_rows_to_keep(path, df, {"text": columns[0]}, cfg.on_nan)], columns[0])
     bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise UserError(f"{path}: transfer column '{bad[0]}' is not numeric, unlike the training data's")

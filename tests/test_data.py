@@ -103,6 +103,21 @@ def test_feature_columns_can_be_chosen(tmp_path):
     assert data.prepare(cfg, tmp_path / "prepared").num_features == 2
 
 
+def test_on_nan_drop_drops_a_tables_rows_with_nan_features_or_a_blank_label_or_group(tmp_path, caplog):
+    df = wine_frame().assign(farm=lambda d: [f"farm{i % 30}" for i in range(len(d))])
+    df["cultivar"] = df["cultivar"].astype(object)
+    df.loc[0, "alcohol"], df.loc[1, "cultivar"], df.loc[2, "farm"] = np.nan, np.nan, " "
+    df.to_csv(tmp_path / "wine.csv", index=False)
+    cfg = DataConfig(source="csv", path=str(tmp_path / "wine.csv"), label_column="cultivar", group_column="farm",
+                     on_nan="drop")
+    with caplog.at_level("WARNING", logger="distill"):
+        meta = data.prepare(cfg, tmp_path / "prepared")
+    assert sum(meta.splits.values()) == len(df) - 3
+    assert "dropped 3 of 178 rows with NaN / infinite features or a blank label or a blank group" in caplog.text
+    with pytest.raises(UserError, match=r"wine.csv: label column 'cultivar' has empty values, the first at row 1 \(1 "):
+        data.prepare(cfg.model_copy(update={"on_nan": "error", "feature_columns": ["hue"]}), tmp_path / "out")
+
+
 def test_standardization_uses_train_statistics(tmp_path):
     data.prepare(DataConfig(source="digits"), tmp_path / "p")
     train = data.read_split(tmp_path / "p", "train")

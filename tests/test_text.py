@@ -173,7 +173,10 @@ def test_bad_text_columns_are_refused_in_one_sentence(tmp_path, bert):
 
     refused(df, "no text column 'review'", text_column="review")
     refused(df.assign(text=np.arange(len(df))), "text column 'text' holds int64 at row 0, not a string")
-    refused(df.assign(text=["  "] + list(df["text"][1:])), "text column 'text' is empty at row 0")
+    refused(df.assign(text=["  "] + list(df["text"][1:])),
+            r"text column 'text' has empty values, the first at row 0 \(1 in all\); fill them, or set data.on_nan: drop")
+    refused(df.assign(movie=[None] + list(df["movie"][1:])), "bad.csv: group column 'movie' has empty values")
+    refused(df.assign(label="fresh"), r"bad.csv: label column 'label' holds only one class \('fresh'")
     refused(df, "no group column 'film'", group_column="film")
 
 

@@ -1,0 +1,89 @@
+"""Your own text and teacher, refused in words: a file with blank cells or one class stops the
+prepare stage (a process, as DVC runs it) with exit status 2 and one line naming the file, the
+column and the fix, and writes nothing; `data.on_nan: drop` drops those rows and counts them in
+the log. A long corpus is measured against `data.text.max_length`; a small one fine-tunes its
+teacher for `teacher.min_steps`; a teacher brought trained that scores near chance on val is named
+in train_teacher's log with the likely cause."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import subprocess_env, tiny_params, write_params
+from distill import data, pretrained, text
+from distill.classification_params import Params
+from tiny_text import FILLER, make_bert_folder, make_reviews
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_bert_folder(tmp_path_factory.mktemp("bert") / "bert")
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> pd.DataFrame:
+    return pd.read_csv(make_reviews(tmp_path_factory.mktemp("reviews") / "reviews.csv", rows=150, movies=30))
+
+
+def text_params(bert: Path, **data: object) -> dict:
+    """Tiny params reading reviews.csv (in the working folder) as text, grouped by movie, without a transfer set."""
+    return tiny_params(**{"data.source": "csv", "data.path": "reviews.csv", "data.text_column": "text",
+                          "data.group_column": "movie", "data.transfer_size": 0, "data.augment": "none",
+                          "data.text.tokenizer": str(bert), "data.text.max_length": 24,
+                          **{f"data.{k}": v for k, v in data.items()}})
+
+
+def run_prepare(folder: Path, frame: pd.DataFrame, bert: Path, **data: object) -> subprocess.CompletedProcess:
+    frame.to_csv(folder / "reviews.csv", index=False)
+    write_params(folder / "params.yaml", text_params(bert, **data))
+    return subprocess.run([sys.executable, "-m", "stages.prepare", "--params", "params.yaml", "--out", "prepared"],
+                          cwd=folder, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
+def with_blank(frame: pd.DataFrame, column: str, row: int) -> pd.DataFrame:
+    frame = frame.copy()
+    frame[column] = frame[column].astype(object)
+    frame.loc[row, column] = np.nan
+    return frame
+
+
+REFUSALS = [
+    ("a blank group cell", lambda df: with_blank(df, "movie", 5),
+     ["reviews.csv", "group column 'movie'", "row 5", "data.on_nan: drop"]),
+    ("a blank text cell", lambda df: with_blank(df, "text", 3),
+     ["reviews.csv", "text column 'text'", "row 3", "data.on_nan: drop"]),
+    ("a blank label cell", lambda df: with_blank(df, "label", 7),
+     ["reviews.csv", "label column 'label'", "row 7", "data.on_nan: drop"]),
+    ("one class", lambda df: df.assign(label="fresh"),
+     ["reviews.csv", "label column 'label'", "only one class", "'fresh'"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, breakage, named", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_prepare_refuses_a_bad_text_file_in_one_line_naming_file_and_column(tmp_path, bert, reviews, name,
+                                                                             breakage, named):
+    result = run_prepare(tmp_path, breakage(reviews), bert)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "error:" in lines[0] and all(text in lines[0] for text in named), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_on_nan_drop_drops_rows_with_a_blank_text_label_or_group_and_says_how_many(tmp_path, bert, reviews):
+    frame = with_blank(with_blank(with_blank(reviews, "text", 3), "label", 7), "movie", 5)
+    result = run_prepare(tmp_path, frame, bert, on_nan="drop")
+    assert result.returncode == 0, result.stderr
+    assert "reviews.csv: dropped 3 of 150 rows with a blank text or a blank label or a blank group" in result.stderr
+    assert sum(json.loads((tmp_path / "prepared" / "meta.json").read_text())["splits"].values()) == 147
