@@ -92,6 +92,10 @@ class ClassificationTask:
                           "distill.teacher_source_sha256": record["teacher_source_sha256"]})
             source_info = {k: v for k, v in info.items() if k != "history"}
             result = training.use_as_is(model, model_args, job, paths.prepared, out, record | {"source_info": source_info})
+            warning = pretrained.chance_warning(result["best_val_accuracy"], data.read_split(paths.prepared, "val").y,
+                                                meta.class_names, data.standardized(paths.prepared))
+            if warning and world.is_main:
+                log.warning(warning)
         else:
             def from_folder(meta):
                 if meta.tokens is None:

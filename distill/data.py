@@ -298,6 +298,15 @@ def read_meta(prepared_dir: str | Path) -> PreparedMeta:
     )
 
 
+def standardized(prepared_dir: str | Path) -> bool | None:
+    """Whether prepare standardised the features (data.standardize: a train mean or std other than
+    0 and 1 in meta.json); None on text, which has no features to scale."""
+    scale = json.loads((Path(prepared_dir) / META_FILE).read_text()).get("standardize")
+    if scale is None:
+        return None
+    return any(m != 0 for m in scale["mean"]) or any(s != 1 for s in scale["std"])
+
+
 def read_split(prepared_dir: str | Path, name: str) -> Split:
     """Read one prepared split into numpy arrays."""
     path = Path(prepared_dir) / f"{name}.parquet"

@@ -13,16 +13,19 @@ A `checkpoint` teacher is a file: this pipeline's checkpoint (models/teacher.pt 
 another run; an import-path arch in its model_args works), a dict with `arch`
 (package.module:factory), `arch_kwargs` and `state_dict`, or a TorchScript file. It is
 checked on a dummy batch and stored self-contained in models/teacher.pt (TorchScript as
-its bytes), with the file's sha256.
+its bytes), with the file's sha256. It reads the prepared features, standardised when
+data.standardize is true; scored near chance on val, the log says so (`chance_warning`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -206,6 +209,36 @@ def _checkpoint_parts(path: Path, ckpt: Any, num_features: int, num_classes: int
 def build_torchscript(args: dict[str, Any]) -> nn.Module:
     """A TorchScript teacher from the bytes stored in its model_args."""
     return torch.jit.load(io.BytesIO(args["script"]), map_location="cpu")
+
+
+def chance_warning(accuracy: float, y: np.ndarray, class_names: list[str], standardized: bool | None) -> str | None:
+    """A sentence for the log when a brought teacher scores on val as a model that learned nothing
+    would, naming the likely cause; None when it does better.
+
+    A model without skill scores at best p, the majority-class rate of the val labels `y` (p >=
+    1/C), by predicting the commonest class. On n val rows an accuracy spreads around its rate with
+    standard deviation sqrt(p(1-p)/n), so "near chance" is below p + 2 sqrt(p(1-p)/n), what chance
+    alone exceeds about 2 % of the time, with a floor of 0.02: on a large val split a teacher 1
+    point above p is still no teacher. A teacher that reads its inputs as it was trained to is far
+    above the line; one fed inputs on another scale (`standardized`: data.standardize as prepare
+    applied it; None on text) or reading the classes in another order falls to it.
+    """
+    n = len(y)
+    if n == 0:
+        return None
+    counts = np.bincount(y, minlength=len(class_names))
+    p = counts.max() / n
+    if accuracy >= p + max(2 * math.sqrt(p * (1 - p) / n), 0.02):
+        return None
+    cause = {True: "it was given standardised features (data.standardize: true); if it was trained on raw ones "
+                   "set data.standardize: false",
+             False: "it was given raw features (data.standardize: false); if it was trained on standardised ones "
+                    "set data.standardize: true",
+             None: "check that it was trained on the token ids of data.text.tokenizer"}[standardized]
+    names = ", ".join(f"'{c}'" for c in class_names[:6]) + (", ..." if len(class_names) > 6 else "")
+    return (f"teacher: the brought teacher (teacher.source: checkpoint) scores {accuracy:.3f} on val, near chance "
+            f"(always '{class_names[int(counts.argmax())]}' scores {p:.3f} on these {n} rows): {cause}; check too "
+            f"that its outputs are the classes in the order {names}")
 
 
 def source_record(path: str | Path) -> dict:

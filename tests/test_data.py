@@ -114,6 +114,7 @@ def test_on_nan_drop_drops_a_tables_rows_with_nan_features_or_a_blank_label_or_g
         meta = data.prepare(cfg, tmp_path / "prepared")
     assert sum(meta.splits.values()) == len(df) - 3
     assert "dropped 3 of 178 rows with NaN / infinite features or a blank label or a blank group" in caplog.text
+    assert data.standardized(tmp_path / "prepared") is True
     with pytest.raises(UserError, match=r"wine.csv: label column 'cultivar' has empty values, the first at row 1 \(1 "):
         data.prepare(cfg.model_copy(update={"on_nan": "error", "feature_columns": ["hue"]}), tmp_path / "out")
 

@@ -87,3 +87,41 @@ def test_on_nan_drop_drops_rows_with_a_blank_text_label_or_group_and_says_how_ma
     assert result.returncode == 0, result.stderr
     assert "reviews.csv: dropped 3 of 150 rows with a blank text or a blank label or a blank group" in result.stderr
     assert sum(json.loads((tmp_path / "prepared" / "meta.json").read_text())["splits"].values()) == 147
+
+
+class RawScale(nn.Module):
+    """A teacher trained on raw features: class 0 ('high') when x0 is above 100."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0] - 100, 100 - x[:, 0]], dim=1)
+
+
+def test_a_near_chance_line_lies_within_noise_of_the_majority_rate():
+    y = np.array([0] * 60 + [1] * 40)  # majority rate 0.6; 2 sqrt(0.24 / 100) = 0.098
+    assert pretrained.chance_warning(0.69, y, ["a", "b"], True) is not None
+    assert pretrained.chance_warning(0.70, y, ["a", "b"], True) is None
+    big = np.array([0] * 5000 + [1] * 5000)  # the floor of 0.02 where 2 standard errors are 0.01
+    assert pretrained.chance_warning(0.515, big, ["a", "b"], False) is not None
+    said = pretrained.chance_warning(0.2, y, ["a", "b"], None)
+    assert "'a' scores 0.600 on these 100 rows" in said and "data.text.tokenizer" in said
+
+
+@pytest.mark.slow
+def test_a_brought_teacher_near_chance_is_named_with_data_standardize_as_the_likely_cause(tmp_path):
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(100, 10, size=300)
+    frame = pd.DataFrame({"x0": x0, "x1": rng.normal(size=300), "label": np.where(x0 > 100, "high", "low")})
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    torch.jit.save(torch.jit.script(RawScale()), tmp_path / "teacher.ts")
+    params = tiny_params(**{"data.source": "csv", "data.path": "table.csv", "data.transfer_size": 0,
+                            "data.augment": "none", "teacher.source": "checkpoint", "teacher.model": "teacher.ts"})
+    write_params(tmp_path / "params.yaml", params)
+    data.prepare(Params.model_validate(params).data.model_copy(update={"path": str(tmp_path / "table.csv")}),
+                 tmp_path / "prepared")
+    result = subprocess.run([sys.executable, "-m", "stages.train_teacher", "--params", "params.yaml", "--prepared",
+                             "prepared", "--model", "teacher.pt", "--history", "teacher.csv"], cwd=tmp_path,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "near chance" in line]
+    assert len(warning) == 1 and "it was given standardised features (data.standardize: true); if it was trained " \
+        "on raw ones set data.standardize: false" in warning[0], result.stderr
