@@ -4,8 +4,8 @@
 (stratified, and grouped where rows share a group: no movie in two splits), standardizes or
 tokenizes (distill.text) and writes them as
 data/prepared/{train,val,test[,transfer]}.parquet plus meta.json (features, class
-names, standardization, tokens). Every later stage reads the prepared directory
-through `read_meta` and `read_split`.
+names, standardization, tokens and how much of the documents they read). Every later
+stage reads the prepared directory through `read_meta` and `read_split`.
 
 A prepared split is a Parquet table with columns
   id     int64, unique across all splits
@@ -59,7 +59,8 @@ class PreparedMeta:
     splits: dict[str, int]
     fingerprint: str  # sha256 over the prepared directory
     source: str = "csv"
-    tokens: dict | None = None  # text: vocab_size, pad_id, max_length, mask_token, tokenizer_sha256
+    tokens: dict | None = None  # text: vocab_size, pad_id, max_length, mask_token, tokenizer_sha256,
+    # median_tokens, cut_fraction (documents longer than max_length), measured_documents
 
     @property
     def is_text(self) -> bool:
@@ -238,7 +239,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> PreparedMeta:
         "splits": {name: len(y) for name, (_, y) in splits.items()},
     }
     if tok is not None:
-        meta["tokens"] = texts.token_info(tok, cfg.text.tokenizer, cfg.text.max_length)
+        lengths = texts.document_lengths(tok, raw.x, cfg.text.max_length)
+        texts.log_lengths(lengths, cfg.text.max_length, texts.position_limit(tok, cfg.text.tokenizer))
+        meta["tokens"] = texts.token_info(tok, cfg.text.tokenizer, cfg.text.max_length) | lengths
 
         def encode(x: np.ndarray) -> np.ndarray:
             return texts.tokenize(tok, x, cfg.text.max_length)

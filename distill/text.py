@@ -103,6 +103,54 @@ def tokenize(tok, texts: np.ndarray, max_length: int, batch: int = 4096) -> np.n
     return out
 
 
+def document_lengths(tok, texts: np.ndarray, max_length: int, sample: int = 2000) -> dict:
+    """How much of the documents `max_length` tokens read, measured on up to `sample` of `texts`
+    (evenly spaced: the same data give the same figures) tokenized whole, special tokens counted as
+    `tokenize` counts them: the median document's tokens and the share of documents cut. Stored in
+    meta.json's tokens, so the report can show them."""
+    rows = np.unique(np.linspace(0, len(texts) - 1, min(len(texts), sample)).round().astype(int))
+    ids = tok([str(texts[i]) for i in rows], truncation=False, return_attention_mask=False,
+              verbose=False)["input_ids"] if len(rows) else []
+    lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+    return {"median_tokens": int(np.median(lengths).round()) if len(lengths) else 0,
+            "cut_fraction": round(float(np.mean(lengths > max_length)), 4) if len(lengths) else 0.0,
+            "measured_documents": len(lengths)}
+
+
+def position_limit(tok, folder: str | Path) -> int | None:
+    """The most tokens the teacher reads: max_position_embeddings in the folder's config.json, else
+    the tokenizer's model_max_length (None when neither says: transformers' stand-in is 10^30)."""
+    import json
+
+    config = resolve_folder(str(folder)) / "config.json"
+    if config.is_file():
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+        if isinstance(limit, int):
+            return limit
+    limit = getattr(tok, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def log_lengths(lengths: dict, max_length: int, limit: int | None) -> None:
+    """Say how much of the median document data.text.max_length reads; when the median document is
+    cut, warn that the user must choose: a longer max_length, or only each document's beginning."""
+    median, cut = lengths["median_tokens"], lengths["cut_fraction"]
+    read = f"{max_length} of the median document's {median} tokens ({100 * max_length / median:.0f} %)" \
+        if median > max_length else f"all of the median document's {median} tokens"
+    log.info("data.text.max_length %d reads %s; %.0f %% of documents are cut (measured on %d)", max_length, read,
+             100 * cut, lengths["measured_documents"])
+    if median <= max_length:
+        return
+    if limit is not None and max_length >= limit:
+        log.warning("most documents are longer than data.text.max_length %d, the most the teacher reads (its "
+                    "max_position_embeddings): only the first %d tokens of each are read", max_length, max_length)
+        return
+    room = f" (up to the teacher's limit, {limit}: its max_position_embeddings)" if limit else ""
+    log.warning("most documents are longer than data.text.max_length %d (the median has %d tokens): raise "
+                "data.text.max_length%s, at a cost in time in every stage, or accept that only the first %d tokens "
+                "of each are read", max_length, median, room, max_length)
+
+
 def augment(texts: np.ndarray, copies: int, cfg: TextConfig, mask_token: str | None,
             rng: np.random.Generator, limit: int | None = None) -> np.ndarray:
     """`copies` augmented copies of each text (at most `limit` in all, drawn evenly), as (M,) strings."""

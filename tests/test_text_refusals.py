@@ -89,6 +89,31 @@ def test_on_nan_drop_drops_rows_with_a_blank_text_label_or_group_and_says_how_ma
     assert sum(json.loads((tmp_path / "prepared" / "meta.json").read_text())["splits"].values()) == 147
 
 
+def test_prepare_says_how_much_of_the_median_document_max_length_reads(tmp_path, bert, caplog):
+    rng = np.random.default_rng(0)
+    long = [" ".join(rng.choice(FILLER, size=40)) + (" good" if i % 2 else " bad") for i in range(60)]
+    frame = pd.DataFrame({"text": long, "label": ["fresh", "rotten"] * 30, "movie": [f"m{i % 20}" for i in range(60)]})
+    frame.to_csv(tmp_path / "reviews.csv", index=False)
+    cfg = Params.model_validate(text_params(bert, **{"path": str(tmp_path / "reviews.csv"), "text.max_length": 16})).data
+    with caplog.at_level("INFO", logger="distill"):
+        meta = data.prepare(cfg, tmp_path / "prepared")
+    assert meta.tokens["median_tokens"] == 43 and meta.tokens["cut_fraction"] == 1.0
+    said = caplog.text
+    assert "data.text.max_length 16 reads 16 of the median document's 43 tokens (37 %); 100 % of documents are cut" \
+        in said
+    assert "raise data.text.max_length (up to the teacher's limit, 64" in said and "only the first 16 tokens" in said
+
+
+def test_a_corpus_that_fits_max_length_gets_no_warning(bert, caplog):
+    tok = text.load_tokenizer(bert)
+    lengths = text.document_lengths(tok, np.asarray(["a good film", "a dull plot and a weak cast"], dtype=object), 24)
+    assert lengths == {"median_tokens": 7, "cut_fraction": 0.0, "measured_documents": 2}  # [CLS] and [SEP] count
+    with caplog.at_level("INFO", logger="distill"):
+        text.log_lengths(lengths, 24, text.position_limit(tok, bert))
+    assert "reads all of the median document's 7 tokens; 0 % of documents are cut" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 class RawScale(nn.Module):
     """A teacher trained on raw features: class 0 ('high') when x0 is above 100."""
 
