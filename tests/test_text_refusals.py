@@ -150,3 +150,26 @@ def test_a_brought_teacher_near_chance_is_named_with_data_standardize_as_the_lik
     warning = [line for line in result.stderr.splitlines() if "near chance" in line]
     assert len(warning) == 1 and "it was given standardised features (data.standardize: true); if it was trained " \
         "on raw ones set data.standardize: false" in warning[0], result.stderr
+
+
+def test_a_small_corpus_fine_tunes_its_pretrained_teacher_for_min_steps_warmed_up_and_decayed_over_them(
+        tmp_path, bert, reviews):
+    from distill import training
+    from distill.rows import Batches, InMemoryRows
+
+    reviews.to_csv(tmp_path / "reviews.csv", index=False)
+    params = Params.model_validate(text_params(bert, path=str(tmp_path / "reviews.csv")) | {"teacher": {
+        "source": "pretrained", "model": str(bert), "epochs": 1, "min_steps": 300, "batch_size": 32, "lr": 1e-3,
+        "warmup_fraction": 0.1}})
+    data.prepare(params.data, tmp_path / "prepared")
+    train, val = (data.read_split(tmp_path / "prepared", split) for split in ("train", "val"))
+    job = training.TrainJob(params.teacher, name="teacher")
+    trainee = training.ClassifierTrainee(job, Batches(InMemoryRows(train.x, train.y), 32), (val.x, val.y))
+    assert trainee.eval_every <= 5 and trainee.steps >= 300  # 150 rows: about 90 in train, 3 batches an epoch
+    opt = torch.optim.AdamW(nn.Linear(1, 1).parameters(), lr=1e-3)
+    schedule, rates = trainee.schedule(opt), []
+    for _ in range(trainee.steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert int(np.argmax(rates)) == round(0.1 * trainee.steps) - 1 and rates[-1] <= 2e-3 / trainee.steps
