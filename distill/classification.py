@@ -196,17 +196,27 @@ class ClassificationTask:
         return result.metrics | {"run_ids": result.run_ids, "passed": passed}
 
     def _log_evaluation(self, run: Any, result: Any, artifacts: list[Path]) -> None:
-        """One child run per model (an evaluation.Evaluation's metrics under the same keys, and the
-        model's own config as params, so MLflow's compare view lines up arch, widths, temperature and
-        alpha beside the numbers), the gap closed on the stage run, and the report files as artifacts."""
+        """One child run per model (an evaluation.Evaluation's metrics under the same keys, the accuracy's
+        interval as test_accuracy_ci95_low / _high, and the model's own config as params, so MLflow's
+        compare view lines up arch, widths, temperature and alpha beside the numbers), on text one for
+        the reference too; on the stage run the gap closed, and the test split and paired comparisons
+        flattened (student_vs_baseline.p_value, test_split.majority_rate...); the report files as artifacts."""
         for role, model_run in result.run_ids.items():
             config = dict(result.configs.get(role, {}))
             if role == "baseline":  # trained with the student's config, but no distillation key applies to it
                 config = {k: v for k, v in config.items() if k not in self.distillation_keys}
             run.log_child(f"evaluate {role}", {"role": role} | config, result.metrics[role],
                           {"distill.model_role": role, "distill.model_run_id": model_run})
+        if "reference" in result.metrics:  # no training run of its own: fitted in this stage
+            run.log_child("evaluate reference", {"role": "reference"} | result.configs.get("reference", {}),
+                          result.metrics["reference"], {"distill.model_role": "reference"})
         if result.metrics.get("gap_closed") is not None:
             run.log_metrics({"gap_closed": result.metrics["gap_closed"]})
+        models = {*result.run_ids, "reference"}
+        noise = {f"{key}.{name}": value for key, values in result.metrics.items()
+                 if key not in models and isinstance(values, dict) for name, value in values.items()}
+        if noise:
+            run.log_metrics(noise)  # numbers only: the majority class's name and one_class stay in metrics.json
         for path in artifacts:
             run.log_artifact(path)
 

@@ -1,13 +1,17 @@
 """How results are shown: the markdown comparison, and the HTML report with its figures.
 
-    reports/compare.md       the comparison table and the gap-closed line (`compare_table`); the evaluate
-                             stage adds the registry gate's verdict line (distill.gate.announce)
-    reports/report.html      headline, the registry gate's verdict, comparison table, the four figures (embedded)
+    reports/compare.md       the comparison table, the gap-closed line and what is noise (`compare_table`);
+                             the evaluate stage adds the registry gate's verdict line (distill.gate.announce)
+    reports/report.html      headline, the registry gate's verdict, comparison table, what is noise, the four
+                             figures (embedded)
     reports/figures/*.png    the same figures, for `dvc plots show` and MLflow
 
-The table's columns (`COLUMNS`) are defined once, for both.
-The headline is the share of the teacher-baseline gap the student closes, with
-the size and speed the student buys. Figures (matplotlib, no display needed):
+The table's columns (`COLUMNS`) are defined once, for both; its rows are the three models and, on
+text, the TF-IDF reference. The headline is the share of the teacher-baseline gap the student
+closes, with the size and speed the student buys; it says "within noise" where McNemar's test of
+student against baseline cannot tell them apart, claims nothing on a test split of a few dozen
+rows, and names a model that predicts one class for every row (distill.significance decides,
+`noise_lines` words it). Figures (matplotlib, no display needed):
 accuracy against size and latency, training curves, confusion matrices, and a
 reliability diagram. Everything comes from what `evaluate` computes, so the page
 never disagrees with reports/metrics.json.
@@ -23,43 +27,120 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from distill.evaluation import Evaluation, no_gap_reason
+from distill import significance
+from distill.evaluation import PAIRS, Evaluation, no_gap_reason
 from distill.gate import REPORT_SLOT
 from distill.io import atomic_path, write_text
 from distill.task import ROLES
 
-COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
+COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C", "reference": "#55A868"}
+MODELS = (*ROLES, "reference")  # the table's rows; the reference only where evaluate scored one (text)
 FIGURES = ("tradeoff", "training", "confusion", "reliability")
 DPI = 110
 
 
 def headline(metrics: dict) -> str:
-    """One sentence: the gap closed, and what the student costs against the teacher."""
+    """A few sentences: the gap closed (or why none is claimed: no gap, within noise, too few test rows),
+    the student against the reference, the models no better than a constant, and what the student costs
+    against the teacher."""
     acc = {m: 100 * metrics[m]["test_accuracy"] for m in ROLES}
-    gap = metrics.get("gap_closed")
+    gap, pair, rows = metrics.get("gap_closed"), metrics["student_vs_baseline"], metrics["test_split"]["rows"]
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     student_ms, teacher_ms = metrics["student"]["latency_ms_b1"], metrics["teacher"]["latency_ms_b1"]
     size = (f"{smaller:.1f}x fewer parameters than the teacher" if smaller >= 1
             else f"{1 / smaller:.1f}x the teacher's parameters")  # a student larger than its teacher happens
     cost = f"The student has {size} and answers one example in {student_ms:.2f} ms (teacher: {teacher_ms:.2f} ms)."
-    if gap is None:
-        return (f"No gap to close: {no_gap_reason(metrics)}; the student reaches {acc['student']:.1f}%. A stronger "
-                f"teacher (more epochs, a wider model) may change that; until then the baseline is the model to "
-                f"keep. {cost}")
-    return (f"Distillation closed {100 * gap:.0f}% of the teacher-baseline gap: student {acc['student']:.1f}% vs "
-            f"baseline {acc['baseline']:.1f}% vs teacher {acc['teacher']:.1f}% test accuracy. {cost}")
+    versus = f"student {acc['student']:.1f}% vs baseline {acc['baseline']:.1f}%: {100 * pair['difference']:+.1f} points"
+    tested = f"McNemar exact {p_text(pair['p_value'])}, {rows:,} test rows"
+    if significance.too_few_rows(rows):
+        spread = 50 * (metrics["student"]["test_accuracy_ci95_high"] - metrics["student"]["test_accuracy_ci95_low"])
+        first = (f"Too few test rows to measure what distillation buys: {versus}, teacher {acc['teacher']:.1f}% "
+                 f"({tested}); on {rows} rows one accuracy's 95% interval is about ±{spread:.0f} points. Score a "
+                 "larger test split (data.test_fraction, or more data) before drawing a conclusion.")
+    elif gap is None:
+        first = (f"No gap to close: {no_gap_reason(metrics)}; the student reaches {acc['student']:.1f}%. A stronger "
+                 f"teacher (more epochs, a wider model) may change that; until then the baseline is the model to "
+                 f"keep.")
+    elif significance.within_noise(pair["p_value"]):
+        first = (f"Distillation made no difference this test split can tell: {versus}, within noise ({tested}); "
+                 f"teacher {acc['teacher']:.1f}%.")
+    else:
+        first = (f"Distillation closed {100 * gap:.0f}% of the teacher-baseline gap: student {acc['student']:.1f}% vs "
+                 f"baseline {acc['baseline']:.1f}% vs teacher {acc['teacher']:.1f}% test accuracy ({tested}).")
+    return " ".join([first, *against_reference(metrics), *naive_sentences(metrics), cost])
+
+
+def against_reference(metrics: dict) -> list[str]:
+    """The student against the TF-IDF reference, where there is one (text)."""
+    if "student_vs_reference" not in metrics:
+        return []
+    pair = metrics["student_vs_reference"]
+    return [f"Against the TF-IDF reference ({100 * metrics['reference']['test_accuracy']:.1f}%) the student is "
+            f"{100 * pair['difference']:+.1f} points, {noise_word(pair['p_value'])} "
+            f"(McNemar exact {p_text(pair['p_value'])})."]
+
+
+def p_text(p: float) -> str:
+    """A p-value as read: "p = 0.41", "p < 0.001"."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def noise_word(p: float) -> str:
+    return "within noise" if significance.within_noise(p) else "more than noise"
+
+
+def naive_sentences(metrics: dict) -> list[str]:
+    """The models that predict one class for every row, and those no better than always answering the
+    majority class (one-sided binomial test, distill.significance.above_majority_p_value)."""
+    split, said = metrics["test_split"], []
+    for m in (m for m in MODELS if m in metrics):
+        if m in split["one_class"]:
+            said.append(f"The {m} predicts one class for every row ({split['one_class'][m]}).")
+        elif significance.within_noise(metrics[m]["above_majority_p_value"]):
+            said.append(f"The {m} ({100 * metrics[m]['test_accuracy']:.1f}%) is no better than always answering "
+                        f"{split['majority_class']} ({100 * split['majority_rate']:.1f}%).")
+    return said
+
+
+def noise_lines(metrics: dict) -> list[str]:
+    """What is noise, one sentence a line: the test split and its majority class, each paired comparison,
+    and the models no better than a constant (compare.md and the report, under the table)."""
+    split = metrics["test_split"]
+    lines = [f"Test split: {split['rows']:,} rows; its majority class, {split['majority_class']}, is "
+             f"{100 * split['majority_rate']:.1f}% of them (the accuracy of always answering it)."]
+    for first, second in PAIRS:
+        if (pair := metrics.get(f"{first}_vs_{second}")) is not None:
+            p = pair["p_value"]
+            lines.append(f"{first.capitalize()} vs {second} on the same rows: {100 * pair['difference']:+.1f} points "
+                         f"(the {first} alone right on {pair['wins']:,} rows, the {second} alone on "
+                         f"{pair['losses']:,}), McNemar exact {p_text(p)}: {noise_word(p)}.")
+    return lines + naive_sentences(metrics)
+
+
+def gap_caveat(metrics: dict) -> str:
+    """What the gap-closed figure is worth: "" when the student-baseline difference is more than noise."""
+    rows, p = metrics["test_split"]["rows"], metrics["student_vs_baseline"]["p_value"]
+    if significance.too_few_rows(rows):
+        return f" (on {rows} test rows: too few to tell)"
+    return f" (within noise: student vs baseline McNemar exact {p_text(p)})" if significance.within_noise(p) else ""
 
 
 def tradeoff_figure(metrics: dict) -> Figure:
-    """Test accuracy against parameters and against batch-1 latency, one point per model."""
+    """Test accuracy (with its 95 % interval) against parameters and against batch-1 latency, one point
+    per model; the reference, which has no latency here, as a dotted level."""
     fig = Figure(figsize=(9, 3.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, label in ((axes[0], "params", "parameters (log scale)"),
                            (axes[1], "latency_ms_b1", "CPU latency at batch 1, ms")):
         for m in ROLES:
             x, y = metrics[m][key], 100 * metrics[m]["test_accuracy"]
-            ax.scatter([x], [y], s=90, color=COLORS[m], zorder=3, label=m)
+            low, high = (100 * metrics[m][f"test_accuracy_ci95_{end}"] for end in ("low", "high"))
+            ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", ms=9, color=COLORS[m], capsize=4, zorder=3,
+                        label=m)
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
+        if "reference" in metrics:
+            ax.axhline(100 * metrics["reference"]["test_accuracy"], ls=":", color=COLORS["reference"],
+                       label="reference (TF-IDF)")
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.3, y=0.25)
@@ -67,7 +148,7 @@ def tradeoff_figure(metrics: dict) -> Figure:
     axes[1].set_xlim(left=0, right=1.3 * max(metrics[m]["latency_ms_b1"] for m in ROLES))
     axes[0].set_ylabel("test accuracy, %")
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Accuracy vs size vs latency: up and to the left is better", fontsize=11)
+    fig.suptitle("Accuracy (95% interval) vs size vs latency: up and to the left is better", fontsize=11)
     return fig
 
 
@@ -93,7 +174,8 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
 
 
-def confusion_figure(labels: np.ndarray, predictions: dict[str, np.ndarray], class_names: list[str]) -> Figure:
+def confusion_figure(labels: np.ndarray, predictions: dict[str, np.ndarray], class_names: list[str],
+                     metrics: dict) -> Figure:
     """Row-normalised confusion matrices side by side; counts written in when classes are few."""
     n = len(class_names)
     fig = Figure(figsize=(12, 4.2), dpi=DPI, layout="constrained")
@@ -104,7 +186,8 @@ def confusion_figure(labels: np.ndarray, predictions: dict[str, np.ndarray], cla
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
         accuracy = np.trace(counts) / max(counts.sum(), 1)
-        ax.set_title(f"{m} ({100 * accuracy:.1f}% correct)", fontsize=10)
+        low, high = (100 * metrics[m][f"test_accuracy_ci95_{end}"] for end in ("low", "high"))
+        ax.set_title(f"{m} ({100 * accuracy:.1f}% correct, 95% interval {low:.1f}-{high:.1f})", fontsize=10)
         ax.set_xlabel("predicted")
         if n <= 12:
             ax.set_xticks(range(n), class_names, fontsize=8)
@@ -147,13 +230,14 @@ def figures(inputs: Evaluation) -> dict[str, Figure]:
     return {
         "tradeoff": tradeoff_figure(inputs.metrics),
         "training": training_figure(inputs.histories),
-        "confusion": confusion_figure(inputs.labels, inputs.predictions, inputs.class_names),
+        "confusion": confusion_figure(inputs.labels, inputs.predictions, inputs.class_names, inputs.metrics),
         "reliability": reliability_figure(inputs.reliability, inputs.metrics),
     }
 
 
 COLUMNS = [  # metric key, heading, format, which direction is better (None: neither)
     ("test_accuracy", "test accuracy", "{:.2%}", "higher"),
+    ("test_accuracy_ci95", "95% interval", "{:.1%}–{:.1%}", None),  # its _low and _high
     ("nll", "NLL", "{:.4f}", "lower"),
     ("ece", "ECE", "{:.4f}", "lower"),
     ("teacher_agreement", "agrees with teacher", "{:.2%}", "higher"),
@@ -178,31 +262,42 @@ def matters(key: str, value: float, other: float) -> bool:
     return abs(value - other) > relative * max(abs(value), abs(other))
 
 
+def cell(row: dict, key: str, fmt: str) -> str:
+    """One model's value under one column; "–" where the model has none (the reference: no checkpoint, no
+    latency). The interval column reads the key's _low and _high."""
+    values = [row.get(f"{key}_low"), row.get(f"{key}_high")] if key.endswith("_ci95") else [row.get(key)]
+    return "–" if None in values else fmt.format(*values)
+
+
 def compare_table(metrics: dict) -> str:
-    """A markdown table of the three models, plus the gap-closed line (reports/compare.md)."""
+    """A markdown table of the models, the gap-closed line and what is noise (reports/compare.md)."""
     lines = ["| model | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for m in ROLES:
-        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt, _ in COLUMNS) + " |")
+    for m in (m for m in MODELS if m in metrics):
+        lines.append(f"| {m} | " + " | ".join(cell(metrics[m], k, fmt) for k, _, fmt, _ in COLUMNS) + " |")
     gap = metrics.get("gap_closed")
-    shown = f"n/a ({no_gap_reason(metrics)})" if gap is None else f"{100 * gap:.1f}%"
-    return "\n".join(lines) + f"\n\nGap closed by distillation (student - baseline) / (teacher - baseline): {shown}\n"
+    shown = f"n/a ({no_gap_reason(metrics)})" if gap is None else f"{100 * gap:.1f}%{gap_caveat(metrics)}"
+    gap_line = f"Gap closed by distillation (student - baseline) / (teacher - baseline): {shown}"
+    return "\n".join([*lines, "", gap_line, "", *noise_lines(metrics)]) + "\n"
 
 
 def table_html(metrics: dict) -> str:
-    """The comparison table; the student's cells are marked better / worse than the baseline's."""
+    """The comparison table; the student's cells are marked better / worse than the baseline's (test
+    accuracy only where McNemar's test says the difference is more than noise)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in COLUMNS)
+    noisy = significance.within_noise(metrics["student_vs_baseline"]["p_value"])  # on test accuracy, McNemar decides
     rows = []
-    for m in ROLES:
+    for m in (m for m in MODELS if m in metrics):
         cells = []
         for key, _, fmt, better in COLUMNS:
-            value = metrics[m][key]
-            mark = ""
-            if m == "student" and better and matters(key, value, metrics["baseline"][key]):
+            value, mark = metrics[m].get(key), ""
+            if (m == "student" and better and matters(key, value, metrics["baseline"][key])
+                    and not (key == "test_accuracy" and noisy)):
                 wins = (value > metrics["baseline"][key]) == (better == "higher")
                 mark = ' class="better"' if wins else ' class="worse"'
-            cells.append(f"<td{mark}>{fmt.format(value)}</td>")
+            cells.append(f"<td{mark}>{cell(metrics[m], key, fmt)}</td>")
         rows.append(f'<tr><th><span class="dot" style="background:{COLORS[m]}"></span>{m}</th>{"".join(cells)}</tr>')
-    return f'<table><tr><th>model</th>{head}</tr>{"".join(rows)}</table>'
+    noise = "".join(f"<li>{html.escape(line)}</li>" for line in noise_lines(metrics))
+    return f'<table><tr><th>model</th>{head}</tr>{"".join(rows)}</table>\n<ul id="noise">{noise}</ul>'
 
 
 PAGE = """<!doctype html>
@@ -236,8 +331,11 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 
 NOTE = ("Student cells are green where the student beats the baseline (same architecture, seed and budget, "
         "trained on the labels alone), red where it does worse, unmarked where they differ by less than matters "
-        "(0.1 point of a rate, a quarter of a latency, 5 % of anything else). Gap closed = (student - baseline) / "
-        "(teacher - baseline) in test accuracy, when the teacher beats the baseline.")
+        "(0.1 point of a rate, a quarter of a latency, 5 % of anything else; test accuracy only where McNemar's "
+        "exact test on the paired test rows gives p < 0.05). Intervals: Wilson, 95 %. The reference (text only) is "
+        "TF-IDF over word 1-2-grams and character 2-5-grams with logistic regression, fitted on the same train "
+        "rows; its parameters are its coefficients. Gap closed = (student - baseline) / (teacher - baseline) in "
+        "test accuracy, when the teacher beats the baseline.")
 
 CAPTIONS = {
     "tradeoff": "Accuracy against size and latency. Distillation pays when the student sits level with the "

@@ -1,7 +1,8 @@
-"""DVC stage `evaluate`: test metrics of teacher, student and baseline, their comparison and
-report (the files the task writes, by name), and the student's registration (with the alias
-only if it passes `registry.*`); the gate's verdict and its reason, one line, logged and written
-into compare.md and report.html (distill/gate.py).
+"""DVC stage `evaluate`: test metrics of teacher, student and baseline (on text, beside them, a TF-IDF
+reference fitted here), their comparison with what in it is noise, and report (the files the task
+writes, by name), and the student's registration (with the alias only if it passes `registry.*`);
+the gate's verdict and its reason, one line, logged and written into compare.md and report.html
+(distill/gate.py).
 
     python -m stages.evaluate --params params.yaml --prepared data/prepared \
         --teacher models/teacher.pt --student models/student.pt --baseline models/baseline.pt \

@@ -40,12 +40,15 @@ def test_quality_metrics_of_a_perfect_copy_of_the_teacher():
 def row(accuracy: float, params: int, latency: float) -> dict:
     return dict(test_accuracy=accuracy, nll=1 - accuracy, ece=0.01, teacher_agreement=accuracy, kl_from_teacher=0.1,
                 entropy=0.2, params=params, checkpoint_bytes=4 * params, latency_ms_b1=latency,
-                latency_ms_batch=10 * latency)
+                latency_ms_batch=10 * latency, above_majority_p_value=0.0)
 
 
 def test_the_comparison_table_puts_each_models_numbers_in_its_row_under_the_right_heading():
     metrics = {"teacher": row(0.9, 147_000, 0.75), "student": row(0.85, 8_000, 0.25),
-               "baseline": row(0.7, 8_000, 0.5), "gap_closed": 0.75}
+               "baseline": row(0.7, 8_000, 0.5), "gap_closed": 0.75,
+               "test_split": {"rows": 1000, "majority_class": "cat", "majority_rate": 0.5, "one_class": {}},
+               "student_vs_baseline": {"difference": 0.15, "p_value": 1e-9, "wins": 200, "losses": 50, "rows": 1000}}
+    metrics["student"] |= {"test_accuracy_ci95_low": 0.827, "test_accuracy_ci95_high": 0.871}
     lines = compare_table(metrics).splitlines()
     headings = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert headings == ["model", *(heading for _, heading, _, _ in COLUMNS)]
@@ -56,7 +59,9 @@ def test_the_comparison_table_puts_each_models_numbers_in_its_row_under_the_righ
     assert cells["student"][column["test accuracy"]] == "85.00%"
     assert cells["baseline"][column["parameters"]] == "8,000"
     assert cells["student"][column["ms at batch 1"]] == "0.250"
-    assert lines[-1].endswith(": 75.0%")
+    assert cells["student"][column["95% interval"]] == "82.7%–87.1%"
+    assert cells["teacher"][column["95% interval"]] == "–"  # none given
+    assert lines[6].endswith(": 75.0%")
 
 
 @pytest.mark.parametrize("accuracy, latency, passed", [(0.95, 10.0, True), (0.9499, 1.0, False), (0.99, 10.01, False)])

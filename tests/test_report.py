@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from distill import report
-from distill.evaluation import Evaluation, gap_closed, reliability_bins
+from distill.evaluation import Evaluation, gap_closed, noise_metrics, reliability_bins
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -34,6 +35,8 @@ def inputs(teacher=0.9, student=0.85, baseline=0.7) -> Evaluation:
         histories[name] = [{"epoch": e, "val_accuracy": acc * e / 5, "val_loss": 1 / e} for e in range(1, 6)]
     metrics = {"teacher": model_metrics(teacher, 50_000, 2.0), "student": model_metrics(student, 5_000, 0.5),
                "baseline": model_metrics(baseline, 5_000, 0.5)}
+    for key, values in noise_metrics(labels, predictions, CLASSES).items():
+        metrics[key] = metrics.get(key, {}) | values
     metrics["gap_closed"] = gap_closed(teacher, student, baseline)
     return Evaluation(metrics, histories, labels, predictions, bins, CLASSES, described="3 classes")
 
@@ -44,7 +47,7 @@ def test_report_has_headline_table_and_every_figure(tmp_path):
     # the headline: (0.85 - 0.7) / (0.9 - 0.7) = 75 % of the gap, 10x fewer parameters, both latencies
     assert out["headline"].startswith("Distillation closed 75% of the teacher-baseline gap")
     assert "10.0x fewer parameters" in out["headline"] and "0.50 ms (teacher: 2.00 ms)" in out["headline"]
-    assert 'id="headline"' in page and out["headline"] in page
+    assert 'id="headline"' in page and html.escape(out["headline"]) in page
     # the comparison table: a row per model, with the metrics' own numbers
     for name, acc in (("teacher", "90.00%"), ("student", "85.00%"), ("baseline", "70.00%")):
         row = re.search(rf"<tr><th><span[^>]*></span>{name}</th>(.*?)</tr>", page)
