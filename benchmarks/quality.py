@@ -63,9 +63,15 @@ def aggregate(records: list[dict]) -> dict:
     per seed (mean ± std) and from the mean accuracies.
     """
     out: dict = {}
-    for model in ROLES:
+    for model in (*ROLES, "reference"):  # the reference: TF-IDF + logistic regression, on text only
+        if model not in records[0]:
+            continue
         keys = [k for k, v in records[0][model].items() if isinstance(v, (int, float))]
         out[model] = {k: mean_std([r[model][k] for r in records]) for k in keys}
+    for pair in ("student_vs_baseline", "student_vs_reference"):  # McNemar's exact test, per seed
+        if pair in records[0]:
+            out[pair] = {"p_values": [r[pair]["p_value"] for r in records],
+                         "difference": mean_std([r[pair]["difference"] for r in records])}
     gaps = [gap_closed(*(r[m]["test_accuracy"] for m in ROLES)) for r in records]
     known = [g for g in gaps if g is not None]
     out["gap_closed"] = mean_std(known) if known else None
@@ -79,9 +85,10 @@ def aggregate(records: list[dict]) -> dict:
     return out
 
 
-# The bars of the text issue (Rotten Tomatoes, grouped split).
-TEXT_BAR = {"teacher_min": 0.80, "student_over_baseline_min": 0.03, "gap_closed_min": 0.5, "max_param_ratio": 0.1,
-            "min_speedup_b1": 5.0}
+# The bars of the text issue (Rotten Tomatoes, grouped split): BERT-base's level for the teacher,
+# Kim's CNN-static for the student, and the reference (TF-IDF + logistic regression) beaten.
+TEXT_BAR = {"teacher_min": 0.84, "student_min": 0.81, "gap_closed_min": 0.65, "max_param_ratio": 0.1,
+            "min_speedup_b1": 20.0, "student_over_reference_min": 0.02, "max_pipeline_minutes": 30}
 
 
 def check_bar(results: dict[str, dict]) -> dict[str, bool]:
@@ -89,13 +96,16 @@ def check_bar(results: dict[str, dict]) -> dict[str, bool]:
     cnn, mlp = results.get("mnist1d-cnn"), results.get("mnist1d-mlp")
     checks = {}
     if rt := results.get("rotten-tomatoes"):
-        acc = {m: rt[m]["test_accuracy"]["mean"] for m in ROLES}
-        checks["text_teacher_at_least_80"] = acc["teacher"] >= TEXT_BAR["teacher_min"]
-        checks["text_student_3_points_over_baseline"] = (acc["student"] - acc["baseline"]
-                                                         >= TEXT_BAR["student_over_baseline_min"])
-        checks["text_gap_closed_at_least_50"] = (rt["gap_closed_of_means"] or 0) >= TEXT_BAR["gap_closed_min"]
+        acc = {m: rt[m]["test_accuracy"]["mean"] for m in (*ROLES, "reference") if m in rt}
+        checks["text_teacher_at_least_84"] = acc["teacher"] >= TEXT_BAR["teacher_min"]
+        checks["text_student_at_least_81"] = acc["student"] >= TEXT_BAR["student_min"]
+        checks["text_gap_closed_at_least_65"] = (rt["gap_closed_of_means"] or 0) >= TEXT_BAR["gap_closed_min"]
         checks["text_student_at_most_tenth_of_teacher"] = rt["param_ratio"] <= TEXT_BAR["max_param_ratio"]
-        checks["text_student_5x_faster_at_batch_1"] = rt["speedup_b1"] >= TEXT_BAR["min_speedup_b1"]
+        checks["text_student_20x_faster_at_batch_1"] = rt["speedup_b1"] >= TEXT_BAR["min_speedup_b1"]
+        checks["text_student_2_points_over_reference"] = (acc["student"] - acc.get("reference", 1.0)
+                                                          >= TEXT_BAR["student_over_reference_min"])
+        checks["text_pipeline_at_most_30_min"] = (rt["pipeline_seconds"]["mean"] / 60
+                                                  <= TEXT_BAR["max_pipeline_minutes"])
         checks["text_at_least_3_seeds"] = rt["seeds"] >= 3
     if cnn:
         checks["teacher_at_least_97"] = cnn["teacher"]["test_accuracy"]["mean"] >= BAR["teacher_min"]
@@ -114,15 +124,28 @@ def fmt(stat: dict[str, float], scale: float = 100, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
+def interval(stat: dict) -> str:
+    """The mean 95 % interval of one seed's test accuracy (Wilson, over the test rows), where recorded."""
+    if "test_accuracy_ci95_low" not in stat:
+        return ""
+    return f"{100 * stat['test_accuracy_ci95_low']['mean']:.1f}-{100 * stat['test_accuracy_ci95_high']['mean']:.1f}"
+
+
 def markdown_table(results: dict[str, dict]) -> str:
-    lines = ["| data set / student | model | test accuracy % (mean ± std) | params | latency ms @b1 | gap closed % |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| data set / student | model | test accuracy % (mean ± std) | 95 % interval, one seed | params | "
+             "latency ms @b1 | gap closed % |", "|---|---|---|---|---|---|---|"]
     for name, agg in results.items():
-        for model in ROLES:
+        for model in (m for m in (*ROLES, "reference") if m in agg):
             gap = fmt(agg["gap_closed"]) if model == "student" and agg["gap_closed"] else ""
+            latency = f"{agg[model]['latency_ms_b1']['mean']:.3f}" if "latency_ms_b1" in agg[model] else ""
             lines.append(f"| {name} ({agg['seeds']} seeds) | {model} | {fmt(agg[model]['test_accuracy'])} | "
-                         f"{agg[model]['params']['mean']:,.0f} | {agg[model]['latency_ms_b1']['mean']:.3f} | {gap} |")
+                         f"{interval(agg[model])} | {agg[model]['params']['mean']:,.0f} | {latency} | {gap} |")
     for name, agg in results.items():
+        for pair in ("student_vs_baseline", "student_vs_reference"):
+            if pair in agg:
+                first, second = pair.split("_vs_")
+                lines.append(f"\n{name}: {first} - {second} {fmt(agg[pair]['difference'])} points; McNemar exact "
+                             "p per seed " + ", ".join(f"{p:.2g}" for p in agg[pair]["p_values"]))
         if "pipeline_seconds" in agg:
             lines.append(f"\n{name}: gap closed of the mean accuracies {100 * (agg['gap_closed_of_means'] or 0):.0f} %; "
                          f"student {1 / agg['param_ratio']:.1f}x fewer parameters, {agg['speedup_b1']:.1f}x faster at "
