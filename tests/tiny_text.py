@@ -65,8 +65,8 @@ def tiny_text_params(tokenizer: str = "bert", data_path: str = "data/raw/reviews
     params["data"].update(source="csv", path=data_path, text_column="text", label_column="label",
                           group_column="movie", transfer_size=600, augment_copies=2)
     params["data"]["text"].update(tokenizer=tokenizer, max_length=24)
-    params["teacher"].update(model=tokenizer, trainable_layers=None, epochs=3, batch_size=32, lr=1e-3)
-    params["student"].update(epochs=3, channels=[8, 8], kernel_sizes=[2, 3], embedding_dim=8)
+    params["teacher"].update(model=tokenizer, trainable_layers=None, epochs=3, min_steps=0, batch_size=32, lr=1e-3)
+    params["student"].update(epochs=3, min_steps=0, channels=[8, 8], kernel_sizes=[2, 3], embedding_dim=8)
     params["soft_labels"].update(batch_size=256, shard_rows=500)
     params["evaluate"].update(latency_repeats=2, latency_batch_size=16)
     params["tracking"]["enabled"] = False
