@@ -58,9 +58,10 @@ class ClassificationTask:
                                              "seed")
 
     def check(self, params: Params) -> None:
-        from distill import pretrained, sources, text
+        from distill import pretrained, sources, text, vocabulary
 
         sources.check_table(params.data)
+        vocabulary.check(params.student, params.teacher)
         if params.data.text_column is not None:
             text.load_tokenizer(params.data.text.tokenizer)
         teacher = params.teacher

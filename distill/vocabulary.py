@@ -82,6 +82,13 @@ def projected(table: torch.Tensor, dim: int) -> torch.Tensor:
     return out / out.std(0, keepdim=True).clamp(min=1e-8)
 
 
+def check(cfg: StudentConfig, teacher: TeacherConfig) -> None:
+    """Refuse, in one sentence, teacher embeddings where the teacher is not a Hugging Face folder."""
+    if cfg.embedding_init == "teacher" and teacher.source != "pretrained":
+        raise UserError("student.embedding_init: teacher reads the input embeddings of teacher.model, a Hugging "
+                        f"Face folder; teacher.source is {teacher.source}: set embedding_init: random")
+
+
 def student_start(cfg: StudentConfig, teacher: TeacherConfig, prepared_dir: str | Path
                   ) -> Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None:
     """What the student and the baseline start from (training's `start`): None where the config asks
@@ -95,9 +102,7 @@ def student_start(cfg: StudentConfig, teacher: TeacherConfig, prepared_dir: str 
         if tokens is None or args["arch"] != "textcnn":
             raise UserError(f"student.vocabulary: {cfg.vocabulary} and student.embedding_init: {cfg.embedding_init} "
                             "are for the textcnn student on text; set them to all and random")
-        if cfg.embedding_init == "teacher" and teacher.source != "pretrained":
-            raise UserError("student.embedding_init: teacher reads the input embeddings of teacher.model, a Hugging "
-                            f"Face folder; teacher.source is {teacher.source}: set embedding_init: random")
+        check(cfg, teacher)
         ids = (used_ids(prepared_dir, tokens["pad_id"]) if cfg.vocabulary == "used"
                else np.asarray([i for i in range(tokens["vocab_size"]) if i != tokens["pad_id"]], dtype=np.int64))
         args["vocab_rows"] = len(ids) + 2

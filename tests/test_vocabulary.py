@@ -78,3 +78,17 @@ def test_untouched_settings_keep_the_plain_student_and_the_teacher_embeddings_ne
     start = vocabulary.student_start(wants, TeacherConfig(source="train"), "data/prepared")
     with pytest.raises(UserError, match="embedding_init: teacher reads the input embeddings.*teacher.source is train"):
         start(data.read_meta("data/prepared"))
+
+
+def test_the_run_refuses_teacher_embeddings_without_a_teacher_folder_before_any_stage():
+    from distill.classification import ClassificationTask
+    from distill.classification_params import Params
+
+    import yaml
+
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["student"]["embedding_init"] = "teacher"  # the MNIST-1D teacher is trained here
+    with pytest.raises(UserError, match="embedding_init: teacher .* teacher.source is train"):
+        ClassificationTask().check(Params.model_validate(params))
