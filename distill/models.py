@@ -93,20 +93,15 @@ class TextCNN(nn.Module):
     maximum over the text of each filter, dropout, a fully connected head. Input: (N, L) token
     ids, padded with `pad_id` (ignored by the pooling).
 
-    `vocab_rows`: the embedding table holds that many rows, not one per token id: the buffer
-    `rows` (saved with the weights) maps each id to its row, row 0 being the padding's and row 1
-    the one every id unseen in training shares (distill.vocabulary fills both)."""
+    A table cut to fewer rows than the tokenizer has ids (`map_ids`) reads each id through the
+    buffer `rows` (saved with the weights), row 0 being the padding's and row 1 the one every
+    id unseen in training shares (distill.vocabulary fills both)."""
 
     def __init__(self, num_classes: int, vocab_size: int, pad_id: int, embedding_dim: int, channels: list[int],
-                 kernel_sizes: list[int], hidden: list[int], dropout: float = 0.0, vocab_rows: int | None = None):
+                 kernel_sizes: list[int], hidden: list[int], dropout: float = 0.0):
         super().__init__()
-        self.pad_id, self.min_length = pad_id, max(kernel_sizes)
-        if vocab_rows is None:
-            self.rows = None
-            self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
-        else:
-            self.register_buffer("rows", torch.zeros(vocab_size, dtype=torch.long))
-            self.embed = nn.Embedding(vocab_rows, embedding_dim, padding_idx=0)
+        self.pad_id, self.min_length, self.rows = pad_id, max(kernel_sizes), None
+        self.embed = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.convs = nn.ModuleList(nn.Conv1d(embedding_dim, ch, k) for ch, k in zip(channels, kernel_sizes))
         self.dropout = nn.Dropout(dropout)
         self.head = MLP(sum(channels), num_classes, hidden, dropout)
@@ -126,6 +121,14 @@ class TextCNN(nn.Module):
             pooled.append(a.masked_fill(~valid, 0.0).amax(dim=2))
         return self.head(self.dropout(torch.cat(pooled, dim=1)))  # (N, sum(channels)) -> (N, C)
 
+    def map_ids(self, vocab_size: int, pad_id: int) -> None:
+        """Read the ids of a tokenizer of `vocab_size` ids padded with `pad_id` through `rows` (all row
+        1 until filled), this model's table being a cut one whose padding row is 0."""
+        del self.rows  # a plain attribute until here
+        self.register_buffer("rows", torch.full((vocab_size,), 1, dtype=torch.long))
+        self.rows[pad_id] = 0
+        self.pad_id = pad_id
+
 
 # ---------------------------------------------------------------- the architecture registry
 
@@ -142,7 +145,13 @@ def _cnn1d(kwargs: dict[str, Any]) -> nn.Module:
 @register_arch("textcnn")
 def _textcnn(kwargs: dict[str, Any]) -> nn.Module:
     # reads texts of any length: num_features (the longest) is not its business
-    return TextCNN(**{k: v for k, v in kwargs.items() if k != "num_features"})
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_features"}
+    rows = kwargs.pop("vocab_rows", None)
+    if rows is None:
+        return TextCNN(**kwargs)
+    model = TextCNN(**kwargs | {"vocab_size": rows, "pad_id": 0})  # a cut table (distill.vocabulary)
+    model.map_ids(kwargs["vocab_size"], kwargs["pad_id"])
+    return model
 
 
 TOKEN_BATCH = 64  # rows per forward pass over token ids (sorted by length, so each pass pads little)

@@ -48,6 +48,7 @@ TINY_PARAMS = {
         "hidden": [8], "dropout": 0.0, "epochs": 3, "min_steps": 0, "patience": None, "batch_size": 64, "lr": 0.01,
         "weight_decay": 0.0, "warmup_fraction": None, "temperature": 4.0, "alpha": 0.9,
         "loss": "kd", "dkd_target_weight": 1.0, "dkd_nontarget_weight": 8.0, "shuffle_buffer": 131072,
+        "vocabulary": "all", "embedding_init": "random",
     },
     "evaluate": {"ece_bins": 10, "latency_batch_size": 32, "latency_repeats": 2},
     "resume": {"every_epochs": 1, "dir": ".resume"},
