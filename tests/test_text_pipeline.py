@@ -93,6 +93,7 @@ def test_under_dvc_a_temperature_change_reruns_only_the_student_and_evaluate(tmp
     # a checkpoint teacher: train_teacher trains nothing; the file is a dependency, by hash
     shutil.copy(root / "models" / "teacher.pt", root / "data" / "raw" / "teacher.pt")
     params["teacher"] |= {"source": "checkpoint", "model": "data/raw/teacher.pt"}
+    params["student"]["embedding_init"] = "random"  # the teacher's embeddings are read from a Hugging Face folder
     params["tracking"]["enabled"] = False
     write_params(root / "params.yaml", params)
     assert "train_teacher" in repro(root)
