@@ -31,7 +31,9 @@ class LanguageModelTask:
         "figures": "directory of the report's PNG figures", "curves": "directory of each model's val curve CSV"}
     user_files: ClassVar[dict[str, list[tuple[str, str]]]] = {
         "prepare": [("${data.path}", "your text (data/raw, the folder, for the built-in corpus)"),
-                    ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)")],
+                    ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)"),
+                    ("${data.student_tokenizer}", "the student's own tokenizer folder (data/raw: trained here, "
+                     "or no cross_tokenizer)")],
         "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")]}
     report_plots: ClassVar[dict[str, dict]] = {"figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [
@@ -52,6 +54,8 @@ class LanguageModelTask:
         corpus.load_documents(params.data)  # the corpus is there and has text
         if Path(params.data.tokenizer) != Path(RAW_DIR):  # as prepare_corpus tells a given tokenizer
             corpus.given_tokenizer(params.data.tokenizer)
+        if params.data.cross_tokenizer and Path(params.data.student_tokenizer) != Path(RAW_DIR):
+            corpus.given_tokenizer(params.data.student_tokenizer)
         if params.teacher.source == "pretrained":
             text.model_folder(params.teacher.model, "teacher.model")
 
@@ -94,9 +98,10 @@ class LanguageModelTask:
         from distill import corpus, lm, lm_soft_labels
 
         student = params.student
-        meta = corpus.read_corpus_meta(paths.prepared)
+        teacher = corpus.read_corpus_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
         model = lm.gpt2(student, meta, params.seed)
-        soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model))
+        soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model), teacher)
         lineage = lm_soft_labels.lineage(soft)
         job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
                        precision=params.runtime.precision, on_eval=run.log_score)
@@ -108,7 +113,7 @@ class LanguageModelTask:
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
         from distill import corpus, lm
 
-        meta = corpus.read_corpus_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
         model = lm.gpt2(params.student, meta, params.seed)
         job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
                        on_eval=run.log_score)
@@ -132,9 +137,9 @@ class LanguageModelTask:
         from distill import corpus, lm
 
         buffer = job.distill.shuffle_buffer if soft is not None else 0
-        batches = lm.WindowBatches(corpus.read_windows(paths.prepared, "train"), job.cfg.batch_size, job.world,
+        batches = lm.WindowBatches(corpus.read_windows(meta.path, "train"), job.cfg.batch_size, job.world,
                                    soft, buffer)
-        val = corpus.read_windows(paths.prepared, "val")
+        val = corpus.read_windows(meta.path, "val")
         result = lm.train(model, job, batches, val)
         info = {"mlflow_run_id": run.run_id} | info
         return lm.save_result(result, job, paths.model, paths.history, meta, info) | {"example": val[:2]}

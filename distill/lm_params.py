@@ -37,7 +37,16 @@ class CorpusConfig(Section):
         "data/raw = a byte-level BPE of vocab_size ids trained on train; a DVC dependency of prepare",
     )
     vocab_size: int = Field(4096, ge=260, description="the BPE trained here: ids, the end-of-text token included")
-    context_length: int = Field(64, ge=4, description="tokens per window")
+    context_length: int = Field(64, ge=4, description="tokens per window (the teacher's and the student's own)")
+    cross_tokenizer: bool = Field(
+        False, description="true: the student reads the text through its own tokenizer (student_tokenizer), "
+        "and the teacher's soft labels are aligned to it by bytes (distill/cross_tokenizer.py)",
+    )
+    student_tokenizer: str = Field(
+        RAW_DIR, min_length=1, description="cross_tokenizer: a Hugging Face tokenizer folder (a pretrained "
+        "student's), or data/raw = a byte-level BPE of student_vocab_size ids trained on train; a DVC dependency",
+    )
+    student_vocab_size: int = Field(2048, ge=260, description="cross_tokenizer: the student's BPE trained here")
 
     @model_validator(mode="after")
     def _files_need_a_path(self) -> CorpusConfig:

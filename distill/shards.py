@@ -35,7 +35,8 @@ METADATA_KEY = b"distill.soft_labels"
 PROVENANCE_NAME = "provenance.json"
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
-SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token")  # the whole set's provenance keys, not in a shard's metadata
+# the whole set's provenance keys, not in a shard's metadata; `summary`: what the writer counted over all rows
+SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token", "summary")
 
 
 def writer_options(schema: pa.Schema) -> dict:
