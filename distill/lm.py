@@ -11,7 +11,7 @@ scored on val (bits per token) and the best is kept; with `resume.every_steps` t
 state is saved every so many steps (distill/resume.py), and a killed run, rerun, picks up
 from its last save and ends as the uninterrupted run would. The loss at each of a window's first
 P = context_length - 1 positions is the next token's cross-entropy; the distilled student
-mixes in the KL to the stored teacher targets (distill/sparse.py):
+mixes in the KL to the stored teacher targets (distill/lm_losses.py):
 
     loss = alpha * T^2 * KL(target_T || student_T) + (1 - alpha) * CE
 
@@ -40,9 +40,10 @@ from distill.corpus import TASK, CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import write_csv
+from distill.lm_losses import forward_kl_loss
 from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
 from distill.resume import Resume
-from distill.sparse import Targets, token_kl_loss
+from distill.sparse import Targets
 from distill.text import load_tokenizer, model_folder, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _loss(net: nn.Module, ids: torch.Tensor, targets: Targets | None, job: LMJob
         ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return {"loss": ce, "ce": ce}
     d = job.distill
-    return token_kl_loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, d.tail)
+    return forward_kl_loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, d.tail)
 
 
 def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_path: str | Path,
