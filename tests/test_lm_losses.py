@@ -1,14 +1,21 @@
 """The language model's loss family (distill/lm_losses.py): each divergence against values worked
 out by hand, dense and sparse; sparse targets over the whole vocabulary equal dense ones; the JSD's
-ends; zero at the target with finite gradients."""
+ends; zero at the target with finite gradients; the registry and the config."""
 
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from torch import nn
 
-from distill import lm_losses, sparse
+from conftest import REPO, write_params
+from distill import lm, lm_losses, sparse
+from distill.config import load_params
+from distill.errors import UserError
+from distill.lm_params import LMStudentConfig
 from distill.losses import get_loss
 
 NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
@@ -163,3 +170,58 @@ def test_each_divergence_is_finite_with_finite_gradients_and_zero_at_the_target(
 def test_the_registry_finds_each_divergence_by_name():
     for name in NAMES:
         assert get_loss(name) is getattr(lm_losses, f"{name}_loss")
+
+
+def test_every_loss_the_config_names_is_registered_and_takes_its_options_from_the_config():
+    names = typing.get_args(LMStudentConfig.model_fields["loss"].annotation)
+    assert names == NAMES and set(lm_losses.OPTIONS) == set(names)
+    settings = LMStudentConfig(tail="bucket", beta=0.3, skew=0.2)
+    assert lm_losses.options("jsd", settings) == {"tail": "bucket", "beta": 0.3}
+    assert lm_losses.options("skew_kl", settings) == {"tail": "bucket", "skew": 0.2}
+    teacher, student = random_case(6)
+    for name in names:
+        parts = get_loss(name)(student, dense(teacher), torch.zeros(B, P, dtype=torch.long), 1.0, 0.9,
+                               **lm_losses.options(name, settings))
+        assert torch.isfinite(parts["loss"])
+
+
+class FixedLogits(nn.Module):
+    """A causal LM stand-in: the same (B, T, V) logits whatever the ids."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, input_ids):
+        return type("Output", (), {"logits": self.logits})()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_student_trains_on_the_loss_its_config_names_with_its_options(name):
+    teacher, student = random_case(7)
+    targets = dense(teacher)
+    ids = torch.randint(0, V, (B, P + 1), generator=torch.Generator().manual_seed(0))
+    cfg = LMStudentConfig(loss=name, beta=0.3, skew=0.2, temperature=2.0, alpha=0.7)
+    job = lm.LMJob(cfg, distill=cfg)
+    net = FixedLogits(torch.cat([student, torch.zeros(B, 1, V)], 1))  # the last position predicts nothing
+    parts, _ = lm.LMTrainee(job, None, None).loss(net, (ids, targets, B))
+    want = get_loss(name)(student, targets, ids[:, 1:], 2.0, 0.7, **lm_losses.options(name, cfg))
+    assert set(parts) == set(want)
+    torch.testing.assert_close(parts["loss"], want["loss"])
+
+
+def test_the_default_loss_is_the_forward_kl():
+    assert LMStudentConfig().loss == "forward_kl"
+    assert yaml.safe_load((REPO / "lm" / "params.yaml").read_text())["student"]["loss"] == "forward_kl"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("loss", "hinton", r"student\.loss = 'hinton' is not allowed"),
+    ("beta", 1.5, r"student\.beta = 1\.5 is not allowed"),
+    ("skew", 0.0, r"student\.skew = 0\.0 is not allowed"),
+])
+def test_a_config_with_an_unknown_loss_or_a_setting_out_of_range_is_refused_by_name(tmp_path, key, value, message):
+    raw = yaml.safe_load((REPO / "lm" / "params.yaml").read_text())
+    raw["student"][key] = value
+    with pytest.raises(UserError, match=message):
+        load_params(write_params(tmp_path / "params.yaml", raw), task="language_model")
