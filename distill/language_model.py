@@ -4,8 +4,8 @@ One implementation of distill.task.Task. Documents are split whole and cut into 
 (distill/corpus.py); teacher and student are GPT-2s built from params or a Hugging Face
 causal-LM folder (distill/lm.py), trained step by step; the soft labels are the teacher's
 next-token targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
-distill/sparse.py); models are scored in bits per token against the live teacher
-(distill/lm_evaluation.py).
+distill/sparse.py), which the student reads with one of distill/lm_losses.py's divergences;
+models are scored in bits per token against the live teacher (distill/lm_evaluation.py).
 
 Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
 its own import closure (distill/task.py says why).
@@ -44,8 +44,8 @@ class LanguageModelTask:
                                             lower_is_better=True)
     exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
     exp_params: ClassVar[tuple[str, ...]] = ("student.temperature", "student.alpha", "student.steps", "student.tail",
-                                             "teacher.steps", "soft_labels.targets", "soft_labels.top_k",
-                                             "soft_labels.samples", "seed")
+                                             "student.loss", "teacher.steps", "soft_labels.targets",
+                                             "soft_labels.top_k", "soft_labels.samples", "seed")
 
     def check(self, params: LMParams) -> None:
         from distill import corpus, text

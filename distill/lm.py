@@ -11,9 +11,10 @@ scored on val (bits per token) and the best is kept; with `resume.every_steps` t
 state is saved every so many steps (distill/resume.py), and a killed run, rerun, picks up
 from its last save and ends as the uninterrupted run would. The loss at each of a window's first
 P = context_length - 1 positions is the next token's cross-entropy; the distilled student
-mixes in the KL to the stored teacher targets (distill/sparse.py):
+mixes in a divergence D to the stored teacher targets (`student.loss`, distill/lm_losses.py;
+the forward KL by default):
 
-    loss = alpha * T^2 * KL(target_T || student_T) + (1 - alpha) * CE
+    loss = alpha * T^2 * D(target_T, student_T) + (1 - alpha) * CE
 
 Under torchrun each rank takes a disjoint share of every global batch and DDP averages the
 gradients (shares weighted by their size); rank 0 alone writes.
@@ -34,15 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import device as devices
-from distill import checkpoint, loop
+from distill import checkpoint, lm_losses, loop
 from distill.checkpoint import count_parameters, register_arch
 from distill.corpus import TASK, CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import write_csv
 from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
+from distill.losses import get_loss
 from distill.resume import Resume
-from distill.sparse import Targets, token_kl_loss
+from distill.sparse import Targets
 from distill.text import load_tokenizer, model_folder, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -235,8 +237,8 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
 
 class LMTrainee:
     """A language model's side of the training loop: windows in batches, val bits per token every
-    `eval_every` steps (fewer is better), the next-token cross-entropy or the sparse KL to the
-    stored targets."""
+    `eval_every` steps (fewer is better), the next-token cross-entropy or the divergence to the
+    stored targets (`student.loss`)."""
 
     unit = "step"
 
@@ -295,7 +297,8 @@ def _loss(net: nn.Module, ids: torch.Tensor, targets: Targets | None, job: LMJob
         ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return {"loss": ce, "ce": ce}
     d = job.distill
-    return token_kl_loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, d.tail)
+    loss = get_loss(d.loss)  # forward_kl, reverse_kl, jsd, skew_kl or tvd (distill/lm_losses.py)
+    return loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, **lm_losses.options(d.loss, d))
 
 
 def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_path: str | Path,

@@ -123,10 +123,16 @@ class LMStudentConfig(GPTConfig):
         "bucket", description="top_k: the tail mass dropped (zero: the k renormalised), spread evenly over the "
         "other ids (uniform), or matched as one outcome by the student's mass outside the k ids (bucket)"
     )
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
+        "forward_kl", description="the divergence to the stored targets (distill/lm_losses.py): KL(target || "
+        "student), KL(student || target), the generalised JSD (beta), the skew KL (skew) or total variation"
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = the forward KL, 1 = the reverse KL (TRL's GKD)")
+    skew: float = Field(0.1, gt=0, le=1, description="skew_kl: KL(target || skew target + (1 - skew) student)")
     shuffle_buffer: int = Field(8192, gt=0, description="windows of soft labels shuffled together in memory")
 
 
-LM_DISTILLATION_KEYS = ("temperature", "alpha", "tail", "shuffle_buffer")
+LM_DISTILLATION_KEYS = ("temperature", "alpha", "tail", "loss", "beta", "skew", "shuffle_buffer")
 
 
 class LMEvaluateConfig(Section):

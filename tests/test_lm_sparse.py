@@ -1,4 +1,5 @@
-"""Sparse per-token soft labels (distill/sparse.py): packing, the sparse KL, random-sampling KD."""
+"""Sparse per-token soft labels (distill/sparse.py): packing, random-sampling KD, and the forward KL to
+them (distill/lm_losses.py's kl_to_targets)."""
 
 import numpy as np
 import pyarrow as pa
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import sparse
+from distill.lm_losses import kl_to_targets
 from distill.errors import UserError
 
 V, P, B = 50, 7, 3
@@ -54,10 +56,10 @@ def test_sparse_kl_equals_dense_kl_when_k_is_the_vocabulary(tail, temperature):
     teacher, student = teacher_logits(0), teacher_logits(1, 1.0)
     kept = sparse.select(teacher, "top_k", V)
     t = sparse.Targets(kept["ids"], kept["logprobs"], kept["tail"])
-    got = sparse.kl_to_targets(student, t, temperature, tail)
+    got = kl_to_targets(student, t, temperature, tail)
     torch.testing.assert_close(got, dense_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
     every = sparse.select(teacher, "dense", V)["logprobs"]
-    dense = sparse.kl_to_targets(student, sparse.Targets(None, every), temperature)
+    dense = kl_to_targets(student, sparse.Targets(None, every), temperature)
     torch.testing.assert_close(dense, dense_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
 
 
@@ -70,7 +72,7 @@ def test_a_uniform_tail_is_the_dense_kl_to_the_spread_distribution():
         torch.testing.assert_close(q.sum(-1), torch.ones(B, P))
         log_q = q.clamp(min=1e-30).log()
         want = (q * (log_q - F.log_softmax(student, -1))).sum(-1)
-        torch.testing.assert_close(sparse.kl_to_targets(student, t, 1.0, tail), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kl_to_targets(student, t, 1.0, tail), want, atol=1e-5, rtol=1e-4)
 
 
 def test_a_bucket_tail_is_the_kl_over_the_k_ids_and_one_outcome_for_the_rest():
@@ -82,7 +84,7 @@ def test_a_bucket_tail_is_the_kl_over_the_k_ids_and_one_outcome_for_the_rest():
     q_kept = q_all.gather(-1, kept["ids"])
     q = torch.cat([q_kept, 1 - q_kept.sum(-1, keepdim=True)], -1)
     want = (p * (p.log() - q.log())).sum(-1)
-    torch.testing.assert_close(sparse.kl_to_targets(student, t, 1.0, "bucket"), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl_to_targets(student, t, 1.0, "bucket"), want, atol=1e-5, rtol=1e-4)
 
 
 def test_the_sparse_kl_is_zero_at_the_target_and_its_gradient_is_finite():
@@ -90,12 +92,12 @@ def test_the_sparse_kl_is_zero_at_the_target_and_its_gradient_is_finite():
     kept = sparse.select(teacher, "sampled", 12, torch.Generator().manual_seed(0))
     t = sparse.Targets(kept["ids"], kept["weights"].log())  # padding: log 0 = -inf
     student = teacher_logits(2, 1.0).requires_grad_()
-    loss = sparse.kl_to_targets(student, t).mean()
+    loss = kl_to_targets(student, t).mean()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     # the student that puts exactly the target's mass on the target's ids: zero KL
     target = t.dense_probs(V).clamp(min=1e-12).log()
-    assert float(sparse.kl_to_targets(target, t).abs().max()) < 1e-4
+    assert float(kl_to_targets(target, t).abs().max()) < 1e-4
 
 
 def test_random_sampling_targets_average_to_the_teachers_distribution():
