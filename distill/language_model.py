@@ -2,10 +2,12 @@
 
 One implementation of distill.task.Task. Documents are split whole and cut into token windows
 (distill/corpus.py); teacher and student are GPT-2s built from params or a Hugging Face
-causal-LM folder (distill/lm.py), trained step by step; the soft labels are the teacher's
-next-token targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
-distill/sparse.py), which the student reads with one of distill/lm_losses.py's divergences;
-models are scored in bits per token against the live teacher (distill/lm_evaluation.py).
+causal-LM folder (distill/lm.py), the student also from the teacher's own layers
+(distill/lm_start.py), trained step by step; the soft labels are the teacher's next-token
+targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
+distill/sparse.py; over the student's own tokens with data.cross_tokenizer,
+distill/cross_tokenizer.py), which the student reads with one of distill/lm_losses.py's
+divergences; models are scored in bits per token and per byte (distill/lm_evaluation.py).
 
 Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
 its own import closure (distill/task.py says why).
@@ -18,6 +20,8 @@ from typing import Any, ClassVar
 
 from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
 from distill.task import ROLES, EvaluatePaths, Headline, TrainPaths
+
+STUDENT_START = "the student's start: a pretrained folder or a teacher checkpoint (data/raw when trained here)"
 
 
 class LanguageModelTask:
@@ -34,7 +38,8 @@ class LanguageModelTask:
                     ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)"),
                     ("${data.student_tokenizer}", "the student's own tokenizer folder (data/raw: trained here, "
                      "or no cross_tokenizer)")],
-        "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")]}
+        "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")],
+        "train_student": [("${student.model}", STUDENT_START)], "train_baseline": [("${student.model}", STUDENT_START)]}
     report_plots: ClassVar[dict[str, dict]] = {"figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [
         {"Validation bits per token by step": {
@@ -48,16 +53,25 @@ class LanguageModelTask:
                                              "soft_labels.top_k", "soft_labels.samples", "seed")
 
     def check(self, params: LMParams) -> None:
-        from distill import corpus, text
+        from distill import corpus, lm, lm_start, text
         from distill.config import RAW_DIR
 
         corpus.load_documents(params.data)  # the corpus is there and has text
-        if Path(params.data.tokenizer) != Path(RAW_DIR):  # as prepare_corpus tells a given tokenizer
+        given = Path(params.data.tokenizer) != Path(RAW_DIR)  # else a BPE trained by prepare, not known yet
+        if given:  # as prepare_corpus tells a given tokenizer
             corpus.given_tokenizer(params.data.tokenizer)
         if params.data.cross_tokenizer and Path(params.data.student_tokenizer) != Path(RAW_DIR):
             corpus.given_tokenizer(params.data.student_tokenizer)
-        if params.teacher.source == "pretrained":
-            text.model_folder(params.teacher.model, "teacher.model")
+        for key, cfg in (("teacher.model", params.teacher), ("student.model", params.student)):
+            if cfg.source != "pretrained":
+                continue
+            folder = text.model_folder(cfg.model, key)
+            own = key == "student.model" and params.data.cross_tokenizer  # the student reads its own tokens
+            tokens = params.data.student_tokenizer if own else params.data.tokenizer
+            if Path(tokens) != Path(RAW_DIR):  # a given tokenizer, its files copied: the folder's must be it
+                lm.same_tokenizer(folder, text.tokenizer_sha256(folder), text.tokenizer_sha256(tokens), key)
+        if params.student.source == "teacher_layers":
+            lm_start.check_teacher_layers(params.student, params.teacher)
 
     def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
         from distill import corpus
@@ -95,30 +109,30 @@ class LanguageModelTask:
         return result
 
     def train_student(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
-        from distill import corpus, lm, lm_soft_labels
+        from distill import corpus, lm, lm_soft_labels, lm_start
 
         student = params.student
         teacher = corpus.read_corpus_meta(paths.prepared)
         meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
-        model = lm.gpt2(student, meta, params.seed)
+        model, start = lm_start.start(student, meta, params.seed)
         soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model), teacher)
         lineage = lm_soft_labels.lineage(soft)
         job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
                        precision=params.runtime.precision, on_eval=run.log_score)
-        job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
-        out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
+        job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"], **start)
+        out = self._fit(model, job, paths, meta, {"soft_labels": lineage} | start, run, soft)
         self._log_training(run, out, paths.model, self.served(out["model"]), out["example"])
         return out | {"soft_labels": lineage}
 
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
-        from distill import corpus, lm
+        from distill import corpus, lm, lm_start
 
         meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
-        model = lm.gpt2(params.student, meta, params.seed)
+        model, start = lm_start.start(params.student, meta, params.seed)  # the student's own start
         job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
                        on_eval=run.log_score)
-        job = lm.resumable(job, params.resume, meta)
-        out = self._fit(model, job, paths, meta, {}, run)
+        job = lm.resumable(job, params.resume, meta, **start)
+        out = self._fit(model, job, paths, meta, start, run)
         self._log_training(run, out, paths.model)
         return out
 

@@ -130,6 +130,25 @@ class LMStudentConfig(GPTConfig):
     beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = the forward KL, 1 = the reverse KL (TRL's GKD)")
     skew: float = Field(0.1, gt=0, le=1, description="skew_kl: KL(target || skew target + (1 - skew) student)")
     shuffle_buffer: int = Field(8192, gt=0, description="windows of soft labels shuffled together in memory")
+    source: Literal["train", "pretrained", "teacher_layers"] = Field(
+        "train", description="where the student and the baseline start: train = random weights of layers, heads "
+        "and width; pretrained = the Hugging Face causal-LM folder student.model as it is (its own architecture: "
+        "layers, heads, width and dropout are ignored); teacher_layers = the language-model checkpoint "
+        "student.model (the pipeline's teacher): its embeddings, final layer norm and head, and `layers` of its "
+        "blocks evenly spaced (width and heads must be the teacher's)"
+    )
+    model: str = Field(
+        RAW_DIR, min_length=1, description="pretrained: a Hugging Face causal-LM folder whose tokenizer is "
+        "data.tokenizer; teacher_layers: a language-model checkpoint (models/teacher.pt); a DVC dependency of "
+        "train_student and train_baseline (data/raw when unused)",
+    )
+
+    @model_validator(mode="after")
+    def _model_for_a_start(self) -> LMStudentConfig:
+        if self.source != "train" and Path(self.model) == Path(RAW_DIR):
+            raise ValueError(f"student.model is required when student.source is '{self.source}': set it to the "
+                             + ("folder" if self.source == "pretrained" else "teacher's checkpoint"))
+        return self
 
 
 LM_DISTILLATION_KEYS = ("temperature", "alpha", "tail", "loss", "beta", "skew", "shuffle_buffer")

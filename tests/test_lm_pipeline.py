@@ -274,7 +274,7 @@ def test_a_pretrained_teacher_folder_is_used_as_it_is_and_its_tokenizer_checked(
     assert result["best_val_bits_per_token"] > 7  # random weights: about log2(300) = 8.2
     # a folder whose tokenizer is not the data's: both hashes named
     (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace("docmark", "x") + " ")
-    with pytest.raises(UserError, match=r"the teacher's tokenizer \(sha256 [0-9a-f]{64}\) is not the one .* "
+    with pytest.raises(UserError, match=r"the tokenizer of teacher.model \(sha256 [0-9a-f]{64}\) is not the one .* "
                                         r"tokenized with \([0-9a-f]{64}\)"):
         run_stage_in_process(root, "train_teacher")
 
