@@ -4,8 +4,8 @@ One implementation of distill.task.Task. Documents are split whole and cut into 
 (distill/corpus.py); teacher and student are GPT-2s built from params or a Hugging Face
 causal-LM folder (distill/lm.py), trained step by step; the soft labels are the teacher's
 next-token targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
-distill/sparse.py); models are scored in bits per token against the live teacher
-(distill/lm_evaluation.py).
+distill/sparse.py); models are scored in bits per token and bits per byte, and against the live
+teacher (distill/lm_evaluation.py).
 
 Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
 its own import closure (distill/task.py says why).
@@ -40,7 +40,7 @@ class LanguageModelTask:
                                for role in ("teacher", "student", "baseline")}}}]
     headline: ClassVar[Headline] = Headline("test_bits_per_token", "bits/token", " bits/token", digits=3,
                                             lower_is_better=True)
-    exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
+    exp_metrics: ClassVar[tuple[str, ...]] = ("test_bits_per_byte", "params", "latency_ms_b1")
     exp_params: ClassVar[tuple[str, ...]] = ("student.temperature", "student.alpha", "student.steps", "student.tail",
                                              "teacher.steps", "soft_labels.targets", "soft_labels.top_k",
                                              "soft_labels.samples", "seed")
@@ -145,9 +145,10 @@ class LanguageModelTask:
         result = lm_evaluation.evaluate_lm(params.evaluate, paths.prepared, paths.checkpoints,
                                            device.resolve(params.runtime))
         lm_evaluation.write_lm_outputs(result, paths.outputs)
-        gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
+        gaps = {k: result.metrics[k] for k in ("gap_closed", "gap_closed_bits_per_byte")
+                if result.metrics[k] is not None}  # None: the teacher is not better, so nothing to close
         run.log_metrics({f"{m}.{k}": v for m in ROLES for k, v in result.metrics[m].items()
-                         if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
+                         if isinstance(v, (int, float))} | gaps)
         for path in paths.outputs.values():
             run.log_artifact(Path(path))
         passed = lm_evaluation.lm_passes_gate(result.metrics["student"], params.registry)
