@@ -12,9 +12,9 @@ distilled from each (same steps, seed and settings), and each is scored on the t
 
 The form lm/params.yaml names (sampled-32) is the default pipeline's own: its student is not trained twice.
 
-It writes <out>.json (per seed and aggregate: bits per token, gap closed, bytes per token, the
-ratios to dense, wall times, and whether each aim of the issue is met) and <out>.md (the README's
-tables).
+It writes <out>.json (per seed and aggregate: bits per token and bits per byte, gap closed in
+each, bytes per token, the ratios to dense, wall times, and whether each aim of the issue is met)
+and <out>.md (the README's tables).
 
     python benchmarks/lm_quality.py [--seeds 0 1 2] [--out benchmarks/results/lm_quality]
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -37,7 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from distill import checkpoint, corpus, lm  # noqa: E402
+from distill import checkpoint, corpus, lm, lm_evaluation, text  # noqa: E402
 from distill.sources import rotten_tomatoes_file  # noqa: E402
 from distill.task import ROLES  # noqa: E402
 
@@ -113,11 +112,13 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
         print(f"seed {seed}: {stage} {seconds[stage]:.0f} s", flush=True)
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     record = {"seed": seed, "metrics": {m: metrics[m] for m in ROLES}, "gap_closed": metrics["gap_closed"],
-              "stage_seconds": seconds, "wall_minutes": sum(seconds.values()) / 60}
+              "gap_closed_bits_per_byte": metrics["gap_closed_bits_per_byte"], "stage_seconds": seconds,
+              "wall_minutes": sum(seconds.values()) / 60}
     if not targets:
         (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         return record
     test = corpus.read_windows(work / "data" / "prepared", "test")
+    table = text.byte_lengths(lm.tokenizer(corpus.read_corpus_meta(work / "data" / "prepared")))
     own = default_targets()
     variants = {name: work / f"targets-{name}" for name in TARGETS if name != own}
     for name, variant in variants.items():
@@ -140,16 +141,18 @@ def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
     for name in TARGETS:
         if name == own:
             prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
-            bits = metrics["student"]["test_bits_per_token"]
+            bits, per_byte = metrics["student"]["test_bits_per_token"], metrics["student"]["test_bits_per_byte"]
         else:
             prov = json.loads((variants[name] / "data" / "soft_labels" / "provenance.json").read_text())
             model, _ = checkpoint.load(variants[name] / "models" / "student.pt", task="language_model")
-            bits = lm.nats_per_token(model, test, 64, torch.device("cpu")) / math.log(2)
+            scored = lm_evaluation.score({"student": model}, test, table, 64, torch.device("cpu"), teacher=None)
+            bits, per_byte = scored["student"].bits_per_token, scored["student"].bits_per_byte
             if name == "dense":  # gigabytes; the others stay for benchmarks/lm_tails.py
                 shutil.rmtree(variants[name] / "data" / "soft_labels")
-        targets[name] = {"bytes_per_token": prov["bytes_per_token"], "student_bits_per_token": bits}
-        print(f"seed {seed}: {name} {prov['bytes_per_token']:.1f} bytes/token, student {bits:.4f} bits/token",
-              flush=True)
+        targets[name] = {"bytes_per_token": prov["bytes_per_token"], "student_bits_per_token": bits,
+                         "student_bits_per_byte": per_byte}
+        print(f"seed {seed}: {name} {prov['bytes_per_token']:.1f} bytes/token, student {bits:.4f} bits/token, "
+              f"{per_byte:.4f} bits/byte", flush=True)
     record["targets"], record["default_targets"] = targets, own
     (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -161,10 +164,12 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 def aggregate(records: list[dict]) -> dict:
     agg = {"bits_per_token": {m: mean_std([r["metrics"][m]["test_bits_per_token"] for r in records]) for m in ROLES},
+           "bits_per_byte": {m: mean_std([r["metrics"][m]["test_bits_per_byte"] for r in records]) for m in ROLES},
            "kl_bits_per_token": {m: mean_std([max(r["metrics"][m]["kl_bits_per_token"], 0.0) for r in records])
                                  for m in ROLES},
            "params": {m: records[0]["metrics"][m]["params"] for m in ROLES},
            "gap_closed": mean_std([r["gap_closed"] for r in records]),
+           "gap_closed_bits_per_byte": mean_std([r["gap_closed_bits_per_byte"] for r in records]),
            "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
            # the fastest seed: the others may have shared the machine with other work
            "wall_minutes_min": min(r["wall_minutes"] for r in records),
@@ -173,6 +178,8 @@ def aggregate(records: list[dict]) -> dict:
     agg["target_seeds"] = [r["seed"] for r in records if "targets" in r]
     agg["default_targets"] = next((r["default_targets"] for r in records if "default_targets" in r), "top-32")
     records = [r for r in records if "targets" in r]  # the storage comparison: the seeds that ran it
+    if not records:  # --no-targets: no storage comparison to aggregate
+        return agg
     for name in TARGETS:
         bits = [r["targets"][name]["student_bits_per_token"] for r in records]
         ratio = [r["targets"][name]["student_bits_per_token"] / r["targets"]["dense"]["student_bits_per_token"]
@@ -184,9 +191,9 @@ def aggregate(records: list[dict]) -> dict:
         agg["targets"][name] = {"bytes_per_token": mean_std(size), "gap_closed": mean_std(gaps),
                                 "bytes_fraction_of_dense": statistics.fmean(size) / statistics.fmean(
                                     [r["targets"]["dense"]["bytes_per_token"] for r in records]),
-                                "student_bits_per_token": mean_std(bits), "bits_ratio_to_dense": mean_std(ratio)}
-    if not records:
-        return agg
+                                "student_bits_per_token": mean_std(bits), "bits_ratio_to_dense": mean_std(ratio),
+                                "student_bits_per_byte": mean_std([r["targets"][name]["student_bits_per_byte"]
+                                                                   for r in records])}
     top32 = agg["targets"]["top-32"]
     agg["aims_met"] = {
         "student_beats_baseline": agg["bits_per_token"]["student"]["mean"] < agg["bits_per_token"]["baseline"]["mean"],
@@ -204,21 +211,24 @@ def pm(stat: dict, fmt: str = "{:.3f}") -> str:
 
 def markdown(agg: dict, seeds: list[int]) -> str:
     lines = [f"Language-model distillation, Rotten Tomatoes (split by movie), seeds {seeds}: held-out bits per "
-             f"token, mean ± std (stored targets: seeds {agg['target_seeds']}).", "", "| model | parameters | bits / token | KL(teacher ‖ model), bits / token |",
-             "|---|---|---|---|"]
+             f"token and per byte, mean ± std (stored targets: seeds {agg['target_seeds']}).", "",
+             "| model | parameters | bits / token | bits / byte | KL(teacher ‖ model), bits / token |",
+             "|---|---|---|---|---|"]
     for m in ROLES:
         lines.append(f"| {m} | {agg['params'][m]:,} | {pm(agg['bits_per_token'][m])} | "
-                     f"{pm(agg['kl_bits_per_token'][m])} |")
-    lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(agg['gap_closed'], '{:.1%}')}; "
+                     f"{pm(agg['bits_per_byte'][m])} | {pm(agg['kl_bits_per_token'][m])} |")
+    lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(agg['gap_closed'], '{:.1%}')} in bits "
+              f"per token, {pm(agg['gap_closed_bits_per_byte'], '{:.1%}')} in bits per byte; "
               f"default pipeline wall time {agg['wall_minutes_min']:.1f} min at best, "
               f"{pm(agg['wall_minutes'], '{:.1f}')} min over the seeds, on this machine.", "",
-              "| targets | bytes / token | of dense | student bits / token | ratio to dense student | gap closed |",
-              "|---|---|---|---|---|---|"]
+              "| targets | bytes / token | of dense | student bits / token | student bits / byte "
+              "| ratio to dense student | gap closed |",
+              "|---|---|---|---|---|---|---|"]
     for name, t in agg["targets"].items():
         shown = f"{name} (the default)" if name == agg["default_targets"] else name
         lines.append(f"| {shown} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
-                     f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} | "
-                     f"{pm(t['gap_closed'], '{:.1%}')} |")
+                     f"{pm(t['student_bits_per_token'])} | {pm(t['student_bits_per_byte'])} | "
+                     f"{pm(t['bits_ratio_to_dense'], '{:.4f}')} | {pm(t['gap_closed'], '{:.1%}')} |")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg.get("aims_met", {}).items())]
     return "\n".join(lines) + "\n"
 
