@@ -47,7 +47,7 @@ class LanguageModelTask:
                                for role in ("teacher", "student", "baseline")}}}]
     headline: ClassVar[Headline] = Headline("test_bits_per_token", "bits/token", " bits/token", digits=3,
                                             lower_is_better=True)
-    exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
+    exp_metrics: ClassVar[tuple[str, ...]] = ("test_bits_per_byte", "params", "latency_ms_b1")
     exp_params: ClassVar[tuple[str, ...]] = ("student.temperature", "student.alpha", "student.steps", "student.tail",
                                              "student.loss", "teacher.steps", "soft_labels.targets",
                                              "soft_labels.top_k", "soft_labels.samples", "seed")
@@ -164,9 +164,10 @@ class LanguageModelTask:
         result = lm_evaluation.evaluate_lm(params.evaluate, paths.prepared, paths.checkpoints,
                                            device.resolve(params.runtime))
         lm_evaluation.write_lm_outputs(result, paths.outputs)
-        gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
+        gaps = {k: result.metrics[k] for k in ("gap_closed", "gap_closed_bits_per_byte")
+                if result.metrics[k] is not None}  # None: the teacher is not better, so nothing to close
         run.log_metrics({f"{m}.{k}": v for m in ROLES for k, v in result.metrics[m].items()
-                         if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
+                         if isinstance(v, (int, float))} | gaps)
         for path in paths.outputs.values():
             run.log_artifact(Path(path))
         passed = lm_evaluation.lm_passes_gate(result.metrics["student"], params.registry)

@@ -1,11 +1,16 @@
 """Evaluate language models on the held-out test windows: teacher, distilled student, baseline.
 
 Per model: cross-entropy in bits per token (and perplexity) over every predicted test
-position; KL(teacher || model) in bits per token, with the teacher run live (not its stored
-targets); parameters; one window's forward time at batch 1; and a few samples, each a test
-prompt continued by top-k sampling (seeded, the same prompts for every model). The student
-adds its soft labels' bytes per token (from the lineage in its checkpoint). The gap closed is
-(baseline - student) / (baseline - teacher) in bits per token, when the teacher is better.
+position, and in bits per byte (the same cross-entropy summed, over the UTF-8 bytes of the text
+the predicted tokens stand for: distill/text.py's byte_lengths; the measure that does not depend
+on the tokenizer); KL(teacher || model) in bits per token, with the teacher run live (not its
+stored targets); parameters; one window's forward time at batch 1; and a few samples, each a test
+prompt continued by top-k sampling (seeded, the same prompts for every model). The student adds
+its soft labels' bytes per token (from the lineage in its checkpoint). The gap closed is
+(baseline - student) / (baseline - teacher) in bits per token (`gap_closed`) and in bits per byte
+(`gap_closed_bits_per_byte`), when the teacher is better. Models that share a tokenizer are scored
+together on its windows (`score`); a model of another tokenizer is scored by another call, on its
+own windows and byte table, and only its bits per byte compare.
 
 Outputs: reports/metrics.json, compare.md (table and samples), report.html (headline, table,
 the val curves, samples), figures/training.png, curves/<model>.csv (val bits per token by step).
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +39,12 @@ from distill.lm import LN2
 from distill.lm_params import LMEvaluateConfig, LMRegistryConfig
 from distill.report import COLORS, PAGE, png_bytes
 from distill.task import ROLES
+from distill.text import byte_lengths
 
 LATENCY_REPEATS = 20
 LM_COLUMNS = (  # key, header, format
     ("test_bits_per_token", "bits / token", "{:.3f}"),
+    ("test_bits_per_byte", "bits / byte", "{:.3f}"),
     ("test_perplexity", "perplexity", "{:.1f}"),
     ("kl_bits_per_token", "KL(teacher ‖ model), bits / token", "{:.3f}"),
     ("params", "parameters", "{:,}"),
@@ -55,25 +61,51 @@ class LMEvaluation:
     described: str
 
 
+@dataclass(frozen=True)
+class TextScore:
+    """One model's next-token loss summed over the predicted positions of its test windows."""
+
+    nats: float  # cross-entropy
+    tokens: int  # predicted positions
+    bytes: int  # UTF-8 bytes of the text the predicted tokens stand for
+    kl_nats: float | None  # KL(teacher || model); None when scored without the teacher
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats / LN2 / max(self.tokens, 1)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / LN2 / max(self.bytes, 1)
+
+
 @torch.no_grad()
-def score(models: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int, device: torch.device,
-          vocab: int) -> dict[str, dict[str, float]]:
-    """Per model: mean next-token cross-entropy and KL from the teacher (both nats per token), over
-    the tokenizer's `vocab` ids (a pretrained head's padding rows past them left out)."""
+def score(models: dict[str, torch.nn.Module], windows: np.ndarray, table: np.ndarray, batch_size: int,
+          device: torch.device, teacher: str | None = "teacher") -> dict[str, TextScore]:
+    """Each of `models` on `windows`, ids of the one tokenizer whose byte table (text.byte_lengths) is
+    `table`: the next-token cross-entropy over its len(table) ids (a pretrained head's padding rows past
+    them left out), and with `teacher` one of `models`, each one's KL from it, in one pass. A model of
+    another tokenizer is scored by another call, on its own windows and table."""
+    vocab = len(table)
     sums = {m: {"ce": 0.0, "kl": 0.0} for m in models}
-    count = 0
     for start in range(0, len(windows), batch_size):
         ids = torch.from_numpy(windows[start:start + batch_size]).to(device)
         labels = ids[:, 1:].flatten()
-        log_t = F.log_softmax(lm.next_token_logits(models["teacher"], ids)[..., :vocab].float(), -1)
-        p = log_t.exp()
+        log_t = _log_probs(models[teacher], ids, vocab) if teacher else None
+        p = None if log_t is None else log_t.exp()
         for name, model in models.items():
-            log_m = log_t if name == "teacher" else F.log_softmax(
-                lm.next_token_logits(model, ids)[..., :vocab].float(), -1)
+            log_m = log_t if name == teacher else _log_probs(model, ids, vocab)
             sums[name]["ce"] += float(F.nll_loss(log_m.flatten(0, 1), labels, reduction="sum"))
-            sums[name]["kl"] += float((torch.special.xlogy(p, p) - p * log_m).sum())
-        count += labels.numel()
-    return {m: {k: v / max(count, 1) for k, v in s.items()} for m, s in sums.items()}
+            if p is not None:
+                sums[name]["kl"] += float((torch.special.xlogy(p, p) - p * log_m).sum())
+    predicted = windows[:, 1:]
+    return {m: TextScore(s["ce"], predicted.size, int(table[predicted].sum()), s["kl"] if teacher else None)
+            for m, s in sums.items()}
+
+
+def _log_probs(model: torch.nn.Module, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, T) windows -> (B, T - 1, vocab) next-token log-probabilities, in float32."""
+    return F.log_softmax(lm.next_token_logits(model, ids)[..., :vocab].float(), -1)
 
 
 def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
@@ -90,12 +122,14 @@ def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: di
     if lineage.get("teacher_sha256") not in (None, file_sha256(checkpoints["teacher"])):
         raise UserError(f"{checkpoints['student']}: distilled from another teacher than {checkpoints['teacher']}; "
                         "rerun soft_labels and train_student (dvc repro)")
-    nats = score(models, test, cfg.batch_size, device, meta.vocab_size)
+    tok = lm.tokenizer(meta)
+    scores = score(models, test, byte_lengths(tok), cfg.batch_size, device)
     metrics: dict = {}
     for name in ROLES:
-        metrics[name] = {"test_bits_per_token": nats[name]["ce"] / LN2,
-                         "test_perplexity": math.exp(nats[name]["ce"]),
-                         "kl_bits_per_token": max(nats[name]["kl"], 0.0) / LN2,  # not -0.000 from rounding
+        s = scores[name]
+        metrics[name] = {"test_bits_per_token": s.bits_per_token, "test_bits_per_byte": s.bits_per_byte,
+                         "test_perplexity": 2 ** s.bits_per_token, "test_tokens": s.tokens, "test_bytes": s.bytes,
+                         "kl_bits_per_token": max(s.kl_nats, 0.0) / LN2 / max(s.tokens, 1),  # not -0.000 from rounding
                          "params": count_parameters(models[name]),
                          "latency_ms_b1": latency_ms(lm.NextTokenLogits(models[name]), torch.from_numpy(test[:1]), 1,
                                                      LATENCY_REPEATS, device),
@@ -104,15 +138,15 @@ def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: di
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
     # lower is better in bits: the gap closed is (baseline - student) / (baseline - teacher)
     metrics["gap_closed"] = gap_closed(*(-metrics[m]["test_bits_per_token"] for m in ROLES))
-    samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, test, meta)
+    metrics["gap_closed_bits_per_byte"] = gap_closed(*(-metrics[m]["test_bits_per_byte"] for m in ROLES))
+    samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, test, meta, tok)
     return LMEvaluation(metrics, samples, {m: ckpts[m].get("history", []) for m in ROLES},
                         {m: ckpts[m].get("mlflow_run_id") for m in ROLES},
                         f"{meta.splits['test']['windows']} test windows of {meta.context_length} tokens "
                         f"({meta.splits['test']['documents']} documents); vocabulary {meta.vocab_size}")
 
 
-def _samples(cfg: LMEvaluateConfig, models: dict, test: np.ndarray, meta) -> dict[str, list[dict[str, str]]]:
-    tok = lm.tokenizer(meta)
+def _samples(cfg: LMEvaluateConfig, models: dict, test: np.ndarray, meta, tok) -> dict[str, list[dict[str, str]]]:
     picks = np.linspace(0, len(test) - 1, cfg.samples).round().astype(int) if cfg.samples else []
     out: dict[str, list[dict[str, str]]] = {m: [] for m in models}
     size = min(cfg.prompt_tokens, meta.context_length - 1)
@@ -143,25 +177,32 @@ def lm_passes_gate(student: dict, registry: LMRegistryConfig) -> Verdict:
 
 def lm_headline(metrics: dict) -> str:
     bits = {m: metrics[m]["test_bits_per_token"] for m in ROLES}
+    per_byte = {m: metrics[m]["test_bits_per_byte"] for m in ROLES}
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
     gap = metrics["gap_closed"]
     closed = ("no gap to close: the teacher is not better than the baseline" if gap is None
               else f"distillation closed {100 * gap:.0f}% of the teacher-baseline gap")
     return (f"Held-out bits per token: student {bits['student']:.3f} vs baseline {bits['baseline']:.3f} vs teacher "
-            f"{bits['teacher']:.3f}; {closed}. The student has {smaller:.1f}x fewer parameters than the teacher.")
+            f"{bits['teacher']:.3f} (bits per byte: {per_byte['student']:.3f} vs {per_byte['baseline']:.3f} vs "
+            f"{per_byte['teacher']:.3f}); {closed}. The student has {smaller:.1f}x fewer parameters than the teacher.")
 
 
 def lm_compare_table(metrics: dict) -> str:
     lines = ["| model | " + " | ".join(h for _, h, _ in LM_COLUMNS) + " |", "|---" * (len(LM_COLUMNS) + 1) + "|"]
     for m in ROLES:
         lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt in LM_COLUMNS) + " |")
-    gap = metrics["gap_closed"]
-    shown = "n/a (the teacher is not better than the baseline)" if gap is None else f"{100 * gap:.1f}%"
+    gap, gap_bytes = metrics["gap_closed"], metrics["gap_closed_bits_per_byte"]
+    shown = ("n/a (the teacher is not better than the baseline)" if gap is None and gap_bytes is None
+             else f"{_share(gap)} in bits per token, {_share(gap_bytes)} in bits per byte")
     student = metrics["student"]
     size = student["soft_label_bytes_per_token"]
-    return ("\n".join(lines) + f"\n\nGap closed by distillation (baseline - student) / (baseline - teacher), bits per "
-            f"token: {shown}\nSoft labels: {student['soft_label_targets']}, "
+    return ("\n".join(lines) + f"\n\nGap closed by distillation (baseline - student) / (baseline - teacher): "
+            f"{shown}\nSoft labels: {student['soft_label_targets']}, "
             + ("size not recorded" if size is None else f"{size:.1f} bytes per token") + "\n")
+
+
+def _share(gap: float | None) -> str:
+    return "n/a" if gap is None else f"{100 * gap:.1f}%"
 
 
 def samples_markdown(samples: dict) -> str:
@@ -218,7 +259,9 @@ def write_lm_outputs(result: LMEvaluation, out: dict[str, str | Path]) -> None:
                "<figcaption>Val bits per token by step (the checkpoint kept is each model's best).</figcaption>"
                f'</figure><h2 id="samples">Samples</h2>{samples}')
     note = ("Bits per token: mean next-token cross-entropy over every test position, in bits (perplexity = "
-            "2^bits). KL: the live teacher's next-token distribution against the model's, averaged over the same "
+            "2^bits). Bits per byte: the same cross-entropy, summed, over the UTF-8 bytes of the text the predicted "
+            "tokens stand for (special tokens, such as end-of-text, count none): it does not depend on the "
+            "tokenizer. KL: the live teacher's next-token distribution against the model's, averaged over the same "
             "positions. " + lm_compare_table(result.metrics).split("\n\n", 1)[1].strip().replace("\n", ". ") + ".")
     page = PAGE.format(title="Language-model distillation report", meta=html.escape(result.described),
                        headline=html.escape(lm_headline(result.metrics)), student=COLORS["student"], table=table_html,
