@@ -35,37 +35,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from distill.text import byte_alphabet, token_texts
+
 EOS_BYTES = b"\x00"  # the end-of-text token, as one byte no text holds
 
 
-@lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which byte-level BPE token strings are written in."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return bytes_to_unicode()
-
-
 def token_bytes(tok) -> list[bytes]:
-    """The bytes each id of `tok` stands for: a byte-level BPE's token string mapped back through
-    GPT-2's byte alphabet; another tokenizer's token text as UTF-8 ('▁' a space, '##' nothing).
-    The end-of-text token is EOS_BYTES; other special tokens, and a byte-level token holding the
-    byte 0x00, stand for no text (empty)."""
-    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-    special = set(tok.all_special_ids)
-    byte_level = type(tok.backend_tokenizer.decoder).__name__ == "ByteLevel"
-    to_byte = {c: b for b, c in _byte_alphabet().items()}
-    out = []
-    for i, piece in enumerate(pieces):
-        if i == tok.eos_token_id:
-            out.append(EOS_BYTES)
-        elif i in special or piece is None:
-            out.append(b"")
-        elif byte_level:  # the byte 0x00 (no text holds it) is the end-of-text's alone
-            own = bytes(to_byte[c] for c in piece)
-            out.append(b"" if 0 in own else own)
-        else:
-            out.append(piece.replace("▁", " ").removeprefix("##").encode("utf-8"))
+    """The bytes each id of `tok` stands for (distill/text.py's token_texts), for aligning: the
+    end-of-text token is EOS_BYTES, and a token holding the byte 0x00 (which no text holds) none."""
+    out = [b"" if 0 in b else b for b in token_texts(tok)]
+    out[tok.eos_token_id] = EOS_BYTES
     return out
 
 
@@ -89,7 +68,7 @@ class Aligner:
         if rest.startswith(EOS_BYTES):
             return self.student_tok.eos_token_id
         if self._student_byte_level:
-            alphabet = _byte_alphabet()
+            alphabet = byte_alphabet()
             tokens = self.student_tok.backend_tokenizer.model.tokenize("".join(alphabet[b] for b in rest))
             return tokens[0].id if tokens else -1
         ids = self.student_tok(rest.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]

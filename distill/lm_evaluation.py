@@ -30,14 +30,14 @@ from matplotlib.figure import Figure
 
 from distill import checkpoint, lm
 from distill.checkpoint import count_parameters
-from distill.corpus import TASK, read_corpus_meta, read_windows
+from distill.corpus import TASK, read_corpus_meta, read_windows, student_view
 from distill.errors import UserError
 from distill.evaluation import gap_closed, latency_ms
 from distill.gate import Check, Verdict, verdict
 from distill.io import atomic_path, file_sha256, write_csv, write_json, write_text
 from distill.lm import LN2
 from distill.lm_params import LMEvaluateConfig, LMRegistryConfig
-from distill.report import COLORS, PAGE, png_bytes
+from distill.report import COLORS, PAGE, cell, png_bytes
 from distill.task import ROLES
 from distill.text import byte_lengths
 
@@ -110,51 +110,70 @@ def _log_probs(model: torch.nn.Module, ids: torch.Tensor, vocab: int) -> torch.T
 
 def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: dict[str, str | Path],
                 device: torch.device) -> LMEvaluation:
-    """Stage step evaluate (language model)."""
+    """Stage step evaluate (language model). Each model is scored on the test windows of the tokens
+    it reads: the teacher's view, or the student's own with data.cross_tokenizer (then the KL to
+    the teacher, over no shared vocabulary, and the gap closed in bits per token are not taken:
+    bits per byte compare)."""
     meta = read_corpus_meta(prepared_dir)
+    own = read_corpus_meta(student_view(prepared_dir))
+    views = {"teacher": meta, "student": own, "baseline": own}
     models, ckpts = {}, {}
     for name in ROLES:
         models[name], ckpts[name] = checkpoint.load(checkpoints[name], task=TASK)
-        lm.check_lineage(checkpoints[name], ckpts[name], meta)
+        lm.check_lineage(checkpoints[name], ckpts[name], views[name])
         models[name].to(device)
-    test = read_windows(prepared_dir, "test")
     lineage = ckpts["student"].get("soft_labels") or {}
     if lineage.get("teacher_sha256") not in (None, file_sha256(checkpoints["teacher"])):
         raise UserError(f"{checkpoints['student']}: distilled from another teacher than {checkpoints['teacher']}; "
                         "rerun soft_labels and train_student (dvc repro)")
-    tok = lm.tokenizer(meta)
-    scores = score(models, test, byte_lengths(tok), cfg.batch_size, device)
+    cross = own.path != meta.path
+    groups = [ROLES] if not cross else [("teacher",), ("student", "baseline")]
+    scores, tests, toks = {}, {}, {}
+    for group in groups:
+        view = views[group[0]]
+        test, tok = read_windows(view.path, "test"), lm.tokenizer(view)
+        scores |= score({m: models[m] for m in group}, test, byte_lengths(tok), cfg.batch_size, device,
+                        teacher="teacher" if "teacher" in group else None)
+        tests |= {m: test for m in group}
+        toks |= {m: tok for m in group}
     metrics: dict = {}
     for name in ROLES:
         s = scores[name]
         metrics[name] = {"test_bits_per_token": s.bits_per_token, "test_bits_per_byte": s.bits_per_byte,
                          "test_perplexity": 2 ** s.bits_per_token, "test_tokens": s.tokens, "test_bytes": s.bytes,
-                         "kl_bits_per_token": max(s.kl_nats, 0.0) / LN2 / max(s.tokens, 1),  # not -0.000 from rounding
+                         # not -0.000 from rounding; None: no vocabulary shared with the teacher to take it over
+                         "kl_bits_per_token": None if s.kl_nats is None else max(s.kl_nats, 0.0) / LN2 / s.tokens,
                          "params": count_parameters(models[name]),
-                         "latency_ms_b1": latency_ms(lm.NextTokenLogits(models[name]), torch.from_numpy(test[:1]), 1,
-                                                     LATENCY_REPEATS, device),
+                         "latency_ms_b1": latency_ms(lm.NextTokenLogits(models[name]), torch.from_numpy(tests[name][:1]),
+                                                     1, LATENCY_REPEATS, device),
                          "best_step": ckpts[name].get("step")}
     metrics["student"]["soft_label_bytes_per_token"] = lineage.get("bytes_per_token")
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
     # lower is better in bits: the gap closed is (baseline - student) / (baseline - teacher)
-    metrics["gap_closed"] = gap_closed(*(-metrics[m]["test_bits_per_token"] for m in ROLES))
+    metrics["gap_closed"] = None if cross else gap_closed(*(-metrics[m]["test_bits_per_token"] for m in ROLES))
     metrics["gap_closed_bits_per_byte"] = gap_closed(*(-metrics[m]["test_bits_per_byte"] for m in ROLES))
-    samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, test, meta, tok)
+    samples = _samples(cfg, {n: m.cpu() for n, m in models.items()}, tests["teacher"], meta, toks)
+    described = (f"{meta.splits['test']['windows']} test windows of {meta.context_length} tokens "
+                 f"({meta.splits['test']['documents']} documents); vocabulary {meta.vocab_size}")
+    if cross:
+        described += (f"; the student and the baseline read their own tokenizer's {own.splits['test']['windows']} "
+                      f"test windows (vocabulary {own.vocab_size}): compare them to the teacher in bits per byte")
     return LMEvaluation(metrics, samples, {m: ckpts[m].get("history", []) for m in ROLES},
-                        {m: ckpts[m].get("mlflow_run_id") for m in ROLES},
-                        f"{meta.splits['test']['windows']} test windows of {meta.context_length} tokens "
-                        f"({meta.splits['test']['documents']} documents); vocabulary {meta.vocab_size}")
+                        {m: ckpts[m].get("mlflow_run_id") for m in ROLES}, described)
 
 
-def _samples(cfg: LMEvaluateConfig, models: dict, test: np.ndarray, meta, tok) -> dict[str, list[dict[str, str]]]:
+def _samples(cfg: LMEvaluateConfig, models: dict, test: np.ndarray, meta, toks: dict) -> dict[str, list[dict[str, str]]]:
+    """Each model's continuations of a few document starts of the teacher's test windows, the
+    prompt's text read by each model's own tokenizer (`toks`, by model)."""
     picks = np.linspace(0, len(test) - 1, cfg.samples).round().astype(int) if cfg.samples else []
     out: dict[str, list[dict[str, str]]] = {m: [] for m in models}
     size = min(cfg.prompt_tokens, meta.context_length - 1)
     for i, row in enumerate(picks):
-        prompt = _document_start(test[row], meta.eos_id, size)
+        text = toks["teacher"].decode(_document_start(test[row], meta.eos_id, size))
         for name, model in models.items():
+            prompt = np.asarray(toks[name](text, add_special_tokens=False)["input_ids"], dtype=np.int64)
             new = lm.generate(model, prompt, cfg.new_tokens, cfg.sample_top_k, cfg.seed + i)
-            out[name].append({"prompt": tok.decode(prompt), "continuation": tok.decode(new)})
+            out[name].append({"prompt": text, "continuation": toks[name].decode(new)})
     return out
 
 
@@ -179,9 +198,12 @@ def lm_headline(metrics: dict) -> str:
     bits = {m: metrics[m]["test_bits_per_token"] for m in ROLES}
     per_byte = {m: metrics[m]["test_bits_per_byte"] for m in ROLES}
     smaller = metrics["teacher"]["params"] / max(metrics["student"]["params"], 1)
-    gap = metrics["gap_closed"]
-    closed = ("no gap to close: the teacher is not better than the baseline" if gap is None
-              else f"distillation closed {100 * gap:.0f}% of the teacher-baseline gap")
+    gap, gap_bytes = metrics["gap_closed"], metrics["gap_closed_bits_per_byte"]
+    if gap is None and gap_bytes is not None:  # the student reads its own tokenizer: bits per byte compare
+        closed = f"distillation closed {100 * gap_bytes:.0f}% of the teacher-baseline gap in bits per byte"
+    else:
+        closed = ("no gap to close: the teacher is not better than the baseline" if gap is None
+                  else f"distillation closed {100 * gap:.0f}% of the teacher-baseline gap")
     return (f"Held-out bits per token: student {bits['student']:.3f} vs baseline {bits['baseline']:.3f} vs teacher "
             f"{bits['teacher']:.3f} (bits per byte: {per_byte['student']:.3f} vs {per_byte['baseline']:.3f} vs "
             f"{per_byte['teacher']:.3f}); {closed}. The student has {smaller:.1f}x fewer parameters than the teacher.")
@@ -190,7 +212,7 @@ def lm_headline(metrics: dict) -> str:
 def lm_compare_table(metrics: dict) -> str:
     lines = ["| model | " + " | ".join(h for _, h, _ in LM_COLUMNS) + " |", "|---" * (len(LM_COLUMNS) + 1) + "|"]
     for m in ROLES:
-        lines.append(f"| {m} | " + " | ".join(fmt.format(metrics[m][k]) for k, _, fmt in LM_COLUMNS) + " |")
+        lines.append(f"| {m} | " + " | ".join(cell(metrics[m], k, fmt) for k, _, fmt in LM_COLUMNS) + " |")
     gap, gap_bytes = metrics["gap_closed"], metrics["gap_closed_bits_per_byte"]
     shown = ("n/a (the teacher is not better than the baseline)" if gap is None and gap_bytes is None
              else f"{_share(gap)} in bits per token, {_share(gap_bytes)} in bits per byte")
@@ -247,7 +269,7 @@ def write_lm_outputs(result: LMEvaluation, out: dict[str, str | Path]) -> None:
         tmp.mkdir()
         (tmp / "training.png").write_bytes(png)
     rows = "".join(f'<tr><th><span class="dot" style="background:{COLORS[m]}"></span>{m}</th>'
-                   + "".join(f"<td>{fmt.format(result.metrics[m][k])}</td>" for k, _, fmt in LM_COLUMNS) + "</tr>"
+                   + "".join(f"<td>{cell(result.metrics[m], k, fmt)}</td>" for k, _, fmt in LM_COLUMNS) + "</tr>"
                    for m in ROLES)
     heads = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in LM_COLUMNS)
     table_html = f"<table><tr><th>model</th>{heads}</tr>{rows}</table>"
