@@ -8,7 +8,7 @@ distilled from each (same steps, seed and settings), and each is scored on the t
 
   dense      every log-prob (float16)
   top-k      k in {8, 32, 128}
-  sampled    random-sampling KD, 32 draws per token (ids + weights: top-32's byte budget)
+  sampled    random-sampling KD, 32 draws per token (the distinct ids and their counts)
 
 The form lm/params.yaml names (sampled-32) is the default pipeline's own: its student is not trained twice.
 
