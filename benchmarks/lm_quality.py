@@ -1,29 +1,26 @@
-"""Benchmark: language-model distillation over seeds, and what the stored targets cost and give.
+"""Benchmark: language-model distillation over seeds: the default pipeline, what each stored form
+of the soft labels costs and gives, each loss, the student's start, and a student with a tokenizer
+of its own.
 
 For each seed, the default language-model pipeline (lm/params.yaml with only `seed` changed,
-tracking off) runs stage by stage in benchmarks/.work/lm/seed<N>/, each stage as its dvc.yaml
-command (`python -m stages.<stage>`, timed: the sum is a fresh-cache run's wall time). Then,
-with that seed's teacher, the soft labels are stored in every form compared here, a student is
-distilled from each (same steps, seed and settings), and each is scored on the test windows:
+tracking off) runs stage by stage in <work>/seed<N>/, each stage as its dvc.yaml command
+(`python -m stages.<stage>`, timed: the sum is a fresh-cache run's wall time). A teacher already
+trained there by this benchmark (its `teacher_seconds.json` beside it) is kept, with its time.
+Then, with that seed's teacher, each variant of VARIANTS runs in <work>/seed<N>/<name>/ with only
+its keys changed (same steps, seed and settings otherwise): the stages it needs, two variants at a
+time on one thread each, and the rest linked from the default pipeline. Each is scored by the
+evaluate stage (bits per token and per byte, gap closed). A variant's result is kept in its
+folder (result.json) and reused while its keys are the same; `--fresh` runs everything again.
 
-  dense      every log-prob (float16)
-  top-k      k in {8, 32, 128}
-  sampled    random-sampling KD, 32 draws per token (the distinct ids and their counts)
+It writes <out>.json (per seed and aggregate) and <out>.md (the README's tables).
 
-The form lm/params.yaml names (sampled-32) is the default pipeline's own: its student is not trained twice.
-
-It writes <out>.json (per seed and aggregate: bits per token, gap closed, bytes per token, the
-ratios to dense, wall times, and whether each aim of the issue is met) and <out>.md (the README's
-tables).
-
-    python benchmarks/lm_quality.py [--seeds 0 1 2] [--out benchmarks/results/lm_quality]
+    python benchmarks/lm_quality.py [--seeds 0 1 2] [--only NAME ...] [--keep] [--out benchmarks/results/lm_quality]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -32,36 +29,35 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from distill import checkpoint, corpus, lm  # noqa: E402
-from distill.sources import rotten_tomatoes_file  # noqa: E402
 from distill.task import ROLES  # noqa: E402
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
-# name -> soft_labels overrides
-TARGETS = {
-    "dense": {"targets": "dense"},
-    "top-8": {"targets": "top_k", "top_k": 8},
-    "top-32": {"targets": "top_k", "top_k": 32},
-    "top-128": {"targets": "top_k", "top_k": 128},
-    "sampled-32": {"targets": "sampled", "samples": 32},
+WIDE = {"student.width": 256, "student.heads": 4, "student.layers": 2}  # the teacher's width, half its depth
+# name -> (group, params overrides (dotted keys), stages it runs; the rest are the default pipeline's)
+VARIANTS = {
+    "dense": ("targets", {"soft_labels.targets": "dense", "student.shuffle_buffer": 2048},
+              ("soft_labels", "train_student", "evaluate")),
+    "top-32": ("targets", {"soft_labels.targets": "top_k", "soft_labels.top_k": 32}, ("soft_labels",)),
+    "reverse_kl": ("loss", {"student.loss": "reverse_kl"}, ("train_student", "evaluate")),
+    "jsd": ("loss", {"student.loss": "jsd"}, ("train_student", "evaluate")),
+    "skew_kl": ("loss", {"student.loss": "skew_kl"}, ("train_student", "evaluate")),
+    "tvd": ("loss", {"student.loss": "tvd"}, ("train_student", "evaluate")),
+    "random-256": ("init", WIDE, ("train_student", "train_baseline", "evaluate")),
+    "teacher_layers-256": ("init", WIDE | {"student.source": "teacher_layers", "student.model": "models/teacher.pt"},
+                           ("train_student", "train_baseline", "evaluate")),
+    "cross-2048": ("cross", {"data.cross_tokenizer": True, "data.student_vocab_size": 2048},
+                   ("prepare", "soft_labels", "train_student", "train_baseline", "evaluate")),
 }
-DENSE_BUFFER = 2048  # windows of dense targets held at once (float16: about 1 GB)
-AIMS = {"gap_closed_min": 0.30, "top32_bytes_max_fraction_of_dense": 1 / 20, "top32_bits_max_ratio_to_dense": 1.02,
-        "wall_minutes_max": 20.0}
-
-
-def default_targets() -> str:
-    """Which of TARGETS the default pipeline (lm/params.yaml) stores."""
-    soft = yaml.safe_load((ROOT / "lm" / "params.yaml").read_text())["soft_labels"]
-    for name, over in TARGETS.items():
-        if all(soft[key] == value for key, value in over.items()):
-            return name
-    sys.exit(f"lm/params.yaml's soft_labels ({soft}) is none of the compared forms: add it to TARGETS")
+LINKED = ("data/prepared", "data/soft_labels", "models/student.pt", "models/baseline.pt")  # unless the variant makes it
+OUTPUT = {"prepare": "data/prepared", "soft_labels": "data/soft_labels", "train_student": "models/student.pt",
+          "train_baseline": "models/baseline.pt"}
+AIMS = {"cross_gap_closed_bits_per_byte_min": 0.50, "sampled_bytes_per_token_max": 16.0,
+        "sampled_bits_max_ratio_to_dense": 1.005, "wall_minutes_max": 20.0}
+METRICS = ("test_bits_per_token", "test_bits_per_byte")
 
 
 def stage_command(stage: str) -> list[str]:
@@ -69,133 +65,173 @@ def stage_command(stage: str) -> list[str]:
     return [sys.executable, *spec.split()[1:]]
 
 
-def run(cmd: list[str], cwd: Path, threads: int | None = None) -> subprocess.Popen:
+def start(stage: str, cwd: Path, threads: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), DISTILL_PROGRESS="0")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(stage_command(stage), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def wait(proc: subprocess.Popen, cwd: Path) -> None:
+def finish(proc: subprocess.Popen, cwd: Path) -> None:
     _, err = proc.communicate()
     if proc.returncode:
         sys.exit(f"{' '.join(proc.args)} failed in {cwd}:\n{err[-4000:]}")
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    wait(run(cmd, cwd), cwd)
-    return time.perf_counter() - start
+def timed(stage: str, cwd: Path) -> float:
+    begin = time.perf_counter()
+    finish(start(stage, cwd), cwd)
+    return time.perf_counter() - begin
 
 
-def write_params(work: Path, seed: int, soft: dict | None = None) -> Path:
+def write_params(work: Path, seed: int, over: dict | None = None) -> None:
+    from distill.sources import rotten_tomatoes_file
+
     params = yaml.safe_load((ROOT / "lm" / "params.yaml").read_text())
     params["seed"] = seed
     params["data"]["path"] = str(rotten_tomatoes_file())
     params["tracking"]["enabled"] = False
-    if soft:
-        params["soft_labels"].update(soft)
-        if soft["targets"] == "dense":
-            params["student"]["shuffle_buffer"] = DENSE_BUFFER
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    for key, value in (over or {}).items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def one_seed(seed: int, base: Path, targets: bool = True) -> dict:
+def metrics_of(work: Path) -> dict:
+    return json.loads((work / "reports" / "metrics.json").read_text())
+
+
+def default_pipeline(seed: int, base: Path, fresh: bool, keep: bool) -> dict:
+    """The default pipeline of one seed, stage by stage; a teacher this benchmark trained there is
+    kept (and with `keep`, every stage already run there), with its time."""
     work = base / f"seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    kept = work / "teacher_seconds.json"
+    reuse = kept.is_file() and (work / "models" / "teacher.pt").is_file() and not fresh
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     write_params(work, seed)
-    seconds = {}
-    for stage in STAGES:  # the default pipeline, one stage at a time, as dvc repro runs it
-        seconds[stage] = timed(stage_command(stage), work)
-        print(f"seed {seed}: {stage} {seconds[stage]:.0f} s", flush=True)
-    metrics = json.loads((work / "reports" / "metrics.json").read_text())
-    record = {"seed": seed, "metrics": {m: metrics[m] for m in ROLES}, "gap_closed": metrics["gap_closed"],
-              "stage_seconds": seconds, "wall_minutes": sum(seconds.values()) / 60}
-    if not targets:
-        (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-        return record
-    test = corpus.read_windows(work / "data" / "prepared", "test")
-    own = default_targets()
-    variants = {name: work / f"targets-{name}" for name in TARGETS if name != own}
-    for name, variant in variants.items():
-        variant.mkdir()
-        write_params(variant, seed, TARGETS[name])
-        (variant / "data").mkdir()
-        (variant / "data" / "prepared").symlink_to(work / "data" / "prepared")
-        (variant / "models").mkdir()
-        shutil.copy(work / "models" / "teacher.pt", variant / "models" / "teacher.pt")
-    # the variants two at a time, one thread each (small models use one thread best)
-    names = list(variants)
-    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
-        procs = {n: run(stage_command("soft_labels"), variants[n], threads=1) for n in pair}
-        for n, proc in procs.items():
-            wait(proc, variants[n])
-        procs = {n: run(stage_command("train_student"), variants[n], threads=1) for n in pair}
-        for n, proc in procs.items():
-            wait(proc, variants[n])
-    targets = {}
-    for name in TARGETS:
-        if name == own:
-            prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
-            bits = metrics["student"]["test_bits_per_token"]
-        else:
-            prov = json.loads((variants[name] / "data" / "soft_labels" / "provenance.json").read_text())
-            model, _ = checkpoint.load(variants[name] / "models" / "student.pt", task="language_model")
-            bits = lm.nats_per_token(model, test, 64, torch.device("cpu")) / math.log(2)
-            if name == "dense":  # gigabytes; the others stay for benchmarks/lm_tails.py
-                shutil.rmtree(variants[name] / "data" / "soft_labels")
-        targets[name] = {"bytes_per_token": prov["bytes_per_token"], "student_bits_per_token": bits}
-        print(f"seed {seed}: {name} {prov['bytes_per_token']:.1f} bytes/token, student {bits:.4f} bits/token",
-              flush=True)
-    record["targets"], record["default_targets"] = targets, own
-    (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    seconds = json.loads(kept.read_text()) if reuse else {}
+    done = work / "stage_seconds.json"
+    if reuse and keep and done.is_file():
+        seconds = json.loads(done.read_text()) | seconds
+    for stage in STAGES:
+        if stage not in seconds:
+            seconds[stage] = timed(stage, work)
+            print(f"seed {seed}: {stage} {seconds[stage]:.0f} s", flush=True)
+            done.write_text(json.dumps(seconds))
+        if stage == "train_teacher" and not reuse:
+            kept.write_text(json.dumps({s: seconds[s] for s in ("prepare", "train_teacher")}))
+    metrics = metrics_of(work)
+    prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
+    return {"seed": seed, "metrics": {m: metrics[m] for m in ROLES}, "gap_closed": metrics["gap_closed"],
+            "gap_closed_bits_per_byte": metrics.get("gap_closed_bits_per_byte"),
+            "bytes_per_token": prov["bytes_per_token"], "targets": prov["targets"], "stage_seconds": seconds,
+            "wall_minutes": sum(seconds.values()) / 60}
+
+
+def prepare_variant(seed: int, base: Path, name: str, fresh: bool) -> Path | None:
+    """The variant's folder, ready to run its stages; None when its result is kept from before."""
+    _, over, stages = VARIANTS[name]
+    work, main = base / f"seed{seed}" / name, base / f"seed{seed}"
+    done = work / "result.json"
+    if done.is_file() and not fresh and json.loads(done.read_text()).get("overrides") == over:
+        return None
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "models").mkdir(parents=True)
+    (work / "data").mkdir()
+    write_params(work, seed, over)
+    shutil.copy(main / "models" / "teacher.pt", work / "models" / "teacher.pt")
+    made = {OUTPUT[s] for s in stages if s in OUTPUT}
+    for path in LINKED:
+        if path not in made:
+            (work / path).symlink_to(main / path)
+    return work
+
+
+def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
+    """Each variant's stages, two variants at a time on one thread each; their results."""
+    todo = {n: w for n in names if (w := prepare_variant(seed, base, n, fresh)) is not None}
+    for pair in (list(todo)[i:i + 2] for i in range(0, len(todo), 2)):
+        begin = time.perf_counter()
+        for stage in STAGES:
+            procs = {n: start(stage, todo[n], threads=1) for n in pair if stage in VARIANTS[n][2]}
+            for n, proc in procs.items():
+                finish(proc, todo[n])
+        for n in pair:
+            write_result(seed, todo[n], n)
+        print(f"seed {seed}: {', '.join(pair)} in {(time.perf_counter() - begin) / 60:.1f} min", flush=True)
+    return {n: json.loads((base / f"seed{seed}" / n / "result.json").read_text()) for n in names}
+
+
+def write_result(seed: int, work: Path, name: str) -> None:
+    group, over, stages = VARIANTS[name]
+    prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
+    result = {"seed": seed, "group": group, "overrides": over, "bytes_per_token": prov["bytes_per_token"],
+              "targets": prov["targets"], "width": prov["width"]}
+    if "evaluate" in stages:
+        metrics = metrics_of(work)
+        result |= {"metrics": {m: {k: metrics[m].get(k) for k in (*METRICS, "params")} for m in ROLES},
+                   "gap_closed": metrics["gap_closed"],
+                   "gap_closed_bits_per_byte": metrics.get("gap_closed_bits_per_byte")}
+        if prov.get("summary"):
+            result["soft_label_summary"] = prov["summary"]
+    (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan")}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def aggregate(records: list[dict]) -> dict:
-    agg = {"bits_per_token": {m: mean_std([r["metrics"][m]["test_bits_per_token"] for r in records]) for m in ROLES},
-           "kl_bits_per_token": {m: mean_std([max(r["metrics"][m]["kl_bits_per_token"], 0.0) for r in records])
-                                 for m in ROLES},
-           "params": {m: records[0]["metrics"][m]["params"] for m in ROLES},
-           "gap_closed": mean_std([r["gap_closed"] for r in records]),
-           "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
-           # the fastest seed: the others may have shared the machine with other work
-           "wall_minutes_min": min(r["wall_minutes"] for r in records),
-           "stage_seconds": {s: mean_std([r["stage_seconds"][s] for r in records]) for s in STAGES}}
-    agg["targets"] = {}
-    agg["target_seeds"] = [r["seed"] for r in records if "targets" in r]
-    agg["default_targets"] = next((r["default_targets"] for r in records if "default_targets" in r), "top-32")
-    records = [r for r in records if "targets" in r]  # the storage comparison: the seeds that ran it
-    for name in TARGETS:
-        bits = [r["targets"][name]["student_bits_per_token"] for r in records]
-        ratio = [r["targets"][name]["student_bits_per_token"] / r["targets"]["dense"]["student_bits_per_token"]
-                 for r in records]
-        size = [r["targets"][name]["bytes_per_token"] for r in records]
-        gaps = [(r["metrics"]["baseline"]["test_bits_per_token"] - r["targets"][name]["student_bits_per_token"])
-                / (r["metrics"]["baseline"]["test_bits_per_token"] - r["metrics"]["teacher"]["test_bits_per_token"])
-                for r in records]
-        agg["targets"][name] = {"bytes_per_token": mean_std(size), "gap_closed": mean_std(gaps),
-                                "bytes_fraction_of_dense": statistics.fmean(size) / statistics.fmean(
-                                    [r["targets"]["dense"]["bytes_per_token"] for r in records]),
-                                "student_bits_per_token": mean_std(bits), "bits_ratio_to_dense": mean_std(ratio)}
-    if not records:
-        return agg
-    top32 = agg["targets"]["top-32"]
-    agg["aims_met"] = {
-        "student_beats_baseline": agg["bits_per_token"]["student"]["mean"] < agg["bits_per_token"]["baseline"]["mean"],
-        "gap_closed": agg["gap_closed"]["mean"] >= AIMS["gap_closed_min"],
-        "top32_bytes": top32["bytes_fraction_of_dense"] <= AIMS["top32_bytes_max_fraction_of_dense"],
-        "top32_bits": top32["bits_ratio_to_dense"]["mean"] <= AIMS["top32_bits_max_ratio_to_dense"],
-        "wall_time": agg["wall_minutes_min"] <= AIMS["wall_minutes_max"],
-    }
+    """Means and spreads over the seeds: the default pipeline, then each variant."""
+    agg = {"default": {
+        **{f"{m}.{k}": mean_std([r["metrics"][m].get(k) for r in records]) for m in ROLES for k in METRICS},
+        "gap_closed": mean_std([r["gap_closed"] for r in records]),
+        "gap_closed_bits_per_byte": mean_std([r["gap_closed_bits_per_byte"] for r in records]),
+        "bytes_per_token": mean_std([r["bytes_per_token"] for r in records]),
+        "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
+        "params": {m: records[0]["metrics"][m]["params"] for m in ROLES}}}
+    agg["default"]["wall_minutes_min"] = min(r["wall_minutes"] for r in records)
+    for name in VARIANTS:
+        rows = [r["variants"][name] for r in records if name in r.get("variants", {})]
+        if not rows:
+            continue
+        entry = {"seeds": [r["seed"] for r in rows], "group": rows[0]["group"],
+                 "bytes_per_token": mean_std([r["bytes_per_token"] for r in rows])}
+        if "metrics" in rows[0]:
+            entry |= {f"{m}.{k}": mean_std([r["metrics"][m].get(k) for r in rows]) for m in ROLES for k in METRICS}
+            entry |= {k: mean_std([r[k] for r in rows]) for k in ("gap_closed", "gap_closed_bits_per_byte")}
+            entry["params"] = {m: rows[0]["metrics"][m]["params"] for m in ROLES}
+            dense_ratio = [r["metrics"]["student"]["test_bits_per_token"]
+                           / rec["variants"]["dense"]["metrics"]["student"]["test_bits_per_token"]
+                           for r, rec in zip(rows, records) if "dense" in rec.get("variants", {})]
+            entry["student_bits_ratio_to_dense"] = mean_std(dense_ratio)
+        agg[name] = entry
+    if "dense" in agg:
+        agg["default"]["student_bits_ratio_to_dense"] = mean_std(
+            [r["metrics"]["student"]["test_bits_per_token"] / r["variants"]["dense"]["metrics"]["student"][
+                "test_bits_per_token"] for r in records if "dense" in r.get("variants", {})])
+    agg["aims_met"] = aims(agg)
     return agg
+
+
+def aims(agg: dict) -> dict[str, bool]:
+    met = {"student_beats_baseline": agg["default"]["student.test_bits_per_token"]["mean"]
+           < agg["default"]["baseline.test_bits_per_token"]["mean"],
+           "sampled_bytes": agg["default"]["bytes_per_token"]["mean"] <= AIMS["sampled_bytes_per_token_max"],
+           "wall_time": agg["default"]["wall_minutes_min"] <= AIMS["wall_minutes_max"]}
+    if "student_bits_ratio_to_dense" in agg["default"]:
+        met["sampled_within_dense"] = (agg["default"]["student_bits_ratio_to_dense"]["mean"]
+                                       <= AIMS["sampled_bits_max_ratio_to_dense"])
+    if "cross-2048" in agg:
+        met["cross_gap_closed"] = (agg["cross-2048"]["gap_closed_bits_per_byte"]["mean"]
+                                   >= AIMS["cross_gap_closed_bits_per_byte_min"])
+    return met
 
 
 def pm(stat: dict, fmt: str = "{:.3f}") -> str:
@@ -203,42 +239,84 @@ def pm(stat: dict, fmt: str = "{:.3f}") -> str:
 
 
 def markdown(agg: dict, seeds: list[int]) -> str:
+    d = agg["default"]
     lines = [f"Language-model distillation, Rotten Tomatoes (split by movie), seeds {seeds}: held-out bits per "
-             f"token, mean ± std (stored targets: seeds {agg['target_seeds']}).", "", "| model | parameters | bits / token | KL(teacher ‖ model), bits / token |",
-             "|---|---|---|---|"]
+             "token and per byte, mean ± std.", "",
+             "| model | parameters | bits / token | bits / byte |", "|---|---|---|---|"]
     for m in ROLES:
-        lines.append(f"| {m} | {agg['params'][m]:,} | {pm(agg['bits_per_token'][m])} | "
-                     f"{pm(agg['kl_bits_per_token'][m])} |")
-    lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(agg['gap_closed'], '{:.1%}')}; "
-              f"default pipeline wall time {agg['wall_minutes_min']:.1f} min at best, "
-              f"{pm(agg['wall_minutes'], '{:.1f}')} min over the seeds, on this machine.", "",
-              "| targets | bytes / token | of dense | student bits / token | ratio to dense student | gap closed |",
-              "|---|---|---|---|---|---|"]
-    for name, t in agg["targets"].items():
-        shown = f"{name} (the default)" if name == agg["default_targets"] else name
-        lines.append(f"| {shown} | {pm(t['bytes_per_token'], '{:.1f}')} | {t['bytes_fraction_of_dense']:.4f} | "
-                     f"{pm(t['student_bits_per_token'])} | {pm(t['bits_ratio_to_dense'], '{:.4f}')} | "
-                     f"{pm(t['gap_closed'], '{:.1%}')} |")
-    lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg.get("aims_met", {}).items())]
+        lines.append(f"| {m} | {d['params'][m]:,} | {pm(d[f'{m}.test_bits_per_token'])} | "
+                     f"{pm(d[f'{m}.test_bits_per_byte'])} |")
+    lines += ["", f"Gap closed (baseline - student) / (baseline - teacher): {pm(d['gap_closed'], '{:.1%}')} in bits "
+              f"per token, {pm(d['gap_closed_bits_per_byte'], '{:.1%}')} in bits per byte; soft labels "
+              f"{pm(d['bytes_per_token'], '{:.1f}')} bytes per token; default pipeline wall time "
+              f"{d['wall_minutes_min']:.1f} min at best, {pm(d['wall_minutes'], '{:.1f}')} min over the seeds."]
+    lines += _targets_table(agg) + _group_table(agg, "loss", "Each loss (sampled-32 targets, alpha 0.9, T 1)")
+    lines += _group_table(agg, "init", "The student's start: a GPT-2 of the teacher's width (256) and half its "
+                          "depth (2 layers), from random weights or from the teacher's layers 0 and 2; its baseline "
+                          "has the same start")
+    lines += _group_table(agg, "cross", "A student with its own tokenizer: a byte-level BPE of 2,048 ids (the "
+                          "teacher's has 4,096), the soft labels aligned to it by bytes; bits per token do not "
+                          "compare across tokenizers, bits per byte do")
+    lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _targets_table(agg: dict) -> list[str]:
+    d = agg["default"]
+    lines = ["", "Stored targets: bytes per token, and the student distilled from them.", "",
+             "| targets | bytes / token | student bits / token | ratio to the dense student |", "|---|---|---|---|"]
+    ratio = pm(d["student_bits_ratio_to_dense"], "{:.4f}") if "student_bits_ratio_to_dense" in d else "–"
+    rows = [("sampled-32, distinct ids and counts (the default)", d["bytes_per_token"],
+             d["student.test_bits_per_token"], ratio)]
+    for name in ("dense", "top-32"):
+        if name in agg:
+            v = agg[name]
+            bits = v.get("student.test_bits_per_token")
+            rows.append((name, v["bytes_per_token"], bits, "1" if name == "dense" else "–"))
+    for name, size, bits, r in rows:
+        lines.append(f"| {name} | {pm(size, '{:.1f}')} | {pm(bits) if bits else '–'} | {r} |")
+    return lines
+
+
+def _group_table(agg: dict, group: str, title: str) -> list[str]:
+    names = [n for n, v in agg.items() if isinstance(v, dict) and v.get("group") == group]
+    if not names:
+        return []
+    lines = ["", title + ".", "", "| variant | student bits / token | baseline bits / token | student bits / byte | "
+             "baseline bits / byte | gap closed (bits / token) | gap closed (bits / byte) |", "|---|---|---|---|---|---|---|"]
+    if group == "loss":
+        d = agg["default"]
+        lines.append(f"| forward_kl (the default) | {pm(d['student.test_bits_per_token'])} | "
+                     f"{pm(d['baseline.test_bits_per_token'])} | {pm(d['student.test_bits_per_byte'])} | "
+                     f"{pm(d['baseline.test_bits_per_byte'])} | {pm(d['gap_closed'], '{:.1%}')} | "
+                     f"{pm(d['gap_closed_bits_per_byte'], '{:.1%}')} |")
+    for n in names:
+        v = agg[n]
+        tok = pm(v["gap_closed"], "{:.1%}") if group != "cross" else "–"
+        lines.append(f"| {n} | {pm(v['student.test_bits_per_token'])} | {pm(v['baseline.test_bits_per_token'])} | "
+                     f"{pm(v['student.test_bits_per_byte'])} | {pm(v['baseline.test_bits_per_byte'])} | {tok} | "
+                     f"{pm(v['gap_closed_bits_per_byte'], '{:.1%}')} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="these variants (default: all)")
     parser.add_argument("--out", default="benchmarks/results/lm_quality")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "lm"))
-    parser.add_argument("--no-targets", action="store_true", help="the default pipeline only, no storage comparison")
-    parser.add_argument("--records", nargs="+", help="aggregate these seeds' record.json files, running nothing")
+    parser.add_argument("--fresh", action="store_true", help="run everything again, the teachers too")
+    parser.add_argument("--keep", action="store_true", help="keep the default pipeline's stages already run")
     args = parser.parse_args(argv)
-    if args.records:
-        records = sorted((json.loads(Path(p).read_text()) for p in args.records), key=lambda r: r["seed"])
-        args.seeds = [r["seed"] for r in records]
-    else:
-        records = [one_seed(seed, Path(args.work), not args.no_targets) for seed in args.seeds]
+    base, records = Path(args.work), []
+    for seed in args.seeds:
+        record = default_pipeline(seed, base, args.fresh, args.keep)
+        record["variants"] = run_variants(seed, base, args.only or list(VARIANTS), args.fresh)
+        (base / f"seed{seed}" / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
     agg = aggregate(records)
     result = {"seeds": args.seeds, "aims": AIMS, "aggregate": agg, "per_seed": records,
-              "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}}
+              "machine": {"cpus": os.cpu_count()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

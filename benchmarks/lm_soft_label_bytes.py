@@ -56,15 +56,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"work": str(work), "windows": tokens // positions, "positions": positions, "tokens": tokens,
               "default_draws": cfg["samples"], "teacher_entropy_bits": round(entropy, 3),
               "teacher_and_draws_s": round(seconds, 1),
-              "distinct": distinct_ids(batches[cfg["samples"]], positions), "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL}
+              "distinct": distinct_ids(batches[cfg["samples"]]), "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL}
     stage_level = shards.SAMPLED_ZSTD_LEVEL
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(d, stage_level) for d in DRAWS if d in batches] + [(cfg["samples"], lvl) for lvl in LEVELS]
         result["stored"] = [stored(batches[d], Path(tmp) / f"n{d}-z{lvl}", positions, d, lvl) for d, lvl in runs]
         shards.SAMPLED_ZSTD_LEVEL = stage_level
         default = batches[cfg["samples"]]
-        result["references"] = {"schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions),
-                                "plain ascending ids for the deltas": plain_ids(default, Path(tmp), positions)}
+        result["references"] = {
+            "schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions),
+            "plain ascending ids for the deltas": plain_ids(default, Path(tmp), positions)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
@@ -91,7 +92,7 @@ def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int
     return out, entropy / (len(ids) * (meta.context_length - 1)), time.perf_counter() - start
 
 
-def distinct_ids(batches: list[pa.RecordBatch], positions: int) -> dict:
+def distinct_ids(batches: list[pa.RecordBatch]) -> dict:
     """How many distinct ids a position holds: mean, percentiles and counts of 1, 2, ... n."""
     k = np.concatenate([b.column("sample_distinct").flatten().to_numpy() for b in batches])  # (N * P,)
     return {"mean": float(k.mean()), "percentiles_10_25_50_75_90": [float(np.percentile(k, q))

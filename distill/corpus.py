@@ -18,7 +18,10 @@ documents, each followed by the end-of-text token, run together and are cut into
 
 data/prepared holds train/val/test.parquet (one window per row: `window`, `ids`), tokenizer/
 (the tokenizer, saved with save_pretrained) and meta.json (task, vocabulary size, context length,
-the tokenizer's sha256, and per split its documents, windows and tokens).
+the tokenizer's sha256, and per split its documents, windows and tokens). With
+`data.cross_tokenizer` the student has a view of its own, the same documents and split through
+its tokenizer (`data.student_tokenizer`), laid out the same way in data/prepared/student; each
+view's fingerprint covers its own files only, so the teacher's does not move with the student's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ TOKENIZER_DIR = "tokenizer"
 CORPUS_SPLITS = ("train", "val", "test")
 END_OF_TEXT = "<|endoftext|>"
 ID_DTYPE = np.int32
+STUDENT_VIEW = "student"  # data/prepared/student: the student's own tokens (data.cross_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class CorpusMeta:
     eos_id: int
     tokenizer_sha256: str  # the tokenizer's files (a given folder's are copied byte for byte)
     splits: dict[str, dict[str, int]]  # documents, windows, tokens per split
-    fingerprint: str  # sha256 over the prepared directory
+    fingerprint: str  # sha256 over this view's files (the teacher's leaves the student's view out)
     path: Path
 
     @property
@@ -192,16 +196,30 @@ def windows(docs: list[str], tok, context_length: int) -> tuple[np.ndarray, int]
 
 def prepare_corpus(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
     """Stage step prepare (language model): documents -> split -> tokenizer -> windows, written
-    atomically (a failure leaves no folder)."""
+    atomically (a failure leaves no folder). With `data.cross_tokenizer` the same split is also
+    tokenized by the student's own tokenizer into data/prepared/student (STUDENT_VIEW)."""
     docs = load_documents(cfg)
     parts = split_documents(len(docs), cfg)
     texts = {split: [docs[i] for i in idx] for split, idx in parts.items()}
-    if Path(cfg.tokenizer) == Path(RAW_DIR):
-        tok = train_tokenizer(texts["train"], cfg.vocab_size)
-        origin = f"byte-level BPE trained on train ({len(tok)} ids)"
-    else:
-        tok = given_tokenizer(cfg.tokenizer)
-        origin = f"{cfg.tokenizer} ({len(tok)} ids)"
+    views = {".": (cfg.tokenizer, cfg.vocab_size)}
+    if cfg.cross_tokenizer:
+        views[STUDENT_VIEW] = (cfg.student_tokenizer, cfg.student_vocab_size)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, (folder, vocab_size) in views.items():
+            meta = _write_view(tmp / name, folder, vocab_size, texts, cfg)
+            log.info("prepared %s%s: %s; windows of %d tokens: %s", cfg.source,
+                     "" if name == "." else f" ({name})", meta["tokenizer"], cfg.context_length,
+                     ", ".join(f"{s} {v['windows']} ({v['documents']} docs)" for s, v in meta["splits"].items()))
+    return read_corpus_meta(out_dir)
+
+
+def _write_view(dest: Path, folder: str, vocab_size: int, texts: dict[str, list[str]], cfg: CorpusConfig) -> dict:
+    """One tokenizer's view of the split documents in `dest`: the tokenizer (`folder`, or a BPE of
+    `vocab_size` trained on train when it is data/raw), each split's windows, and meta.json."""
+    trained = Path(folder) == Path(RAW_DIR)
+    tok = train_tokenizer(texts["train"], vocab_size) if trained else given_tokenizer(folder)
+    origin = f"byte-level BPE trained on train ({len(tok)} ids)" if trained else f"{folder} ({len(tok)} ids)"
     splits, arrays = {}, {}
     for split in CORPUS_SPLITS:
         arrays[split], tokens = windows(texts[split], tok, cfg.context_length)
@@ -210,27 +228,31 @@ def prepare_corpus(cfg: CorpusConfig, out_dir: str | Path) -> CorpusMeta:
                             f"one window of data.context_length {cfg.context_length}: add text, or lower "
                             "context_length")
         splits[split] = {"documents": len(texts[split]), "windows": len(arrays[split]), "tokens": tokens}
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        if Path(cfg.tokenizer) == Path(RAW_DIR):
-            tok.save_pretrained(str(tmp / TOKENIZER_DIR))
-        else:  # the files as they are, so the prepared copy has the given folder's hash
-            (tmp / TOKENIZER_DIR).mkdir()
-            for name in TOKENIZER_FILES:
-                if (Path(cfg.tokenizer) / name).is_file():
-                    shutil.copy(Path(cfg.tokenizer) / name, tmp / TOKENIZER_DIR / name)
-        for split, array in arrays.items():
-            table = pa.table({"window": pa.array(np.arange(len(array)), pa.int64()),
-                              "ids": pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), pa.int32()),
-                                                                       cfg.context_length)})
-            pq.write_table(table, tmp / f"{split}.parquet", compression="zstd")
-        meta = {"schema_version": CORPUS_SCHEMA_VERSION, "task": TASK, "source": cfg.source,
-                "vocab_size": len(tok), "context_length": cfg.context_length, "eos_id": int(tok.eos_token_id),
-                "tokenizer_sha256": tokenizer_sha256(tmp / TOKENIZER_DIR), "tokenizer": origin, "splits": splits}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("prepared %s: %s; windows of %d tokens: %s", cfg.source, origin, cfg.context_length,
-             ", ".join(f"{s} {v['windows']} ({v['documents']} docs)" for s, v in splits.items()))
-    return read_corpus_meta(out_dir)
+    dest.mkdir(exist_ok=True)
+    if trained:
+        tok.save_pretrained(str(dest / TOKENIZER_DIR))
+    else:  # the files as they are, so the prepared copy has the given folder's hash
+        (dest / TOKENIZER_DIR).mkdir()
+        for name in TOKENIZER_FILES:
+            if (Path(folder) / name).is_file():
+                shutil.copy(Path(folder) / name, dest / TOKENIZER_DIR / name)
+    for split, array in arrays.items():
+        table = pa.table({"window": pa.array(np.arange(len(array)), pa.int64()),
+                          "ids": pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), pa.int32()),
+                                                                   cfg.context_length)})
+        pq.write_table(table, dest / f"{split}.parquet", compression="zstd")
+    meta = {"schema_version": CORPUS_SCHEMA_VERSION, "task": TASK, "source": cfg.source,
+            "vocab_size": len(tok), "context_length": cfg.context_length, "eos_id": int(tok.eos_token_id),
+            "tokenizer_sha256": tokenizer_sha256(dest / TOKENIZER_DIR), "tokenizer": origin, "splits": splits}
+    (dest / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def student_view(prepared_dir: str | Path) -> Path:
+    """The prepared folder the student reads: data/prepared/student with `data.cross_tokenizer`
+    (its own tokens), else data/prepared itself (the teacher's)."""
+    own = Path(prepared_dir) / STUDENT_VIEW
+    return own if (own / META_FILE).is_file() else Path(prepared_dir)
 
 
 def read_corpus_meta(prepared_dir: str | Path) -> CorpusMeta:
@@ -252,7 +274,7 @@ def read_corpus_meta(prepared_dir: str | Path) -> CorpusMeta:
                         "rerun prepare")
     try:
         return CorpusMeta(meta["vocab_size"], meta["context_length"], meta["eos_id"], meta["tokenizer_sha256"],
-                          meta["splits"], tree_sha256(prepared_dir), Path(prepared_dir))
+                          meta["splits"], tree_sha256(prepared_dir, skip=(STUDENT_VIEW,)), Path(prepared_dir))
     except KeyError as exc:
         raise UserError(f"{path}: no {exc} in it; rerun prepare") from None
 

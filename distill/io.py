@@ -124,13 +124,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def tree_sha256(path: str | Path) -> str:
-    """Hex sha256 over a file, or over every file of a directory (names and bytes)."""
+def tree_sha256(path: str | Path, skip: tuple[str, ...] = ()) -> str:
+    """Hex sha256 over a file, or over every file of a directory (names and bytes), less the
+    top-level entries named in `skip`."""
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
     digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in skip):
         digest.update(f.relative_to(path).as_posix().encode())
         digest.update(file_sha256(f).encode())
     return digest.hexdigest()

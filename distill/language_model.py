@@ -2,10 +2,12 @@
 
 One implementation of distill.task.Task. Documents are split whole and cut into token windows
 (distill/corpus.py); teacher and student are GPT-2s built from params or a Hugging Face
-causal-LM folder (distill/lm.py), trained step by step; the soft labels are the teacher's
-next-token targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
-distill/sparse.py); models are scored in bits per token against the live teacher
-(distill/lm_evaluation.py).
+causal-LM folder (distill/lm.py), the student also from the teacher's own layers
+(distill/lm_start.py), trained step by step; the soft labels are the teacher's next-token
+targets at every position, top-k, sampled or dense (distill/lm_soft_labels.py,
+distill/sparse.py; over the student's own tokens with data.cross_tokenizer,
+distill/cross_tokenizer.py), which the student reads with one of distill/lm_losses.py's
+divergences; models are scored in bits per token and per byte (distill/lm_evaluation.py).
 
 Each method imports what its stage runs in its own body, so that a stage's DVC code deps are
 its own import closure (distill/task.py says why).
@@ -19,6 +21,8 @@ from typing import Any, ClassVar
 from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
 from distill.task import ROLES, EvaluatePaths, Headline, TrainPaths
 
+STUDENT_START = "the student's start: a pretrained folder or a teacher checkpoint (data/raw when trained here)"
+
 
 class LanguageModelTask:
     """Causal language models: the teacher's next-token distributions are the soft labels."""
@@ -31,8 +35,11 @@ class LanguageModelTask:
         "figures": "directory of the report's PNG figures", "curves": "directory of each model's val curve CSV"}
     user_files: ClassVar[dict[str, list[tuple[str, str]]]] = {
         "prepare": [("${data.path}", "your text (data/raw, the folder, for the built-in corpus)"),
-                    ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)")],
-        "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")]}
+                    ("${data.tokenizer}", "a tokenizer folder (data/raw when a BPE is trained here)"),
+                    ("${data.student_tokenizer}", "the student's own tokenizer folder (data/raw: trained here, "
+                     "or no cross_tokenizer)")],
+        "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")],
+        "train_student": [("${student.model}", STUDENT_START)], "train_baseline": [("${student.model}", STUDENT_START)]}
     report_plots: ClassVar[dict[str, dict]] = {"figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [
         {"Validation bits per token by step": {
@@ -40,20 +47,31 @@ class LanguageModelTask:
                                for role in ("teacher", "student", "baseline")}}}]
     headline: ClassVar[Headline] = Headline("test_bits_per_token", "bits/token", " bits/token", digits=3,
                                             lower_is_better=True)
-    exp_metrics: ClassVar[tuple[str, ...]] = ("params", "latency_ms_b1")
+    exp_metrics: ClassVar[tuple[str, ...]] = ("test_bits_per_byte", "params", "latency_ms_b1")
     exp_params: ClassVar[tuple[str, ...]] = ("student.temperature", "student.alpha", "student.steps", "student.tail",
-                                             "teacher.steps", "soft_labels.targets", "soft_labels.top_k",
-                                             "soft_labels.samples", "seed")
+                                             "student.loss", "teacher.steps", "soft_labels.targets",
+                                             "soft_labels.top_k", "soft_labels.samples", "seed")
 
     def check(self, params: LMParams) -> None:
-        from distill import corpus, text
+        from distill import corpus, lm, lm_start, text
         from distill.config import RAW_DIR
 
         corpus.load_documents(params.data)  # the corpus is there and has text
-        if Path(params.data.tokenizer) != Path(RAW_DIR):  # as prepare_corpus tells a given tokenizer
+        given = Path(params.data.tokenizer) != Path(RAW_DIR)  # else a BPE trained by prepare, not known yet
+        if given:  # as prepare_corpus tells a given tokenizer
             corpus.given_tokenizer(params.data.tokenizer)
-        if params.teacher.source == "pretrained":
-            text.model_folder(params.teacher.model, "teacher.model")
+        if params.data.cross_tokenizer and Path(params.data.student_tokenizer) != Path(RAW_DIR):
+            corpus.given_tokenizer(params.data.student_tokenizer)
+        for key, cfg in (("teacher.model", params.teacher), ("student.model", params.student)):
+            if cfg.source != "pretrained":
+                continue
+            folder = text.model_folder(cfg.model, key)
+            own = key == "student.model" and params.data.cross_tokenizer  # the student reads its own tokens
+            tokens = params.data.student_tokenizer if own else params.data.tokenizer
+            if Path(tokens) != Path(RAW_DIR):  # a given tokenizer, its files copied: the folder's must be it
+                lm.same_tokenizer(folder, text.tokenizer_sha256(folder), text.tokenizer_sha256(tokens), key)
+        if params.student.source == "teacher_layers":
+            lm_start.check_teacher_layers(params.student, params.teacher)
 
     def prepare(self, params: LMParams, out: Path, run: Any) -> dict:
         from distill import corpus
@@ -91,29 +109,30 @@ class LanguageModelTask:
         return result
 
     def train_student(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
-        from distill import corpus, lm, lm_soft_labels
+        from distill import corpus, lm, lm_soft_labels, lm_start
 
         student = params.student
-        meta = corpus.read_corpus_meta(paths.prepared)
-        model = lm.gpt2(student, meta, params.seed)
-        soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model))
+        teacher = corpus.read_corpus_meta(paths.prepared)
+        meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
+        model, start = lm_start.start(student, meta, params.seed)
+        soft = lm_soft_labels.SoftLabelSet(paths.soft_labels, meta, lm.vocab_of(model), teacher)
         lineage = lm_soft_labels.lineage(soft)
         job = lm.LMJob(student, params.seed, "student", distill=student, world=world,
                        precision=params.runtime.precision, on_eval=run.log_score)
-        job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"])
-        out = self._fit(model, job, paths, meta, {"soft_labels": lineage}, run, soft)
+        job = lm.resumable(job, params.resume, meta, soft_labels=lineage["soft_labels_sha256"], **start)
+        out = self._fit(model, job, paths, meta, {"soft_labels": lineage} | start, run, soft)
         self._log_training(run, out, paths.model, self.served(out["model"]), out["example"])
         return out | {"soft_labels": lineage}
 
     def train_baseline(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:
-        from distill import corpus, lm
+        from distill import corpus, lm, lm_start
 
-        meta = corpus.read_corpus_meta(paths.prepared)
-        model = lm.gpt2(params.student, meta, params.seed)
+        meta = corpus.read_corpus_meta(corpus.student_view(paths.prepared))  # the student's own tokens
+        model, start = lm_start.start(params.student, meta, params.seed)  # the student's own start
         job = lm.LMJob(params.student, params.seed, "baseline", world=world, precision=params.runtime.precision,
                        on_eval=run.log_score)
-        job = lm.resumable(job, params.resume, meta)
-        out = self._fit(model, job, paths, meta, {}, run)
+        job = lm.resumable(job, params.resume, meta, **start)
+        out = self._fit(model, job, paths, meta, start, run)
         self._log_training(run, out, paths.model)
         return out
 
@@ -132,9 +151,9 @@ class LanguageModelTask:
         from distill import corpus, lm
 
         buffer = job.distill.shuffle_buffer if soft is not None else 0
-        batches = lm.WindowBatches(corpus.read_windows(paths.prepared, "train"), job.cfg.batch_size, job.world,
+        batches = lm.WindowBatches(corpus.read_windows(meta.path, "train"), job.cfg.batch_size, job.world,
                                    soft, buffer)
-        val = corpus.read_windows(paths.prepared, "val")
+        val = corpus.read_windows(meta.path, "val")
         result = lm.train(model, job, batches, val)
         info = {"mlflow_run_id": run.run_id} | info
         return lm.save_result(result, job, paths.model, paths.history, meta, info) | {"example": val[:2]}
@@ -145,9 +164,10 @@ class LanguageModelTask:
         result = lm_evaluation.evaluate_lm(params.evaluate, paths.prepared, paths.checkpoints,
                                            device.resolve(params.runtime))
         lm_evaluation.write_lm_outputs(result, paths.outputs)
-        gap = result.metrics["gap_closed"]  # None: the teacher is not better, so nothing to close
+        gaps = {k: result.metrics[k] for k in ("gap_closed", "gap_closed_bits_per_byte")
+                if result.metrics[k] is not None}  # None: the teacher is not better, so nothing to close
         run.log_metrics({f"{m}.{k}": v for m in ROLES for k, v in result.metrics[m].items()
-                         if isinstance(v, (int, float))} | ({} if gap is None else {"gap_closed": gap}))
+                         if isinstance(v, (int, float))} | gaps)
         for path in paths.outputs.values():
             run.log_artifact(Path(path))
         passed = lm_evaluation.lm_passes_gate(result.metrics["student"], params.registry)

@@ -2,8 +2,9 @@
 
 Models are transformers' causal LMs: GPT2LMHeadModel built from `teacher.*` / `student.*`
 (layers, heads, width) over the prepared tokenizer's ids and `data.context_length` positions,
-or a pretrained folder (`teacher.source: pretrained`, any AutoModelForCausalLM). A checkpoint
-stores the model's config beside its weights, so it loads without the folder it came from.
+or a pretrained folder (`teacher.source` or `student.source: pretrained`, any AutoModelForCausalLM;
+distill/lm_start.py: where a student starts). A checkpoint stores the model's config beside its
+weights, so it loads without the folder it came from.
 
 Training counts optimizer steps (`steps`, `batch_size` windows each), with linear warm-up and
 cosine decay (transformers' schedule); every `eval_every` steps and at the end the model is
@@ -11,9 +12,10 @@ scored on val (bits per token) and the best is kept; with `resume.every_steps` t
 state is saved every so many steps (distill/resume.py), and a killed run, rerun, picks up
 from its last save and ends as the uninterrupted run would. The loss at each of a window's first
 P = context_length - 1 positions is the next token's cross-entropy; the distilled student
-mixes in the KL to the stored teacher targets (distill/sparse.py):
+mixes in a divergence D to the stored teacher targets (`student.loss`, distill/lm_losses.py;
+the forward KL by default):
 
-    loss = alpha * T^2 * KL(target_T || student_T) + (1 - alpha) * CE
+    loss = alpha * T^2 * D(target_T, student_T) + (1 - alpha) * CE
 
 Under torchrun each rank takes a disjoint share of every global batch and DDP averages the
 gradients (shares weighted by their size); rank 0 alone writes.
@@ -34,15 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import device as devices
-from distill import checkpoint, loop
+from distill import checkpoint, lm_losses, loop
 from distill.checkpoint import count_parameters, register_arch
 from distill.corpus import TASK, CorpusMeta
 from distill.distributed import World
 from distill.errors import UserError
 from distill.io import write_csv
 from distill.lm_params import LM_DISTILLATION_KEYS, GPTConfig, LMResumeConfig, LMStudentConfig
+from distill.losses import get_loss
 from distill.resume import Resume
-from distill.sparse import Targets, token_kl_loss
+from distill.sparse import Targets
 from distill.text import load_tokenizer, model_folder, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -65,14 +68,12 @@ def gpt2(cfg: GPTConfig, meta: CorpusMeta, seed: int) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def pretrained(folder: str, meta: CorpusMeta) -> nn.Module:
-    """A pretrained causal LM folder (local files only), checked against the prepared data: the
-    tokenizer that made the ids, the vocabulary its head covers, the positions it has."""
-    path = model_folder(folder, "teacher.model")
-    own = tokenizer_sha256(path)
-    if meta.tokenizer_sha256 != own:
-        raise UserError(f"{path}: the teacher's tokenizer (sha256 {own}) is not the one the data was tokenized "
-                        f"with ({meta.tokenizer_sha256}); set data.tokenizer to the teacher's folder")
+def pretrained(folder: str, meta: CorpusMeta, key: str = "teacher.model") -> nn.Module:
+    """A pretrained causal LM folder (local files only) that the params key `key` names, checked
+    against the prepared data: the tokenizer that made the ids, the vocabulary its head covers, the
+    positions it has."""
+    path = model_folder(folder, key)
+    same_tokenizer(path, tokenizer_sha256(path), meta.tokenizer_sha256, key)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -80,13 +81,30 @@ def pretrained(folder: str, meta: CorpusMeta) -> nn.Module:
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UserError(f"{path}: the model does not load as a causal language model ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]})") from None
-    vocab = model.get_output_embeddings().weight.shape[0]
+    return fits_data(model, path, meta)
+
+
+def same_tokenizer(where: str | Path, own: str | None, data: str, key: str) -> None:
+    """Refuse, in one sentence naming `key` and both hashes, the model `where` whose tokenizer (sha256
+    `own`) is not the one the data was tokenized with (`data`)."""
+    if own != data:
+        fix = ("set data.tokenizer to the teacher's folder" if key == "teacher.model"
+               else "give the student its own tokens: data.cross_tokenizer: true with data.student_tokenizer "
+               "its folder")
+        raise UserError(f"{where}: the tokenizer of {key} (sha256 {own}) is not the one the data was tokenized "
+                        f"with ({data}); {fix}")
+
+
+def fits_data(model: nn.Module, where: str | Path, meta: CorpusMeta) -> nn.Module:
+    """`model`, refused in one sentence where its head predicts fewer ids than the prepared
+    vocabulary or it has fewer positions than a window."""
+    vocab = vocab_of(model)
     if vocab < meta.vocab_size:
-        raise UserError(f"{path}: the model predicts {vocab} ids but its tokenizer has {meta.vocab_size}")
+        raise UserError(f"{where}: the model predicts {vocab} ids but its tokenizer has {meta.vocab_size}")
     positions = getattr(model.config, "n_positions", getattr(model.config, "max_position_embeddings", None))
     if positions is not None and positions < meta.context_length:
         raise UserError(f"data.context_length {meta.context_length} is more than the {positions} positions of "
-                        f"{path}; lower it")
+                        f"{where}; lower it")
     return model
 
 
@@ -235,8 +253,8 @@ def train(model: nn.Module, job: LMJob, batches: WindowBatches, val: np.ndarray)
 
 class LMTrainee:
     """A language model's side of the training loop: windows in batches, val bits per token every
-    `eval_every` steps (fewer is better), the next-token cross-entropy or the sparse KL to the
-    stored targets."""
+    `eval_every` steps (fewer is better), the next-token cross-entropy or the divergence to the
+    stored targets (`student.loss`)."""
 
     unit = "step"
 
@@ -295,7 +313,8 @@ def _loss(net: nn.Module, ids: torch.Tensor, targets: Targets | None, job: LMJob
         ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return {"loss": ce, "ce": ce}
     d = job.distill
-    return token_kl_loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, d.tail)
+    loss = get_loss(d.loss)  # forward_kl, reverse_kl, jsd, skew_kl or tvd (distill/lm_losses.py)
+    return loss(logits, targets.to(device), ids[:, 1:], d.temperature, d.alpha, **lm_losses.options(d.loss, d))
 
 
 def save_result(result: LMResult, job: LMJob, model_path: str | Path, history_path: str | Path,

@@ -37,7 +37,16 @@ class CorpusConfig(Section):
         "data/raw = a byte-level BPE of vocab_size ids trained on train; a DVC dependency of prepare",
     )
     vocab_size: int = Field(4096, ge=260, description="the BPE trained here: ids, the end-of-text token included")
-    context_length: int = Field(64, ge=4, description="tokens per window")
+    context_length: int = Field(64, ge=4, description="tokens per window (the teacher's and the student's own)")
+    cross_tokenizer: bool = Field(
+        False, description="true: the student reads the text through its own tokenizer (student_tokenizer), "
+        "and the teacher's soft labels are aligned to it by bytes (distill/cross_tokenizer.py)",
+    )
+    student_tokenizer: str = Field(
+        RAW_DIR, min_length=1, description="cross_tokenizer: a Hugging Face tokenizer folder (a pretrained "
+        "student's), or data/raw = a byte-level BPE of student_vocab_size ids trained on train; a DVC dependency",
+    )
+    student_vocab_size: int = Field(2048, ge=260, description="cross_tokenizer: the student's BPE trained here")
 
     @model_validator(mode="after")
     def _files_need_a_path(self) -> CorpusConfig:
@@ -114,10 +123,35 @@ class LMStudentConfig(GPTConfig):
         "bucket", description="top_k: the tail mass dropped (zero: the k renormalised), spread evenly over the "
         "other ids (uniform), or matched as one outcome by the student's mass outside the k ids (bucket)"
     )
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
+        "forward_kl", description="the divergence to the stored targets (distill/lm_losses.py): KL(target || "
+        "student), KL(student || target), the generalised JSD (beta), the skew KL (skew) or total variation"
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = the forward KL, 1 = the reverse KL (TRL's GKD)")
+    skew: float = Field(0.1, gt=0, le=1, description="skew_kl: KL(target || skew target + (1 - skew) student)")
     shuffle_buffer: int = Field(8192, gt=0, description="windows of soft labels shuffled together in memory")
+    source: Literal["train", "pretrained", "teacher_layers"] = Field(
+        "train", description="where the student and the baseline start: train = random weights of layers, heads "
+        "and width; pretrained = the Hugging Face causal-LM folder student.model as it is (its own architecture: "
+        "layers, heads, width and dropout are ignored); teacher_layers = the language-model checkpoint "
+        "student.model (the pipeline's teacher): its embeddings, final layer norm and head, and `layers` of its "
+        "blocks evenly spaced (width and heads must be the teacher's)"
+    )
+    model: str = Field(
+        RAW_DIR, min_length=1, description="pretrained: a Hugging Face causal-LM folder whose tokenizer is "
+        "data.tokenizer; teacher_layers: a language-model checkpoint (models/teacher.pt); a DVC dependency of "
+        "train_student and train_baseline (data/raw when unused)",
+    )
+
+    @model_validator(mode="after")
+    def _model_for_a_start(self) -> LMStudentConfig:
+        if self.source != "train" and Path(self.model) == Path(RAW_DIR):
+            raise ValueError(f"student.model is required when student.source is '{self.source}': set it to the "
+                             + ("folder" if self.source == "pretrained" else "teacher's checkpoint"))
+        return self
 
 
-LM_DISTILLATION_KEYS = ("temperature", "alpha", "tail", "shuffle_buffer")
+LM_DISTILLATION_KEYS = ("temperature", "alpha", "tail", "loss", "beta", "skew", "shuffle_buffer")
 
 
 class LMEvaluateConfig(Section):

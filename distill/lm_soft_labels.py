@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ import torch
 
 from distill import device as devices
 from distill import checkpoint, lm, sparse
-from distill.corpus import TASK, CorpusMeta, read_corpus_meta, read_windows
+from distill.corpus import TASK, CorpusMeta, read_corpus_meta, read_windows, student_view
+from distill.cross_tokenizer import Aligner
 from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
@@ -44,43 +45,53 @@ MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.s
 def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: str | Path, cfg: LMSoftLabelsConfig,
          run_id: str | None = None, device: torch.device = devices.CPU, precision: str = "fp32") -> dict:
     """Stage step soft_labels (language model): the teacher over every train window, its targets
-    packed into shards as it goes, then provenance.json; written atomically."""
+    packed into shards as it goes, then provenance.json; written atomically. With a student view
+    of its own (data.cross_tokenizer) the windows are the student's and the targets are over its
+    vocabulary, aligned by bytes (distill/cross_tokenizer.py)."""
     meta = read_corpus_meta(prepared_dir)
     model, ckpt = checkpoint.load(teacher_path, task=TASK)
     lm.check_lineage(teacher_path, ckpt, meta)
-    vocab = meta.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
+    own = read_corpus_meta(student_view(prepared_dir))  # the student's tokens: the teacher's, or its own
+    aligner = None if own.path == meta.path else Aligner(lm.tokenizer(meta), lm.tokenizer(own),
+                                                         meta.context_length)
+    vocab = own.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
     sparse.check_id_type(vocab, cfg.id_dtype)
     width = sparse.per_position(cfg.targets, vocab, cfg.top_k, cfg.samples)
     if cfg.targets == "top_k" and cfg.top_k >= vocab:
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the vocabulary has {vocab} ids; use a "
                         "smaller k, or targets: dense")
-    positions = meta.context_length - 1
+    positions = own.context_length - 1
     schema = sparse.schema(cfg.targets, positions, width, cfg.id_dtype)
     header = {
         "schema_version": TARGETS_SCHEMA_VERSION, "task": TASK, "teacher_sha256": file_sha256(teacher_path),
-        "prepared_fingerprint": meta.fingerprint, "tokenizer_sha256": meta.tokenizer_sha256, "vocab_size": vocab,
-        "context_length": meta.context_length, "positions": positions, "targets": cfg.targets, "width": width,
+        "prepared_fingerprint": own.fingerprint, "tokenizer_sha256": own.tokenizer_sha256, "vocab_size": vocab,
+        "context_length": own.context_length, "positions": positions, "targets": cfg.targets, "width": width,
         "top_k": cfg.top_k if cfg.targets == "top_k" else None,
         "samples": cfg.samples if cfg.targets == "sampled" else None,
         "seed": cfg.seed if cfg.targets == "sampled" else None, "id_dtype": cfg.id_dtype,
         "shard_rows": cfg.shard_rows, "teacher_run_id": ckpt.get("mlflow_run_id"), "run_id": run_id,
-        "precision": precision,
+        "precision": precision, "cross_tokenizer": aligner is not None,
+        # the pairing: the teacher's tokenizer and view of the corpus (the student's are above)
+        "teacher_tokenizer_sha256": meta.tokenizer_sha256, "teacher_prepared_fingerprint": meta.fingerprint,
     }
-    windows = read_windows(prepared_dir, "train")
+    windows = read_windows(own.path, "train")
+    # positions with no teacher token to align to: their target is the next token (counted as the rows go)
+    summary = None if aligner is None else (lambda: {"unaligned_fraction": aligner.fallback / max(aligner.seen, 1)})
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision)
-        provenance = write_set(batches, tmp, schema, header, cfg.shard_rows)
+        batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision, aligner)
+        provenance = write_set(batches, tmp, schema, header, cfg.shard_rows, summary)
     log.info("soft labels: %d windows (%s, %.1f bytes per token) in %d shard(s) under %s", provenance["rows"],
              cfg.targets, provenance["bytes_per_token"], len(provenance["shards"]), out_dir)
     return provenance
 
 
-def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema, header: dict, shard_rows: int
-              ) -> dict:
+def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema, header: dict, shard_rows: int,
+              summary: Callable[[], dict] | None = None) -> dict:
     """The batches as shards of `schema` under `folder`, then its provenance.json: the header with
-    the layout (each column's Arrow type), rows, shard list, bytes on disk, bytes per token, and
-    each column's compressed bytes (`column_bytes`; the rest of `bytes` is the files' footers)."""
+    the layout (each column's Arrow type), rows, shard list, bytes on disk, bytes per token, each
+    column's compressed bytes (`column_bytes`; the rest of `bytes` is the files' footers), and
+    `summary()` once every batch is written, if given."""
     header = header | {"layout": {field.name: str(field.type) for field in schema}}
     shards = ShardWriter(folder, schema, header, shard_rows)
     listed, rows = write_shards(batches, shards)
@@ -88,27 +99,37 @@ def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema
     provenance = header | {"rows": rows, "shards": listed, "bytes": size,
                            "bytes_per_token": size / max(rows * header["positions"], 1),
                            "column_bytes": column_bytes(folder, listed)}
+    if summary is not None:
+        provenance["summary"] = summary()
     (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return provenance
 
 
 def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema, sizes: tuple[int, int],
-                     precision: str):
+                     precision: str, aligner: Aligner | None = None):
     (width, vocab), device = sizes, next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws whatever the device
     with bar(len(windows), "soft labels", unit="window") as progress:
         for start in range(0, len(windows), cfg.batch_size):
-            ids = torch.from_numpy(windows[start:start + cfg.batch_size]).to(device)
-            with torch.inference_mode(), devices.autocast(device, precision):
-                logits = lm.next_token_logits(model, ids)[..., :vocab].float()
+            chunk = windows[start:start + cfg.batch_size]
+            if aligner is not None:  # (B, P, V_s) distributions over the student's ids, as log-probs
+                logits = aligner.batch(model, chunk, devices.autocast(device, precision)).log()
+            else:
+                ids = torch.from_numpy(chunk).to(device)
+                with torch.inference_mode(), devices.autocast(device, precision):
+                    logits = lm.next_token_logits(model, ids)[..., :vocab].float()
+            with torch.inference_mode():
                 kept = sparse.select(logits, cfg.targets, width, gen)
-            yield sparse.pack(kept, np.arange(start, start + len(ids)), schema)
-            progress.update(len(ids))
+            yield sparse.pack(kept, np.arange(start, start + len(chunk)), schema)
+            progress.update(len(chunk))
 
 
-def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int) -> dict:
+def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_size: int,
+                               teacher: CorpusMeta | None = None) -> dict:
     """The set's provenance after refusing, by name, one made with another tokenizer or
-    vocabulary (both hashes / sizes named), over other prepared data, or with other shards."""
+    vocabulary (both hashes / sizes named), over other prepared data, or with other shards; with
+    `teacher` (the teacher's view of the prepared data) also one made for another pairing of
+    teacher tokenizer, student tokenizer and corpus."""
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     prov = read_provenance(folder)
@@ -128,6 +149,10 @@ def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_siz
     if prov.get("positions") != meta.context_length - 1:
         raise UserError(f"{path}: {prov.get('positions')} positions per window, not {meta.context_length - 1}; "
                         "rerun soft_labels")
+    if teacher is not None and prov.get("teacher_prepared_fingerprint") != teacher.fingerprint:
+        raise UserError(f"{path}: made for another pairing of teacher tokenizer (sha256 "
+                        f"{prov.get('teacher_tokenizer_sha256')}), student tokenizer and corpus than the prepared "
+                        f"data's (teacher tokenizer sha256 {teacher.tokenizer_sha256}); rerun soft_labels")
     check_shard_list(folder, prov)
     return prov
 
@@ -147,8 +172,8 @@ class WindowBlock:
 class SoftLabelSet:
     """The checked shards of a soft-label set, read a buffer of row groups at a time."""
 
-    def __init__(self, soft_dir: str | Path, meta: CorpusMeta, vocab_size: int):
-        self.provenance = checked_targets_provenance(soft_dir, meta, vocab_size)
+    def __init__(self, soft_dir: str | Path, meta: CorpusMeta, vocab_size: int, teacher: CorpusMeta | None = None):
+        self.provenance = checked_targets_provenance(soft_dir, meta, vocab_size, teacher)
         self.kind, self.positions = self.provenance["targets"], self.provenance["positions"]
         self.columns = sparse.TARGET_COLUMNS[self.kind]
         self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])

@@ -7,9 +7,9 @@ add up to the whole batch's.
 
 Losses are a registry: `register_loss(name)` adds one, `get_loss(name)` finds it. A loss is
 called as `loss(student_logits, teacher, labels, temperature, alpha, **options)` and returns
-its parts, "loss" the total. This module registers `kd` and `dkd`; distill.sparse registers
-the language model's `token_kl` (this module never imports it, so a classifier's code does
-not include the language model's).
+its parts, "loss" the total. This module registers `kd` and `dkd`; distill.lm_losses registers
+the language model's `forward_kl`, `reverse_kl`, `jsd`, `skew_kl` and `tvd` (this module never
+imports it, so a classifier's code does not include the language model's).
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ PROVENANCE_NAME = "provenance.json"
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
 SAMPLED_ZSTD_LEVEL = 9  # sampled targets: 5 % smaller than the default level 1, writing ~2x slower (still small)
-SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token", "column_bytes")  # the whole set's keys, not in a shard's
+# the whole set's provenance keys, not in a shard's metadata; `summary`: what the writer counted over all rows,
+# `column_bytes`: each column's compressed bytes
+SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token", "summary", "column_bytes")
 
 
 def writer_options(schema: pa.Schema) -> dict:

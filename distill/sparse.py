@@ -1,5 +1,5 @@
-"""A language-model teacher's per-token soft labels: which targets are kept, how they are packed
-into Parquet, and the loss a student reads them with.
+"""A language-model teacher's per-token soft labels: which targets are kept, and how they are packed
+into Parquet.
 
 At every position the teacher gives a next-token distribution p over the V tokens of its
 vocabulary. `soft_labels.targets` keeps one of three forms of it:
@@ -23,21 +23,12 @@ every position's distinct ids (delta-coded: the first id, then each id minus the
 and their counts in turn, and `sample_distinct`, a fixed-size list of how many distinct ids
 each position has (docs/language-models.md shows them field by field, and why deltas).
 In memory (`stored_columns`) every form is (N, P, width) arrays, the sampled ones padded with
-id 0 and count 0 to width n. `Targets` is what a batch unpacks to.
-
-The student's KL (`kl_to_targets`) is the forward KL(target || student) at temperature T
-over the stored ids; a top-k tail is dropped (`tail: zero`: the k probabilities
-renormalised), spread evenly over the V - k other ids (`tail: uniform`: each gets
-tail / (V - k) before the temperature), or kept as one more outcome (`tail: bucket`: the
-student's total mass outside the k ids is matched to it, its shape left to the
-cross-entropy). At T = 1 the bucket is exact for what is stored and assumes nothing of
-the tail's shape. With k = V all three equal the dense KL. `token_kl_loss` mixes it with the
-next-token cross-entropy; it is registered in distill.losses as `token_kl`, beside kd and dkd.
+id 0 and count 0 to width n. `Targets` is what a batch unpacks to; the student reads them
+with one of distill/lm_losses.py's divergences (`student.loss`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import UserError
-from distill.losses import register_loss, total
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
 TARGET_COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
@@ -213,11 +203,11 @@ def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: in
         return _sampled_columns(table, positions)
     out = {}
     for name in TARGET_COLUMNS[targets]:
-        out[name] = _flat(table, name).reshape(len(table), positions, -1)
+        out[name] = _list_values(table, name).reshape(len(table), positions, -1)
     return out
 
 
-def _flat(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+def _list_values(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
     """A list column's values, every row's in turn."""
     values = table.column(name)
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
@@ -225,8 +215,8 @@ def _flat(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
 
 
 def _sampled_columns(table: pa.Table | pa.RecordBatch, positions: int) -> dict[str, np.ndarray]:
-    distinct = _flat(table, "sample_distinct").astype(np.int64)  # (N * P,)
-    deltas, counts = _flat(table, "sample_id_deltas"), _flat(table, "sample_counts")  # (sum distinct,)
+    distinct = _list_values(table, "sample_distinct").astype(np.int64)  # (N * P,)
+    deltas, counts = _list_values(table, "sample_id_deltas"), _list_values(table, "sample_counts")  # (sum distinct,)
     draws = int(counts[:distinct[0]].sum()) if len(distinct) else 0  # every position's counts add up to n
     first = np.cumsum(distinct) - distinct  # (N * P,): each position's first entry in the lists
     running = np.cumsum(deltas, dtype=np.int64)  # (sum distinct,): over every position so far
@@ -253,64 +243,3 @@ def as_targets(targets: str, columns: dict[str, np.ndarray]) -> Targets:
     counts = torch.from_numpy(columns["sample_counts"].astype(np.float32))  # (N, P, n)
     return Targets(torch.from_numpy(columns["sample_ids"].astype(np.int64)),
                    (counts / counts.sum(-1, keepdim=True)).log())  # log 0 = -inf on the padding
-
-
-def kl_to_targets(student_logits: torch.Tensor, t: Targets, temperature: float = 1.0, tail: str = "zero"
-                  ) -> torch.Tensor:
-    """KL(target_T || student_T) per position, (B, P), at temperature T.
-
-    Over the stored ids only: the student's log-probs are its full softmax's (all V ids), so
-    probability it puts outside the stored ids costs it. A top-k tail with `tail: uniform` is
-    V - k ids of log-prob log(tail / (V - k)) each, tempered like the rest; `tail: zero`
-    renormalises the stored ids. Dense targets give the exact KL.
-    """
-    vocab = student_logits.shape[-1]
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    z = t.logp / temperature  # -inf (sampled padding) stays -inf
-    if t.ids is None:
-        p = F.softmax(z, dim=-1)
-        return (torch.special.xlogy(p, p) - p * log_s).sum(-1)  # 0 log 0 = 0 where the teacher puts nothing
-    log_s_kept = log_s.gather(-1, t.ids)
-    rest = vocab - t.ids.shape[-1]
-    if tail == "uniform" and t.tail is not None and rest > 0:
-        each = (t.tail.clamp(min=1e-12) / rest).log() / temperature  # one tail id's tempered logit
-        log_z = torch.logaddexp(torch.logsumexp(z, -1), each + math.log(rest))
-        log_t, log_t_each = z - log_z.unsqueeze(-1), each - log_z
-        tail_s = log_s.sum(-1) - log_s_kept.sum(-1)  # the student's log-probs summed over the tail ids
-        tail_kl = rest * log_t_each.exp() * log_t_each - log_t_each.exp() * tail_s
-    elif tail == "bucket" and t.tail is not None and rest > 0:
-        bucket = t.tail.clamp(min=1e-12).log() / temperature  # the tail as one more outcome
-        log_z = torch.logaddexp(torch.logsumexp(z, -1), bucket)
-        log_t, log_t_rest = z - log_z.unsqueeze(-1), bucket - log_z
-        kept_s = torch.logsumexp(log_s_kept, -1).clamp(max=-1e-6)  # the student's mass on the stored ids
-        log_s_rest = torch.log(-torch.expm1(kept_s))  # and on the rest: log(1 - kept)
-        tail_kl = log_t_rest.exp() * (log_t_rest - log_s_rest)
-    else:
-        log_t, tail_kl = z - torch.logsumexp(z, -1, keepdim=True), 0.0
-    p = log_t.exp()
-    kept = torch.where(p > 0, p * (log_t - log_s_kept), torch.zeros_like(p))
-    return kept.sum(-1) + tail_kl
-
-
-@register_loss("token_kl")
-def token_kl_loss(student_logits: torch.Tensor, targets: Targets, labels: torch.Tensor, temperature: float,
-                  alpha: float, tail: str = "zero") -> dict[str, torch.Tensor]:
-    """A language model's distillation loss over every position of a batch of windows:
-
-        loss = alpha * T^2 * mean KL(target_T || student_T) + (1 - alpha) * CE(z_s, next token)
-
-    Args:
-        student_logits: (B, P, V) the student's next-token logits z_s.
-        targets: the teacher's stored targets at the same (B, P) positions.
-        labels: (B, P) the next tokens' ids.
-        temperature: T > 0.
-        alpha: weight of the KL term, in [0, 1].
-        tail: what a top-k tail stands for (`kl_to_targets`).
-
-    Returns:
-        {"loss": the total, "ce": the next-token cross-entropy, "kl": the KL averaged over the
-        positions (before the T^2 and alpha factors)}.
-    """
-    ce = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten())
-    kl = kl_to_targets(student_logits, targets, temperature, tail).mean()
-    return {"loss": total(kl, ce, temperature, alpha), "ce": ce, "kl": kl}

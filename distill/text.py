@@ -1,9 +1,10 @@
-"""Text: the tokenizer folder, token ids, and the augmented transfer set of Tang et al. 2019.
+"""Text: the tokenizer folder, token ids, their bytes of text, and the augmented transfer set of Tang et al. 2019.
 
 A text example becomes a fixed-length row of token ids (`data.text.max_length`, cut
 at the end, padded with the tokenizer's pad id), made by the teacher's own tokenizer
 (a Hugging Face folder: tokenizer.json, or vocab.txt for WordPiece), so teacher and
 student read the same ids. Models trim each batch to its longest row (dynamic padding).
+`byte_lengths` gives the UTF-8 bytes of text each id stands for, what bits per byte divides by.
 
 `augment` makes the transfer set the teacher labels for the student ("Distilling
 Task-Specific Knowledge from BERT into Simple Neural Networks", Tang et al. 2019, §3.3):
@@ -15,7 +16,10 @@ each copy of a train text has every word replaced by the mask token with probabi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +105,70 @@ def tokenize(tok, texts: np.ndarray, max_length: int, batch: int = 4096) -> np.n
                   padding="max_length", return_attention_mask=False)["input_ids"]
         out[start:start + len(enc)] = np.asarray(enc, dtype=TOKEN_DTYPE)
     return out
+
+
+def byte_lengths(tok) -> np.ndarray:
+    """The UTF-8 bytes of text each of the tokenizer's len(tok) ids stands for, as a (V,) int64 array:
+    a window's predicted bytes are the sum over its predicted ids (what bits per byte divides by).
+    What each id stands for is `token_texts`'."""
+    return np.array([len(b) for b in token_texts(tok)], dtype=np.int64)
+
+
+def token_texts(tok) -> list[bytes]:
+    """The UTF-8 bytes of text each of the tokenizer's len(tok) ids stands for.
+
+    Byte-level BPE (GPT-2's, and the one distill/corpus.py trains; its decoder is ByteLevel): the token
+    string is written in GPT-2's byte-to-unicode alphabet, one character per byte. Otherwise the token's
+    text, by the decoder's conventions, in UTF-8: WordPiece's continuation prefix is not text (`##ing`
+    is 3 bytes; WordPiece keeps no whitespace, so the spaces between words are in no token and count
+    nowhere); SentencePiece's '▁' (Metaspace) is the one space it stands for; a byte-fallback token such
+    as <0xE2> is its one byte. A token added to the vocabulary is its own text. Special tokens (the
+    end-of-text separator, pad, unknown, ...) are empty: they are not text.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    kinds = {d["type"]: d for d in _flat_decoders(decoder)}
+    alphabet = {c: b for b, c in byte_alphabet().items()} if "ByteLevel" in kinds else {}
+    added = tok.added_tokens_decoder
+    special = set(tok.all_special_ids) | {i for i, t in added.items() if t.special}
+    out = []
+    for i, token in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+        if token is None or i in special:
+            out.append(b"")
+        else:
+            out.append(added[i].content.encode() if i in added else _token_bytes(token, kinds, alphabet))
+    return out
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE token strings are written in."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+def _flat_decoders(decoder: dict | None) -> list[dict]:
+    """A tokenizer.json decoder as the list of its parts (a Sequence's, in order)."""
+    if not decoder:
+        return []
+    if decoder.get("type") == "Sequence":
+        return [d for part in decoder.get("decoders", []) for d in _flat_decoders(part)]
+    return [decoder]
+
+
+def _token_bytes(token: str, kinds: dict[str, dict], alphabet: dict[str, int]) -> bytes:
+    """One token's bytes of text, by the conventions of its tokenizer's decoder parts `kinds` (by type);
+    `alphabet`: the byte-level characters and the byte each stands for."""
+    if "ByteLevel" in kinds:  # a character outside the alphabet (none in a trained vocabulary): its UTF-8
+        return b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in token)
+    if "ByteFallback" in kinds and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        return bytes([int(token[3:5], 16)])
+    if "WordPiece" in kinds and token.startswith(prefix := kinds["WordPiece"].get("prefix", "##")):
+        token = token[len(prefix):]
+    if "Metaspace" in kinds:
+        token = token.replace(kinds["Metaspace"].get("replacement", "\u2581"), " ")
+    return token.encode()
 
 
 def document_lengths(tok, texts: np.ndarray, max_length: int, sample: int = 2000) -> dict:

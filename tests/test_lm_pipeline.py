@@ -63,6 +63,7 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     for m in (teacher, student, baseline):
         assert 0 < m["test_bits_per_token"] < np.log2(300) + 0.5  # learnt something: below uniform's 8.2
         assert m["test_perplexity"] == pytest.approx(2 ** m["test_bits_per_token"])
+        assert m["test_bits_per_byte"] == pytest.approx(m["test_bits_per_token"] * m["test_tokens"] / m["test_bytes"])
     assert student["soft_label_targets"] == "sampled 8" and student["soft_label_bytes_per_token"] > 0
     prov = json.loads((built / "data" / "soft_labels" / "provenance.json").read_text())
     meta = corpus.read_corpus_meta(built / "data" / "prepared")
@@ -81,6 +82,7 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     page = (built / "reports" / "report.html").read_text()
     assert "Prompt 2" in page and "bits per token" in page.lower()
     compare = (built / "reports" / "compare.md").read_text()  # the gate's verdict and reason, before the samples
+    assert "| bits / token | bits / byte |" in compare and "in bits per byte" in compare
     verdict = r"\nRegistry: .*; the gate (passed|failed): bits per token [\d.]+ (<=|>) [\d.]+\n\n## Samples"
     assert re.search(verdict, compare), compare
     assert 'id="gate">Registry: ' in page
@@ -275,7 +277,7 @@ def test_a_pretrained_teacher_folder_is_used_as_it_is_and_its_tokenizer_checked(
     assert result["best_val_bits_per_token"] > 7  # random weights: about log2(300) = 8.2
     # a folder whose tokenizer is not the data's: both hashes named
     (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace("docmark", "x") + " ")
-    with pytest.raises(UserError, match=r"the teacher's tokenizer \(sha256 [0-9a-f]{64}\) is not the one .* "
+    with pytest.raises(UserError, match=r"the tokenizer of teacher.model \(sha256 [0-9a-f]{64}\) is not the one .* "
                                         r"tokenized with \([0-9a-f]{64}\)"):
         run_stage_in_process(root, "train_teacher")
 

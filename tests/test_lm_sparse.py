@@ -1,5 +1,6 @@
-"""Sparse per-token soft labels (distill/sparse.py): packing, the sparse KL, random-sampling KD, and the
-sampled targets' layout read back streaming (distill/lm_soft_labels.py) exactly as the fixed layout held them."""
+"""Sparse per-token soft labels (distill/sparse.py): packing, random-sampling KD, the forward KL to
+them (distill/lm_losses.py's kl_to_targets), and the sampled targets' layout read back streaming
+(distill/lm_soft_labels.py) exactly as the fixed layout held them."""
 
 import json
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from distill import lm_soft_labels, sparse
 from distill.corpus import CorpusMeta
+from distill.lm_losses import kl_to_targets
 from distill.errors import UserError
 
 V, P, B = 50, 7, 3
@@ -42,8 +44,8 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         return
     assert torch.equal(back.ids, kept["ids"])
     assert table.schema.field(sparse.TARGET_COLUMNS[targets][0]).type.value_type == pa.uint16()
-    assert sparse.held_bytes(table.schema, targets, P, width) == sum(a.nbytes for a in
-                                                                     sparse.stored_columns(table, targets, P).values()) / B
+    held = sparse.stored_columns(table, targets, P)  # in memory: (B, P, width) arrays
+    assert sparse.held_bytes(table.schema, targets, P, width) == sum(a.nbytes for a in held.values()) / B
     if targets == "top_k":
         torch.testing.assert_close(back.logp, kept["logprobs"], atol=0.02, rtol=1e-3)
         torch.testing.assert_close(back.tail, kept["tail"], atol=1e-3, rtol=1e-3)
@@ -66,10 +68,10 @@ def test_sparse_kl_equals_dense_kl_when_k_is_the_vocabulary(tail, temperature):
     teacher, student = teacher_logits(0), teacher_logits(1, 1.0)
     kept = sparse.select(teacher, "top_k", V)
     t = sparse.Targets(kept["ids"], kept["logprobs"], kept["tail"])
-    got = sparse.kl_to_targets(student, t, temperature, tail)
+    got = kl_to_targets(student, t, temperature, tail)
     torch.testing.assert_close(got, dense_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
     every = sparse.select(teacher, "dense", V)["logprobs"]
-    dense = sparse.kl_to_targets(student, sparse.Targets(None, every), temperature)
+    dense = kl_to_targets(student, sparse.Targets(None, every), temperature)
     torch.testing.assert_close(dense, dense_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
 
 
@@ -82,7 +84,7 @@ def test_a_uniform_tail_is_the_dense_kl_to_the_spread_distribution():
         torch.testing.assert_close(q.sum(-1), torch.ones(B, P))
         log_q = q.clamp(min=1e-30).log()
         want = (q * (log_q - F.log_softmax(student, -1))).sum(-1)
-        torch.testing.assert_close(sparse.kl_to_targets(student, t, 1.0, tail), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kl_to_targets(student, t, 1.0, tail), want, atol=1e-5, rtol=1e-4)
 
 
 def test_a_bucket_tail_is_the_kl_over_the_k_ids_and_one_outcome_for_the_rest():
@@ -94,7 +96,7 @@ def test_a_bucket_tail_is_the_kl_over_the_k_ids_and_one_outcome_for_the_rest():
     q_kept = q_all.gather(-1, kept["ids"])
     q = torch.cat([q_kept, 1 - q_kept.sum(-1, keepdim=True)], -1)
     want = (p * (p.log() - q.log())).sum(-1)
-    torch.testing.assert_close(sparse.kl_to_targets(student, t, 1.0, "bucket"), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kl_to_targets(student, t, 1.0, "bucket"), want, atol=1e-5, rtol=1e-4)
 
 
 def test_the_sparse_kl_is_zero_at_the_target_and_its_gradient_is_finite():
@@ -102,12 +104,12 @@ def test_the_sparse_kl_is_zero_at_the_target_and_its_gradient_is_finite():
     kept = sparse.select(teacher, "sampled", 12, torch.Generator().manual_seed(0))
     t = sparse.Targets(kept["ids"], kept["weights"].log())  # padding: log 0 = -inf
     student = teacher_logits(2, 1.0).requires_grad_()
-    loss = sparse.kl_to_targets(student, t).mean()
+    loss = kl_to_targets(student, t).mean()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     # the student that puts exactly the target's mass on the target's ids: zero KL
     target = t.dense_probs(V).clamp(min=1e-12).log()
-    assert float(sparse.kl_to_targets(target, t).abs().max()) < 1e-4
+    assert float(kl_to_targets(target, t).abs().max()) < 1e-4
 
 
 def test_random_sampling_targets_average_to_the_teachers_distribution():
@@ -191,9 +193,9 @@ def test_sampled_targets_stream_back_exactly_as_the_fixed_layout_held_the_same_d
     assert soft.window_bytes == P * 32 * 3  # uint16 ids and uint8 counts, padded to the draws, in memory
     blocks = list(soft.blocks(torch.Generator().manual_seed(0), 4))  # streamed: row groups of 2 windows
     assert len(blocks) > 1
-    rows = np.concatenate([b.windows for b in blocks])
+    order = np.argsort(np.concatenate([b.windows for b in blocks]))  # the blocks' rows in window order
     got = [b.targets(np.arange(len(b.windows))) for b in blocks]
-    got = sparse.Targets(torch.cat([t.ids for t in got])[np.argsort(rows)], torch.cat([t.logp for t in got])[np.argsort(rows)])
+    got = sparse.Targets(torch.cat([t.ids for t in got])[order], torch.cat([t.logp for t in got])[order])
     old = fixed_layout_targets(tmp_path, logp)
     assert got.ids.shape == old.ids.shape == (9, P, 32)
     new, old = by_id(got), by_id(old)
@@ -224,6 +226,7 @@ def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path)
                               "sample_counts": "list<element: uint8 not null>",
                               "sample_distinct": f"fixed_size_list<element: uint8 not null>[{P}]"}
     # the ids' column holds one uint16 per distinct id, not one per draw
-    distinct = sum(pq.read_table(f).column("sample_distinct").combine_chunks().flatten().to_numpy().sum() for f in files)
+    distinct = sum(pq.read_table(f).column("sample_distinct").combine_chunks().flatten().to_numpy().sum()
+                   for f in files)
     deltas = [pq.read_table(f).column("sample_id_deltas").combine_chunks().flatten().to_numpy() for f in files]
     assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == distinct < 7 * P * 12

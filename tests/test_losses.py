@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from distill import sparse
+from distill import lm_losses, sparse
 from distill.errors import UserError
 from distill.losses import LOSSES, Distillation, cross_entropy, dkd_loss, get_loss, kd_loss, register_loss
 
@@ -150,13 +150,13 @@ def test_dkd_is_zero_when_the_student_copies_the_teacher():
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_kd_dkd_and_the_language_models_token_kl_are_registered_by_name():
+def test_kd_dkd_and_the_language_models_divergences_are_registered_by_name():
     assert get_loss("kd") is kd_loss and get_loss("dkd") is dkd_loss
-    assert get_loss("token_kl") is sparse.token_kl_loss
+    assert get_loss("forward_kl") is lm_losses.forward_kl_loss and get_loss("tvd") is lm_losses.tvd_loss
 
 
 def test_an_unknown_loss_is_refused_in_one_sentence_naming_the_known_ones():
-    with pytest.raises(UserError, match=r"^loss hinton is not known: use one of dkd, kd, token_kl$"):
+    with pytest.raises(UserError, match=r"^loss hinton is not known: use one of dkd, forward_kl, jsd, kd, reverse_kl, skew_kl, tvd$"):
         get_loss("hinton")
 
 
@@ -189,18 +189,18 @@ def test_the_classifier_losses_import_nothing_of_the_language_model():
     tree = ast.parse((REPO / "distill" / "losses.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
              for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not {n for n in names if n and n.rsplit(".", 1)[-1] in ("sparse", "lm")}
+    assert not {n for n in names if n and n.rsplit(".", 1)[-1] in ("sparse", "lm", "lm_losses")}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_token_kl_mixes_the_mean_kl_to_the_stored_targets_with_the_next_token_cross_entropy(temperature):
+def test_the_forward_kl_mixes_the_mean_kl_to_the_stored_targets_with_the_next_token_cross_entropy(temperature):
     gen = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(2, 3, 11, generator=gen), torch.randn(2, 3, 11, generator=gen)
     kept = sparse.select(teacher, "top_k", 4)
     targets = sparse.Targets(kept["ids"], kept["logprobs"], kept["tail"])
     labels = torch.randint(0, 11, (2, 3), generator=gen)
-    parts = sparse.token_kl_loss(student, targets, labels, temperature, alpha=0.25, tail="bucket")
-    kl = sparse.kl_to_targets(student, targets, temperature, "bucket").mean()
+    parts = lm_losses.forward_kl_loss(student, targets, labels, temperature, alpha=0.25, tail="bucket")
+    kl = lm_losses.kl_to_targets(student, targets, temperature, "bucket").mean()
     ce = F.cross_entropy(student.flatten(0, 1), labels.flatten())
     torch.testing.assert_close(parts["kl"], kl)
     torch.testing.assert_close(parts["ce"], ce)

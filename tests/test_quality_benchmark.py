@@ -1,4 +1,4 @@
-"""The quality benchmark's arithmetic on hand-made numbers."""
+"""The quality benchmarks' arithmetic (classifiers, and the language model's) on hand-made numbers."""
 
 import pytest
 
@@ -58,3 +58,39 @@ def test_the_sweep_table_puts_temperatures_in_rows_and_alphas_in_columns():
     results = [{"temperature": t, "alpha": a, "acc": t / 10 + a / 100} for t in (1, 2) for a in (0.5, 0.9)]
     table = grid_table(results, [1, 2], [0.5, 0.9], "acc", 100, 1)
     assert table.splitlines()[2] == "| 1 | 10.5 | 10.9 |" and table.splitlines()[3] == "| 2 | 20.5 | 20.9 |"
+
+
+def lm_record(seed: int, shift: float, targets: bool = True) -> dict:
+    """A language-model seed's record: bits per token and per byte; with `targets`, every stored form's
+    student as good as the default pipeline's."""
+    from benchmarks.lm_quality import STAGES, TARGETS
+
+    bits = {"teacher": (6.9, 2.0), "student": (7.0, 2.1), "baseline": (7.4, 2.4)}
+    metrics = {m: {"test_bits_per_token": t + shift, "test_bits_per_byte": b + shift, "kl_bits_per_token": 0.1,
+                   "params": 1000} for m, (t, b) in bits.items()}
+    record = {"seed": seed, "metrics": metrics, "gap_closed": 0.8, "gap_closed_bits_per_byte": 0.75,
+              "stage_seconds": dict.fromkeys(STAGES, 60.0), "wall_minutes": 6.0}
+    if targets:
+        record["targets"] = {name: {"bytes_per_token": 40.0, "student_bits_per_token": 7.0 + shift,
+                                    "student_bits_per_byte": 2.1 + shift} for name in TARGETS}
+        record["default_targets"] = "sampled-32"
+    return record
+
+
+def test_the_lm_benchmark_aggregates_and_tables_bits_per_byte_beside_bits_per_token():
+    from benchmarks.lm_quality import aggregate, markdown
+
+    agg = aggregate([lm_record(0, 0.0), lm_record(1, 0.2)])
+    assert agg["bits_per_byte"]["student"]["mean"] == pytest.approx(2.2)
+    assert agg["bits_per_byte"]["student"]["std"] == pytest.approx(0.2 / 2 ** 0.5)  # sample std of 2.1 and 2.3
+    assert agg["gap_closed_bits_per_byte"] == {"mean": pytest.approx(0.75), "std": 0.0}
+    assert agg["targets"]["top-8"]["student_bits_per_byte"]["mean"] == pytest.approx(2.2)
+    table = markdown(agg, [0, 1])
+    assert "| model | parameters | bits / token | bits / byte |" in table
+    assert "| student | 1,000 | 7.100 ± 0.141 | 2.200 ± 0.141 | 0.100 ± 0.000 |" in table
+    assert "80.0% ± 0.0% in bits per token, 75.0% ± 0.0% in bits per byte" in table
+    # (7.4 - 7.0) / (7.4 - 6.9) of the gap on either seed
+    assert "| sampled-32 (the default) | 40.0 ± 0.0 | 1.0000 | 7.100 ± 0.141 | 2.200 ± 0.141 | 1.0000 ± 0.0000 | " \
+           "80.0% ± 0.0% |" in table
+    alone = aggregate([lm_record(0, 0.0, targets=False)])  # --no-targets: the models' table alone
+    assert alone["targets"] == {} and "| baseline | 1,000 | 7.400 ± 0.000 | 2.400 ± 0.000 |" in markdown(alone, [0])

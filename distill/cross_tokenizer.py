@@ -1,0 +1,156 @@
+"""Soft labels across tokenizers: the teacher's next-token distributions, turned into targets over
+the student's own vocabulary, position by position of the student's windows (data.cross_tokenizer).
+
+Teacher and student read the same text through different tokenizers, so their positions differ.
+Both are aligned on the bytes of the text. For a student window (its ids s_0..s_{L-1}, the bytes
+each id stands for, `token_bytes`), the window's text is tokenized by the teacher and the teacher
+is run over it. At student position j the next student token starts at byte x (the bytes of
+s_0..s_j before it); the teacher token covering byte x starts at byte y <= x, and u = bytes[y:x]
+is what the student has already read of it. The teacher's distribution p over that token (its
+logits one position earlier) gives the student's next token:
+
+    q(s) ∝ sum over teacher tokens t whose bytes start with u (and go on past it) of
+           p(t) * [the student's first token of bytes(t)[len(u):] is s]
+
+At a position where both tokenizers split (u empty) this is exact when the student's tokenizer
+splits every teacher token the way it splits the text around it (two byte-level BPEs trained on
+the same text, the smaller one's merges a subset of the larger's); inside a teacher token it
+conditions on what was read, and drops the teacher tokens that end exactly at x (what follows
+them is the teacher's next distribution, not this one). The end-of-text token is one byte (0x00,
+which no text holds) in both, so documents align at their boundaries. Where no teacher token
+covers x with a context before it (the window's first teacher token, a character cut at the
+window's edge, a window longer than the teacher's positions), the target is the observed next
+token: the distillation term there is the cross-entropy.
+
+The targets q are then kept as any dense distribution is (distill/sparse.py's select: sampled,
+top_k or dense) over the student's vocabulary, so the student reads them as it reads targets in
+its own tokenizer. Byte-level BPE tokenizers (GPT-2's scheme, the BPE trained here) align byte
+for byte; others (WordPiece, SentencePiece) by their tokens' text, approximately.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from distill.text import byte_alphabet, token_texts
+
+EOS_BYTES = b"\x00"  # the end-of-text token, as one byte no text holds
+
+
+def token_bytes(tok) -> list[bytes]:
+    """The bytes each id of `tok` stands for (distill/text.py's token_texts), for aligning: the
+    end-of-text token is EOS_BYTES, and a token holding the byte 0x00 (which no text holds) none."""
+    out = [b"" if 0 in b else b for b in token_texts(tok)]
+    out[tok.eos_token_id] = EOS_BYTES
+    return out
+
+
+class Aligner:
+    """Turns the teacher's next-token distributions into targets over the student's vocabulary."""
+
+    def __init__(self, teacher_tok, student_tok, teacher_positions: int):
+        self.teacher_tok, self.student_tok = teacher_tok, student_tok
+        self.teacher_bytes, self.student_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
+        self.positions = teacher_positions
+        self.student_vocab = len(student_tok)
+        self._student_byte_level = type(student_tok.backend_tokenizer.decoder).__name__ == "ByteLevel"
+        self.first_piece = lru_cache(maxsize=None)(self._first_piece)
+        self.candidates = lru_cache(maxsize=None)(self._first_pieces)
+        self.fallback = self.seen = 0  # positions whose target is the observed next token, of all made
+
+    # ------------------------------------------------------------ what a teacher token begins with
+
+    def _first_piece(self, rest: bytes) -> int:
+        """The student's first token of `rest` (bytes read on their own), or -1 if none."""
+        if rest.startswith(EOS_BYTES):
+            return self.student_tok.eos_token_id
+        if self._student_byte_level:
+            alphabet = byte_alphabet()
+            tokens = self.student_tok.backend_tokenizer.model.tokenize("".join(alphabet[b] for b in rest))
+            return tokens[0].id if tokens else -1
+        ids = self.student_tok(rest.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        return ids[0] if ids else -1
+
+    def _first_pieces(self, read: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher ids whose bytes start with `read` and go on past it, and for each the
+        student's first token of the rest."""
+        teacher, student = [], []
+        for t, whole in enumerate(self.teacher_bytes):
+            if len(whole) > len(read) and whole.startswith(read):
+                piece = self.first_piece(whole[len(read):])
+                if piece >= 0:
+                    teacher.append(t)
+                    student.append(piece)
+        return torch.tensor(teacher, dtype=torch.long), torch.tensor(student, dtype=torch.long)
+
+    # ------------------------------------------------------------ windows
+
+    def teacher_ids(self, window: np.ndarray) -> tuple[list[int], np.ndarray, bytes]:
+        """The teacher's ids for a student window's text, each teacher token's start byte, and the
+        window's bytes. Documents are tokenized apart and joined by the teacher's end-of-text, as
+        prepare does; a character cut at the window's edges is left out (no teacher token covers it)."""
+        stream = b"".join(self.student_bytes[i] for i in window)
+        ids, starts, at = [], [], 0
+        for k, segment in enumerate(stream.split(EOS_BYTES)):
+            if k:  # the end-of-text between two documents
+                ids.append(self.teacher_tok.eos_token_id)
+                starts.append(at)
+                at += len(EOS_BYTES)
+            lead = next((n for n, b in enumerate(segment[:4]) if b & 0xC0 != 0x80), len(segment)) if k == 0 else 0
+            text = segment[lead:].decode("utf-8", errors="ignore")  # a character cut at the end is dropped
+            offset = at + lead
+            for t in self.teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []:
+                ids.append(t)
+                starts.append(offset)
+                offset += len(self.teacher_bytes[t])
+            at += len(segment)
+        return ids[:self.positions], np.asarray(starts[:self.positions], dtype=np.int64), stream
+
+    def targets(self, window: np.ndarray, teacher_ids: list[int], starts: np.ndarray, stream: bytes,
+                teacher_probs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(L - 1, V_s) target distributions at a student window's positions, from the teacher's
+        (N_t, V_t) next-token probabilities over its tokens of the window (`teacher_ids` from `starts` on, of the
+        window's bytes `stream`); also how many positions fell back to the observed next token."""
+        after = np.cumsum([len(self.student_bytes[i]) for i in window])[:-1]  # (L-1,) where each next token starts
+        ends = starts + np.array([len(self.teacher_bytes[t]) for t in teacher_ids], dtype=np.int64)
+        cover = np.searchsorted(starts, after, side="right") - 1  # (L-1,) the teacher token covering each
+        ok = (cover >= 1) & (after < ends[np.maximum(cover, 0)]) if len(starts) else np.zeros(len(after), bool)
+        rows, cols, sources = [], [], []  # q[row, col] += p[source]: (position, student id), (teacher position, id)
+        for j in np.flatnonzero(ok):
+            i = int(cover[j])
+            teacher, student = self.candidates(stream[starts[i]:after[j]])
+            rows.append(torch.full((len(teacher),), int(j)))
+            cols.append(student)
+            sources.append((torch.full((len(teacher),), i - 1), teacher))
+        q = torch.zeros(len(window) - 1, self.student_vocab)
+        if rows:
+            at, ids = torch.cat([s[0] for s in sources]), torch.cat([s[1] for s in sources])
+            q.index_put_((torch.cat(rows), torch.cat(cols)), teacher_probs[at, ids].float(), accumulate=True)
+        mass = q.sum(-1, keepdim=True)  # (L-1, 1)
+        empty = mass[:, 0] <= 0
+        q = torch.where(empty.unsqueeze(-1), 0.0, q / mass.clamp(min=1e-30))
+        q[empty, torch.from_numpy(window[1:])[empty]] = 1.0  # no teacher: the observed next token
+        return q, int(empty.sum())
+
+    def batch(self, model: torch.nn.Module, windows: np.ndarray, autocast) -> torch.Tensor:
+        """(B, L - 1, V_s) targets for B student windows: the teacher run over its tokens of each
+        window's text (right-padded: a causal model's earlier positions do not see the padding)."""
+        read = [self.teacher_ids(w) for w in windows]
+        longest = max(len(ids) for ids, _, _ in read)
+        ids = torch.full((len(windows), max(longest, 1)), self.teacher_tok.eos_token_id, dtype=torch.long)
+        for row, (own, _, _) in enumerate(read):
+            ids[row, :len(own)] = torch.tensor(own, dtype=torch.long)
+        device = next(model.parameters()).device
+        with torch.inference_mode(), autocast:
+            logits = model(input_ids=ids.to(device)).logits[..., :len(self.teacher_bytes)]
+        probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, N_t, V_t)
+        out = []
+        for row, (own, starts, stream) in enumerate(read):
+            q, fallback = self.targets(windows[row], own, starts, stream, probs[row])
+            self.fallback += fallback
+            out.append(q)
+        self.seen += len(windows) * (windows.shape[1] - 1)
+        return torch.stack(out)

@@ -1,0 +1,181 @@
+"""Soft labels across tokenizers (distill/cross_tokenizer.py): the bytes each id stands for, the
+alignment of a student window to the teacher's tokens of the same text, and the targets it makes:
+exact where the teacher is certain, the teacher's own distribution when both tokenizers are one;
+then the tiny pipeline with a student BPE of its own through every stage (in this process, and
+under `dvc repro`, slow), its pairing checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_PARAMS, git_commit, make_scratch_project, repro, run_pipeline_in_process
+from conftest import run_stage_in_process, write_params
+from distill import checkpoint, corpus, lm, lm_soft_labels
+from distill.cross_tokenizer import EOS_BYTES, Aligner, token_bytes
+from distill.errors import UserError
+from test_lm_pipeline import STAGES, lm_project, set_params
+from tiny_lm import WORDS, make_corpus, tiny_lm_params
+
+TEXTS = [" ".join(WORDS[i:] + WORDS[:i]) + " café naïve" for i in range(0, 40, 3)]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return corpus.train_tokenizer(TEXTS, 320), corpus.train_tokenizer(TEXTS, 270)
+
+
+def test_a_byte_level_bpes_ids_stand_for_the_texts_bytes_and_end_of_text_is_one_byte(tokenizers):
+    teacher, _ = tokenizers
+    table = token_bytes(teacher)
+    ids = teacher(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert b"".join(table[i] for i in ids) == TEXTS[0].encode("utf-8")  # é and ï are two bytes each
+    assert table[teacher.eos_token_id] == EOS_BYTES and len(table) == len(teacher)
+
+
+def oracle(aligner: Aligner, window: np.ndarray) -> tuple[torch.Tensor, int]:
+    """Targets from a teacher certain of its own next token at every position."""
+    ids, starts, stream = aligner.teacher_ids(window)
+    probs = torch.zeros(len(ids), len(aligner.teacher_bytes))
+    probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])] = 1.0
+    return aligner.targets(window, ids, starts, stream, probs)
+
+
+def test_a_certain_teacher_gives_the_students_own_next_token_at_every_aligned_position(tokenizers):
+    teacher, student = tokenizers
+    aligner = Aligner(teacher, student, teacher_positions=64)
+    windows, _ = corpus.windows(TEXTS, student, 24)
+    assert len(windows) > 5
+    for window in windows:
+        q, fallback = oracle(aligner, window)
+        assert torch.allclose(q.sum(-1), torch.ones(len(window) - 1))
+        assert (q.argmax(-1).numpy() == window[1:]).all()  # the fallback is the next token too
+        ids, starts, _ = aligner.teacher_ids(window)
+        after = np.cumsum([len(aligner.student_bytes[i]) for i in window])[:-1]
+        inside_first = int((after < starts[0] + len(aligner.teacher_bytes[ids[0]])).sum())
+        assert fallback == inside_first  # only inside the first teacher token, which has no context before it
+
+
+def test_with_one_tokenizer_for_both_the_targets_are_the_teachers_distributions(tokenizers):
+    teacher, _ = tokenizers
+    aligner = Aligner(teacher, teacher, teacher_positions=64)
+    window, _ = corpus.windows(TEXTS[:2], teacher, 20)
+    window = window[1]
+    ids, starts, stream = aligner.teacher_ids(window)
+    assert ids == window.tolist()  # the same text, the same tokens
+    probs = torch.softmax(torch.randn(len(ids), len(teacher), generator=torch.Generator().manual_seed(0)), -1)
+    q, fallback = aligner.targets(window, ids, starts, stream, probs)
+    # the student's position j is the teacher's position j: its target, the teacher's row j, less the
+    # ids that stand for no text (the byte 0x00, which only the end-of-text stands for), renormalised
+    text = torch.tensor([len(b) > 0 for b in aligner.teacher_bytes])
+    expected = probs[:-1] * text
+    assert fallback == 0 and torch.allclose(q, expected / expected.sum(-1, keepdim=True), atol=1e-6)
+
+
+def test_inside_a_teacher_token_the_target_is_conditioned_on_what_was_read(tokenizers):
+    teacher, student = tokenizers
+    aligner = Aligner(teacher, student, teacher_positions=64)
+    # a teacher token the student splits: find one whose bytes are two or more student tokens
+    table = aligner.teacher_bytes
+    long = next(t for t in range(len(table)) if len(table[t]) > 3
+                and len(student(table[t].decode("utf-8", "ignore"), add_special_tokens=False)["input_ids"]) > 1)
+    first = student(table[long].decode("utf-8"), add_special_tokens=False)["input_ids"][0]
+    read = aligner.student_bytes[first]
+    teacher_ids, pieces = aligner.candidates(read)
+    assert long in teacher_ids.tolist()
+    assert all(table[t].startswith(read) and len(table[t]) > len(read) for t in teacher_ids.tolist())
+    rest = table[long][len(read):]
+    expected = student(rest.decode("utf-8"), add_special_tokens=False)["input_ids"][0]
+    assert pieces[teacher_ids.tolist().index(long)] == expected
+
+
+def test_documents_align_at_their_end_of_text(tokenizers):
+    teacher, student = tokenizers
+    aligner = Aligner(teacher, student, teacher_positions=64)
+    stream = np.concatenate([student("the film", add_special_tokens=False)["input_ids"], [student.eos_token_id],
+                             student("a story", add_special_tokens=False)["input_ids"]])
+    ids, starts, _ = aligner.teacher_ids(stream)
+    assert teacher.eos_token_id in ids
+    eos_at = starts[ids.index(teacher.eos_token_id)]
+    assert eos_at == len(b"the film")
+
+
+def test_a_window_longer_than_the_teachers_positions_falls_back_past_them(tokenizers):
+    teacher, student = tokenizers
+    windows, _ = corpus.windows(TEXTS, student, 40)
+    aligner = Aligner(teacher, student, teacher_positions=8)
+    q, fallback = oracle(aligner, windows[0])
+    assert fallback > 20 and (q.argmax(-1).numpy() == windows[0][1:]).all()
+
+
+# ---------------------------------------------------------------- the pipeline, with a student tokenizer of its own
+
+CROSS = {"data.cross_tokenizer": True, "data.student_vocab_size": 270}
+
+
+@pytest.fixture(scope="module")
+def crossed(tmp_path_factory) -> Path:
+    root = lm_project(tmp_path_factory.mktemp("cross") / "lm", **CROSS)
+    run_pipeline_in_process(root)
+    return root
+
+
+def test_a_student_with_its_own_bpe_goes_through_every_stage_scored_in_bits_per_byte(crossed):
+    teacher_meta = corpus.read_corpus_meta(crossed / "data" / "prepared")
+    own = corpus.read_corpus_meta(corpus.student_view(crossed / "data" / "prepared"))
+    assert (teacher_meta.vocab_size, own.vocab_size) == (300, 270)
+    assert teacher_meta.tokenizer_sha256 != own.tokenizer_sha256
+    prov = json.loads((crossed / "data" / "soft_labels" / "provenance.json").read_text())
+    assert prov["cross_tokenizer"] and prov["vocab_size"] == 270 and prov["tokenizer_sha256"] == own.tokenizer_sha256
+    assert prov["teacher_tokenizer_sha256"] == teacher_meta.tokenizer_sha256
+    assert prov["teacher_prepared_fingerprint"] == teacher_meta.fingerprint
+    assert prov["prepared_fingerprint"] == own.fingerprint
+    assert 0 < prov["summary"]["unaligned_fraction"] < 0.25  # the first teacher token of each 16-token window
+    student, _ = checkpoint.load(crossed / "models" / "student.pt", task="language_model")
+    assert lm.vocab_of(student) == 270
+    metrics = json.loads((crossed / "reports" / "metrics.json").read_text())
+    for m in ("teacher", "student", "baseline"):
+        assert 0 < metrics[m]["test_bits_per_byte"] < 8
+    assert metrics["student"]["kl_bits_per_token"] is None  # no shared vocabulary to take it over
+    assert metrics["gap_closed"] is None and metrics["gap_closed_bits_per_byte"] is not None
+    assert "bits / byte" in (crossed / "reports" / "compare.md").read_text()
+
+
+def test_soft_labels_made_for_another_pairing_are_refused_by_name(crossed, tmp_path):
+    other = lm_project(tmp_path / "other", **CROSS | {"data.vocab_size": 290})
+    run_stage_in_process(other, "prepare")  # the same student view, another teacher tokenizer
+    shutil.copytree(crossed / "data" / "soft_labels", other / "data" / "soft_labels")
+    own = corpus.read_corpus_meta(corpus.student_view(other / "data" / "prepared"))
+    teacher = corpus.read_corpus_meta(other / "data" / "prepared")
+    assert own.fingerprint == corpus.read_corpus_meta(corpus.student_view(crossed / "data" / "prepared")).fingerprint
+    with pytest.raises(UserError, match="another pairing of teacher tokenizer"):
+        lm_soft_labels.SoftLabelSet(other / "data" / "soft_labels", own, 270, teacher)
+
+
+def test_the_teachers_view_and_its_fingerprint_do_not_move_with_the_students(crossed, tmp_path):
+    plain = lm_project(tmp_path / "plain")
+    run_stage_in_process(plain, "prepare")
+    ours = corpus.read_corpus_meta(crossed / "data" / "prepared")
+    assert corpus.read_corpus_meta(plain / "data" / "prepared").fingerprint == ours.fingerprint
+    assert corpus.student_view(plain / "data" / "prepared") == plain / "data" / "prepared"
+
+
+@pytest.mark.slow
+def test_under_dvc_a_cross_tokenizer_pipeline_runs_every_stage_then_nothing(tmp_path):
+    project = make_scratch_project(tmp_path / "project", yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    root = project / "lm"
+    make_corpus(root / "data" / "raw" / "corpus.parquet")
+    write_params(root / "params.yaml", tiny_lm_params("data/raw/corpus.parquet", **CROSS))
+    git_commit(project, "tiny cross-tokenizer language-model pipeline")
+    assert repro(root) == STAGES
+    assert repro(root) == set(), "a second dvc repro reran stages"
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert metrics["gap_closed_bits_per_byte"] is not None
+    set_params(root, **{"data.student_vocab_size": 280})
+    assert "soft_labels" in repro(root)
