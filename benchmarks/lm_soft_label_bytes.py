@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -93,11 +94,25 @@ def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int
 
 
 def distinct_ids(batches: list[pa.RecordBatch]) -> dict:
-    """How many distinct ids a position holds: mean, percentiles and counts of 1, 2, ... n."""
-    k = np.concatenate([b.column("sample_distinct").flatten().to_numpy() for b in batches])  # (N * P,)
-    return {"mean": float(k.mean()), "percentiles_10_25_50_75_90": [float(np.percentile(k, q))
-                                                                    for q in (10, 25, 50, 75, 90)],
-            "positions_with_1_to_n": np.bincount(k)[1:].tolist()}
+    """How many distinct ids a position holds (mean, percentiles, positions with 1, 2, ... n), and
+    what an ideal code of the ids and counts by their overall frequencies would take (bytes per
+    token: each value's order-0 entropy, less log2(k!) for a position's k ids being a set)."""
+    k = np.concatenate([b.column("sample_distinct").flatten().to_numpy() for b in batches]).astype(np.int64)
+    held = [sparse.stored_columns(b, "sampled", b.column("sample_distinct").type.list_size) for b in batches]
+    ids = np.concatenate([c["sample_ids"][c["sample_counts"] > 0] for c in held])  # without the padding
+    counts = np.concatenate([c["sample_counts"][c["sample_counts"] > 0] for c in held])
+    as_set = sum(math.lgamma(n + 1) for n in k.tolist()) / math.log(2)  # bits: the order of a position's ids
+    return {"mean": round(float(k.mean()), 2), "percentiles_10_25_50_75_90": [float(np.percentile(k, q))
+                                                                              for q in (10, 25, 50, 75, 90)],
+            "positions_with_1_to_n": np.bincount(k)[1:].tolist(),
+            "ideal_order0_bytes_per_token": {"ids": round((entropy_bits(ids) - as_set) / 8 / len(k), 2),
+                                             "counts": round(entropy_bits(counts) / 8 / len(k), 2)}}
+
+
+def entropy_bits(values: np.ndarray) -> float:
+    """The values' order-0 entropy, in bits, times their number."""
+    _, n = np.unique(values, return_counts=True)
+    return float(-(n * np.log2(n / n.sum())).sum())
 
 
 def stored(batches: list[pa.RecordBatch], folder: Path, positions: int, draws: int, level: int) -> dict:
