@@ -5,8 +5,9 @@ data/soft_labels holds part-NNNNN.parquet shards (one row per train window, in w
 provenance.json, as for a classifier (distill/shards.py writes and checks the shards):
 the teacher checkpoint's sha256, the prepared data's fingerprint, the tokenizer's sha256, the
 vocabulary size, context length and positions per window, which targets (top_k with k,
-sampled with the draws and their seed, or dense), the id type, and per shard its rows, bytes
-and sha256, with the total bytes per token.
+sampled with the draws and their seed, or dense), the id type, the layout (each column's
+Arrow type), and per shard its rows, bytes and sha256, with the total bytes per token and
+each column's share of them (its compressed bytes in the shards).
 
 The student refuses, by name, a set made with another tokenizer or vocabulary, over other
 prepared data, or whose shards are not the ones listed.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,12 @@ from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
 from distill.progress import bar
-from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, open_shards, read_provenance, write_shards
+from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, column_bytes, open_shards, read_provenance
+from distill.shards import write_shards
 
 log = logging.getLogger(__name__)
 
-TARGETS_SCHEMA_VERSION = 1
+TARGETS_SCHEMA_VERSION = 2  # 2: sampled targets as distinct ids and counts (1: fixed-size ids and float16 weights)
 MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
@@ -59,6 +61,7 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the vocabulary has {vocab} ids; use a "
                         "smaller k, or targets: dense")
     positions = own.context_length - 1
+    schema = sparse.schema(cfg.targets, positions, width, cfg.id_dtype)
     header = {
         "schema_version": TARGETS_SCHEMA_VERSION, "task": TASK, "teacher_sha256": file_sha256(teacher_path),
         "prepared_fingerprint": own.fingerprint, "tokenizer_sha256": own.tokenizer_sha256, "vocab_size": vocab,
@@ -71,20 +74,34 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
         # the pairing: the teacher's tokenizer and view of the corpus (the student's are above)
         "teacher_tokenizer_sha256": meta.tokenizer_sha256, "teacher_prepared_fingerprint": meta.fingerprint,
     }
-    schema = sparse.schema(cfg.targets, positions, width, cfg.id_dtype)
     windows = read_windows(own.path, "train")
+    # positions with no teacher token to align to: their target is the next token (counted as the rows go)
+    summary = None if aligner is None else (lambda: {"unaligned_fraction": aligner.fallback / max(aligner.seen, 1)})
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision, aligner)
-        listed, rows = write_shards(batches, ShardWriter(tmp, schema, header, cfg.shard_rows))
-        size = sum(s["bytes"] for s in listed)
-        provenance = header | {"rows": rows, "shards": listed, "bytes": size,
-                               "bytes_per_token": size / max(rows * positions, 1)}
-        if aligner is not None:  # positions with no teacher token to align to: their target is the next token
-            provenance["summary"] = {"unaligned_fraction": aligner.fallback / max(aligner.seen, 1)}
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    log.info("soft labels: %d windows (%s, %.1f bytes per token) in %d shard(s) under %s", rows, cfg.targets,
-             provenance["bytes_per_token"], len(listed), out_dir)
+        provenance = write_set(batches, tmp, schema, header, cfg.shard_rows, summary)
+    log.info("soft labels: %d windows (%s, %.1f bytes per token) in %d shard(s) under %s", provenance["rows"],
+             cfg.targets, provenance["bytes_per_token"], len(provenance["shards"]), out_dir)
+    return provenance
+
+
+def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema, header: dict, shard_rows: int,
+              summary: Callable[[], dict] | None = None) -> dict:
+    """The batches as shards of `schema` under `folder`, then its provenance.json: the header with
+    the layout (each column's Arrow type), rows, shard list, bytes on disk, bytes per token, each
+    column's compressed bytes (`column_bytes`; the rest of `bytes` is the files' footers), and
+    `summary()` once every batch is written, if given."""
+    header = header | {"layout": {field.name: str(field.type) for field in schema}}
+    shards = ShardWriter(folder, schema, header, shard_rows)
+    listed, rows = write_shards(batches, shards)
+    size = sum(s["bytes"] for s in listed)
+    provenance = header | {"rows": rows, "shards": listed, "bytes": size,
+                           "bytes_per_token": size / max(rows * header["positions"], 1),
+                           "column_bytes": column_bytes(folder, listed)}
+    if summary is not None:
+        provenance["summary"] = summary()
+    (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return provenance
 
 
@@ -116,10 +133,11 @@ def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_siz
     folder = Path(soft_dir)
     path = folder / PROVENANCE_NAME
     prov = read_provenance(folder)
-    if (prov.get("task") != TASK or prov.get("schema_version") != TARGETS_SCHEMA_VERSION
-            or prov.get("targets") not in sparse.TARGET_COLUMNS):
-        raise UserError(f"{path}: not a language model's soft labels (schema {TARGETS_SCHEMA_VERSION}); "
-                        "rerun soft_labels")
+    if prov.get("task") != TASK or prov.get("targets") not in sparse.TARGET_COLUMNS:
+        raise UserError(f"{path}: not a language model's soft labels; rerun soft_labels")
+    if prov.get("schema_version") != TARGETS_SCHEMA_VERSION:
+        raise UserError(f"{path}: soft labels in layout version {prov.get('schema_version')}, but this version "
+                        f"reads version {TARGETS_SCHEMA_VERSION} (docs/language-models.md); rerun soft_labels")
     if prov.get("tokenizer_sha256") != meta.tokenizer_sha256:
         raise UserError(f"{path}: made with tokenizer sha256 {prov.get('tokenizer_sha256')}, but the prepared data "
                         f"was tokenized with sha256 {meta.tokenizer_sha256}; rerun soft_labels (dvc repro)")
@@ -144,7 +162,7 @@ class WindowBlock:
     """Windows held in memory together: their indices into train, and their stored targets."""
 
     windows: np.ndarray
-    columns: dict[str, np.ndarray]  # stored dtypes (uint16 ids, float16 values), (N, P, width)
+    columns: dict[str, np.ndarray]  # stored dtypes (uint16 ids, float16 values, counts), (N, P, width)
     targets_kind: str
 
     def targets(self, rows: np.ndarray) -> sparse.Targets:
@@ -160,9 +178,8 @@ class SoftLabelSet:
         self.columns = sparse.TARGET_COLUMNS[self.kind]
         self.rows = open_shards(soft_dir, self.provenance, ["window", *self.columns])
         self.path = Path(soft_dir) / PROVENANCE_NAME
-        schema = self.rows.files[0].schema_arrow  # the stored bytes of one window's targets
-        self.window_bytes = sum(schema.field(c).type.list_size * schema.field(c).type.value_type.bit_width // 8
-                                for c in self.columns)
+        self.window_bytes = sparse.held_bytes(self.rows.files[0].schema_arrow, self.kind, self.positions,
+                                              self.provenance["width"])  # one window's targets in memory
 
     def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[WindowBlock]:
         """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time (at

@@ -35,22 +35,30 @@ METADATA_KEY = b"distill.soft_labels"
 PROVENANCE_NAME = "provenance.json"
 SHARD_NAME = "part-{:05d}.parquet"
 SHARD_GLOB = "part-*.parquet"
-# the whole set's provenance keys, not in a shard's metadata; `summary`: what the writer counted over all rows
-SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token", "summary")
+SAMPLED_ZSTD_LEVEL = 9  # sampled targets: 5 % smaller than the default level 1, writing ~2x slower (still small)
+# the whole set's provenance keys, not in a shard's metadata; `summary`: what the writer counted over all rows,
+# `column_bytes`: each column's compressed bytes
+SET_KEYS = ("rows", "shards", "bytes", "bytes_per_token", "summary", "column_bytes")
 
 
 def writer_options(schema: pa.Schema) -> dict:
     """Parquet encodings: consecutive row ids delta-encoded; split, label and top-k class (or
     language-model token) ids dictionary-encoded (few distinct values); logits byte-stream-split (their exponent
-    bytes then compress: about 9 % off float32 files, nothing either way for float16)."""
-    floats = {"logits": "logits.list.element", "topk_logits": "topk_logits.list.element", "rest_logit": "rest_logit"}
-    return {
+    bytes then compress: about 9 % off float32 files, nothing either way for float16). A language model's
+    sampled targets (small integers, mostly one byte) are byte-stream-split too, so their high bytes, nearly
+    all zero, compress apart, at zstd level SAMPLED_ZSTD_LEVEL (docs/language-models.md measures the choices)."""
+    split = {"logits": "logits.list.element", "topk_logits": "topk_logits.list.element", "rest_logit": "rest_logit"}
+    split |= {name: f"{name}.list.element" for name in ("sample_id_deltas", "sample_counts", "sample_distinct")}
+    options = {
         "compression": "zstd",
-        "use_dictionary": [c for c in ("split", "label", "topk_index.list.element", "topk_ids.list.element",
-                                       "sample_ids.list.element") if c.split(".")[0] in schema.names],
+        "use_dictionary": [c for c in ("split", "label", "topk_index.list.element", "topk_ids.list.element")
+                           if c.split(".")[0] in schema.names],
         "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("id", "window") if c in schema.names}
-        | {path: "BYTE_STREAM_SPLIT" for name, path in floats.items() if name in schema.names},
+        | {path: "BYTE_STREAM_SPLIT" for name, path in split.items() if name in schema.names},
     }
+    if "sample_id_deltas" in schema.names:
+        options["compression_level"] = SAMPLED_ZSTD_LEVEL
+    return options
 
 
 class ShardWriter:
@@ -125,6 +133,19 @@ def write_shards(batches: Iterable[pa.RecordBatch], shards: ShardWriter) -> tupl
         return shards.close(), rows
     finally:
         shards.abort()
+
+
+def column_bytes(folder: Path, shards: list[dict]) -> dict[str, int]:
+    """Each top-level column's compressed bytes (its data and dictionary pages), over the listed shards."""
+    out: dict[str, int] = {}
+    for entry in shards:
+        meta = pq.ParquetFile(folder / entry["file"]).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                chunk = meta.row_group(g).column(c)
+                name = chunk.path_in_schema.split(".")[0]
+                out[name] = out.get(name, 0) + chunk.total_compressed_size
+    return out
 
 
 def read_provenance(soft_dir: str | Path) -> dict:

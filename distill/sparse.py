@@ -9,16 +9,22 @@ vocabulary. `soft_labels.targets` keeps one of three forms of it:
            log-probs (float16), and the tail: the probability mass 1 - sum(top-k p) left over
            (float16), as DistillKit and Megatron-Core's offline logits store them
   sampled  random-sampling KD ("Sparse Logit Sampling", Anshumann et al., ACL 2025): n ids
-           drawn from p with replacement (seeded); the distinct ones kept, each with weight
-           count / n (float16), padded to n with weight 0. An unbiased estimate of p:
+           drawn from p with replacement (seeded); the distinct ones kept, in ascending order,
+           each with its count (its weight is count / n exactly). An unbiased estimate of p:
            E[weight_i] = p_i, so at temperature 1 the student's cross-entropy against it is,
            on average, its cross-entropy against p (at other temperatures the weights are
            tempered like log-probs, which is no longer unbiased); top-k targets are biased
            (the tail is gone, smeared, or kept only as a total).
 
-A Parquet row is one window of the prepared data; each column is a fixed-size list over its
-P positions (`positions` x k values, position-major). `Targets` is what a batch unpacks to.
-The student reads them with one of distill/lm_losses.py's divergences (`student.loss`).
+A Parquet row is one window of the prepared data, over its P positions. Dense and top-k
+columns are fixed-size lists (`positions` x k values, position-major). Sampled targets hold
+only what the draws gave: `sample_id_deltas` and `sample_counts`, variable-length lists of
+every position's distinct ids (delta-coded: the first id, then each id minus the one before)
+and their counts in turn, and `sample_distinct`, a fixed-size list of how many distinct ids
+each position has (docs/language-models.md shows them field by field, and why deltas).
+In memory (`stored_columns`) every form is (N, P, width) arrays, the sampled ones padded with
+id 0 and count 0 to width n. `Targets` is what a batch unpacks to; the student reads them
+with one of distill/lm_losses.py's divergences (`student.loss`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from distill.errors import UserError
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
 TARGET_COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
-                  "sampled": ["sample_ids", "sample_weights"]}
+                  "sampled": ["sample_id_deltas", "sample_counts", "sample_distinct"]}
+HELD_PER_WINDOW = {"tail_mass": 1, "sample_distinct": 0}  # values per position in memory, if not `width`
+# (sampled: ids, decoded from their deltas, and counts)
 VALUE_TYPE = pa.float16()
 
 
@@ -51,8 +59,20 @@ def per_position(targets: str, vocab_size: int, k: int, samples: int) -> int:
     return {"dense": vocab_size, "top_k": k, "sampled": samples}[targets]
 
 
+def count_type(draws: int) -> pa.DataType:
+    """The narrowest unsigned integer that holds a count of up to `draws` draws."""
+    return pa.uint8() if draws < 2 ** 8 else pa.uint16() if draws < 2 ** 16 else pa.uint32()
+
+
+def _values(value_type: pa.DataType) -> pa.Field:
+    """A list's element field, never null (Parquet then stores no definition levels for it)."""
+    return pa.field("element", value_type, nullable=False)
+
+
 def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema:
-    """One row per window: its id, then the targets' columns as fixed-size lists."""
+    """One row per window: its id, then the targets' columns: fixed-size lists (dense, top_k), or
+    the sampled targets' distinct ids and counts as variable-length lists with their number per
+    position (`width` = n draws sets the count type)."""
     ids = ID_TYPES[id_dtype][1]
     fields = [pa.field("window", pa.int64())]
     if targets == "dense":
@@ -62,15 +82,23 @@ def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema
                    pa.field("topk_logprobs", pa.list_(VALUE_TYPE, positions * width)),
                    pa.field("tail_mass", pa.list_(VALUE_TYPE, positions))]
     else:
-        fields += [pa.field("sample_ids", pa.list_(ids, positions * width)),
-                   pa.field("sample_weights", pa.list_(VALUE_TYPE, positions * width))]
+        counts = count_type(width)
+        fields += [pa.field("sample_id_deltas", pa.list_(_values(ids)), nullable=False),
+                   pa.field("sample_counts", pa.list_(_values(counts)), nullable=False),
+                   pa.field("sample_distinct", pa.list_(_values(counts), positions), nullable=False)]
     return pa.schema(fields)
+
+
+def held_bytes(sch: pa.Schema, targets: str, positions: int, width: int) -> int:
+    """Bytes one window's targets take in memory as `stored_columns` gives them."""
+    return sum(positions * HELD_PER_WINDOW.get(name, width) * sch.field(name).type.value_type.bit_width // 8
+               for name in TARGET_COLUMNS[targets])
 
 
 def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Generator | None = None
            ) -> dict[str, torch.Tensor]:
     """The kept targets of (..., V) teacher logits, as float32 / int64 tensors of shape (..., width)
-    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, weights}."""
+    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, counts, weights}."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if targets == "dense":
         return {"logprobs": logp}
@@ -83,30 +111,51 @@ def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Gene
 
 def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Random-sampling KD targets: `draws` ids from exp(logp) per position, with replacement;
-    the distinct ids, each weighted count / draws, largest weight first, padded with id 0 and
-    weight 0. Drawn on the CPU (with a CPU `generator`), so a GPU teacher's draws are the CPU's."""
+    the distinct ids in ascending order with their counts and weights count / draws, padded
+    after them with id 0 and count 0. Drawn on the CPU (with a CPU `generator`), so a GPU
+    teacher's draws are the CPU's."""
     shape, vocab = logp.shape[:-1], logp.shape[-1]
     flat = logp.reshape(-1, vocab).exp().cpu()
-    drawn = torch.multinomial(flat, draws, replacement=True, generator=generator)
-    counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
-    weights, ids = counts.topk(min(draws, vocab), dim=-1)
-    if draws > vocab:  # fewer distinct ids than draws can exist only up to the vocabulary
-        weights = F.pad(weights, (0, draws - vocab))
-        ids = F.pad(ids, (0, draws - vocab))
-    ids = torch.where(weights > 0, ids, torch.zeros_like(ids))  # padding: the same bytes every run
-    return {"ids": ids.reshape(*shape, draws), "weights": (weights / draws).reshape(*shape, draws)}
+    drawn = torch.multinomial(flat, draws, replacement=True, generator=generator).sort(-1).values  # (M, n)
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # (M, n): the first draw of each distinct id
+    slot = first.long().cumsum(-1) - 1  # (M, n): the place of each draw's id among the distinct ones
+    ids = torch.zeros_like(drawn).scatter_(1, slot, drawn)  # a run's draws all write the same id
+    counts = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
+    return {"ids": ids.reshape(*shape, draws), "counts": counts.reshape(*shape, draws),
+            "weights": (counts / draws).reshape(*shape, draws)}
 
 
 def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
     """A record batch of `sch` from `select`'s tensors over (B, P, ...) positions of B windows."""
+    if "sample_id_deltas" in sch.names:
+        return _pack_sampled(kept, windows, sch)
     columns = [pa.array(windows, pa.int64())]
     for field in sch.names[1:]:
-        source = {"logprobs": "logprobs", "topk_ids": "ids", "topk_logprobs": "logprobs", "tail_mass": "tail",
-                  "sample_ids": "ids", "sample_weights": "weights"}[field]
+        source = {"logprobs": "logprobs", "topk_ids": "ids", "topk_logprobs": "logprobs", "tail_mass": "tail"}[field]
         value_type = sch.field(field).type.value_type
         array = kept[source].detach().cpu().numpy().reshape(len(windows), -1)
         flat = pa.array(np.ascontiguousarray(array, dtype=value_type.to_pandas_dtype()).reshape(-1), value_type)
         columns.append(pa.FixedSizeListArray.from_arrays(flat, array.shape[1]))
+    return pa.RecordBatch.from_arrays(columns, schema=sch)
+
+
+def _pack_sampled(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
+    counts = kept["counts"].cpu().numpy().reshape(len(windows), -1, kept["counts"].shape[-1])  # (B, P, n)
+    ids = kept["ids"].cpu().numpy().reshape(counts.shape)  # (B, P, n) ascending, then the padding
+    held = counts > 0  # (B, P, n): a position's distinct ids come first
+    deltas = ids.copy()
+    deltas[..., 1:] -= ids[..., :-1]  # where held: >= 1 after the first id (the padding's are dropped)
+    distinct = held.sum(-1)  # (B, P)
+    offsets = pa.array(np.concatenate([[0], distinct.sum(-1).cumsum()]), pa.int32())  # (B + 1,) into the lists
+    columns = [pa.array(windows, pa.int64())]
+    for name, values in (("sample_id_deltas", deltas), ("sample_counts", counts)):
+        kind = sch.field(name).type
+        flat = pa.array(values[held].astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (sum distinct,)
+        columns.append(pa.ListArray.from_arrays(offsets, flat, type=kind))
+    kind = sch.field("sample_distinct").type
+    flat = pa.array(distinct.reshape(-1).astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (B * P,)
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, type=kind))
     return pa.RecordBatch.from_arrays(columns, schema=sch)
 
 
@@ -148,22 +197,49 @@ def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> Ta
 
 def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> dict[str, np.ndarray]:
     """The targets' columns of rows written by `pack`, as (N, P, width) arrays in their stored
-    dtypes (uint16 / uint32 ids, float16 values): compact, for holding many rows in memory."""
+    dtypes (uint16 / uint32 ids, float16 values, integer counts): compact, for holding many rows
+    in memory. Sampled targets come back padded to the n draws, as `sample` gives them."""
+    if targets == "sampled":
+        return _sampled_columns(table, positions)
     out = {}
     for name in TARGET_COLUMNS[targets]:
-        values = table.column(name)
-        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        out[name] = values.flatten().to_numpy(zero_copy_only=False).reshape(len(table), positions, -1)
+        out[name] = _list_values(table, name).reshape(len(table), positions, -1)
+    return out
+
+
+def _list_values(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+    """A list column's values, every row's in turn."""
+    values = table.column(name)
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    return values.flatten().to_numpy(zero_copy_only=False)
+
+
+def _sampled_columns(table: pa.Table | pa.RecordBatch, positions: int) -> dict[str, np.ndarray]:
+    distinct = _list_values(table, "sample_distinct").astype(np.int64)  # (N * P,)
+    deltas, counts = _list_values(table, "sample_id_deltas"), _list_values(table, "sample_counts")  # (sum distinct,)
+    draws = int(counts[:distinct[0]].sum()) if len(distinct) else 0  # every position's counts add up to n
+    first = np.cumsum(distinct) - distinct  # (N * P,): each position's first entry in the lists
+    running = np.cumsum(deltas, dtype=np.int64)  # (sum distinct,): over every position so far
+    before = running[first] - deltas[first]  # (N * P,): the sum up to each position (each has >= 1 id)
+    ids = (running - np.repeat(before, distinct)).astype(deltas.dtype)  # the sum within the position
+    where = (np.repeat(np.arange(len(distinct)), distinct), np.arange(len(ids)) - np.repeat(first, distinct))
+    out = {}
+    for name, values in (("sample_ids", ids), ("sample_counts", counts)):
+        padded = np.zeros((len(distinct), draws), values.dtype)
+        padded[where] = values
+        out[name] = padded.reshape(len(table), positions, draws)
     return out
 
 
 def as_targets(targets: str, columns: dict[str, np.ndarray]) -> Targets:
-    """`Targets` (int64 ids, float32 values) from `stored_columns`' arrays, or some rows of them."""
+    """`Targets` (int64 ids, float32 values) from `stored_columns`' arrays, or some rows of them.
+    Sampled weights are count / n (n: the counts' sum), exactly as `sample` gives them."""
     if targets == "dense":
         return Targets(None, torch.from_numpy(columns["logprobs"].astype(np.float32)))
     if targets == "top_k":
         return Targets(torch.from_numpy(columns["topk_ids"].astype(np.int64)),
                        torch.from_numpy(columns["topk_logprobs"].astype(np.float32)),
                        torch.from_numpy(columns["tail_mass"].astype(np.float32)[..., 0]))
+    counts = torch.from_numpy(columns["sample_counts"].astype(np.float32))  # (N, P, n)
     return Targets(torch.from_numpy(columns["sample_ids"].astype(np.int64)),
-                   torch.from_numpy(columns["sample_weights"].astype(np.float32)).log())
+                   (counts / counts.sum(-1, keepdim=True)).log())  # log 0 = -inf on the padding

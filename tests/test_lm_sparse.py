@@ -1,5 +1,8 @@
-"""Sparse per-token soft labels (distill/sparse.py): packing, random-sampling KD, and the forward KL to
-them (distill/lm_losses.py's kl_to_targets)."""
+"""Sparse per-token soft labels (distill/sparse.py): packing, random-sampling KD, the forward KL to
+them (distill/lm_losses.py's kl_to_targets), and the sampled targets' layout read back streaming
+(distill/lm_soft_labels.py) exactly as the fixed layout held them."""
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import sparse
+from distill import lm_soft_labels, sparse
+from distill.corpus import CorpusMeta
 from distill.lm_losses import kl_to_targets
 from distill.errors import UserError
 
@@ -40,14 +44,22 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         return
     assert torch.equal(back.ids, kept["ids"])
     assert table.schema.field(sparse.TARGET_COLUMNS[targets][0]).type.value_type == pa.uint16()
+    held = sparse.stored_columns(table, targets, P)  # in memory: (B, P, width) arrays
+    assert sparse.held_bytes(table.schema, targets, P, width) == sum(a.nbytes for a in held.values()) / B
     if targets == "top_k":
         torch.testing.assert_close(back.logp, kept["logprobs"], atol=0.02, rtol=1e-3)
         torch.testing.assert_close(back.tail, kept["tail"], atol=1e-3, rtol=1e-3)
         # the tail is what the top k leave: with it, each position's mass is 1
         torch.testing.assert_close(back.logp.exp().sum(-1) + back.tail, torch.ones(B, P), atol=5e-3, rtol=0)
-    else:
-        torch.testing.assert_close(back.logp.exp(), kept["weights"], atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(back.logp.exp().sum(-1), torch.ones(B, P), atol=1e-3, rtol=0)
+    else:  # the distinct ids and their counts: weights count / n exactly, ids ascending, then the padding
+        assert torch.equal(back.logp.exp(), kept["weights"]) and torch.equal(back.logp.exp().sum(-1), torch.ones(B, P))
+        held = kept["counts"] > 0
+        assert torch.equal(held, held.int().sort(dim=-1, descending=True, stable=True).values.bool())
+        assert bool((kept["ids"][..., 1:] > kept["ids"][..., :-1])[held[..., 1:]].all())
+        ids = kept["ids"][0, 0][held[0, 0]].tolist()  # stored as the first id, then the steps between them
+        assert table.column("sample_id_deltas")[0].values.to_pylist()[:len(ids)] == ids[:1] + np.diff(ids).tolist()
+        assert str(table.schema.field("sample_counts").type) == "list<element: uint8 not null>"
+        assert table.column("sample_distinct").to_pylist()[0] == held[0].sum(-1).tolist()
 
 
 @pytest.mark.parametrize("tail", ["zero", "uniform", "bucket"])
@@ -118,3 +130,103 @@ def test_a_vocabulary_larger_than_the_id_type_is_refused_by_name():
     with pytest.raises(UserError, match=r"70,000 tokens.*uint16.*65,536.*uint32"):
         sparse.check_id_type(70_000, "uint16")
     sparse.check_id_type(70_000, "uint32")
+
+
+# ---------------------------------------------------------------- the sampled targets' layout, streamed
+
+
+def header(version=lm_soft_labels.TARGETS_SCHEMA_VERSION, width=32) -> dict:
+    return {"schema_version": version, "task": "language_model", "targets": "sampled", "tokenizer_sha256": "tok",
+            "vocab_size": V, "prepared_fingerprint": "fp", "positions": P, "width": width, "samples": width}
+
+
+def corpus_meta(tmp_path) -> CorpusMeta:
+    return CorpusMeta(vocab_size=V, context_length=P + 1, eos_id=0, tokenizer_sha256="tok", splits={},
+                      fingerprint="fp", path=tmp_path)
+
+
+def write_sampled(folder, logp, draws=32, batch=2, shard_rows=3) -> dict:
+    """A soft-label set of `logp`'s (N, P, V) windows, `draws` draws each: batches of `batch` windows
+    (one row group each) in shards of `shard_rows`, through the stage's writer."""
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    sch = sparse.schema("sampled", P, draws, "uint16")
+    batches = (sparse.pack(sparse.sample(logp[s:s + batch], draws, gen), np.arange(s, s + len(logp[s:s + batch])), sch)
+               for s in range(0, len(logp), batch))
+    return lm_soft_labels.write_set(batches, folder, sch, header(width=draws), shard_rows)
+
+
+def fixed_layout_targets(folder, logp, draws=32, batch=2) -> sparse.Targets:
+    """What schema 1 stored of the same draws and read back: per position the distinct ids, largest
+    count first, as a fixed-size list of `draws` uint16 ids and float16 weights count / draws, padded
+    with weight 0 (the weights' log, as its reader gave them to the student)."""
+    gen, ids, weights = torch.Generator().manual_seed(5), [], []
+    for s in range(0, len(logp), batch):
+        probs = logp[s:s + batch].reshape(-1, V).exp()
+        drawn = torch.multinomial(probs, draws, replacement=True, generator=gen)  # the same draws, in the same order
+        counts = torch.zeros_like(probs).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
+        w, i = counts.topk(draws, dim=-1)
+        ids.append(torch.where(w > 0, i, 0).reshape(-1, P * draws))
+        weights.append((w / draws).reshape(-1, P * draws))
+    ids, weights = torch.cat(ids).numpy().astype(np.uint16), torch.cat(weights).numpy().astype(np.float16)
+    table = pa.table({"sample_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), P * draws),
+                      "sample_weights": pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), P * draws)})
+    pq.write_table(table, folder / "fixed.parquet", compression="zstd")
+    back = pq.read_table(folder / "fixed.parquet")
+    columns = {c: back.column(c).combine_chunks().flatten().to_numpy().reshape(len(logp), P, draws)
+               for c in ("sample_ids", "sample_weights")}
+    return sparse.Targets(torch.from_numpy(columns["sample_ids"].astype(np.int64)),
+                          torch.from_numpy(columns["sample_weights"].astype(np.float32)).log())
+
+
+def by_id(t: sparse.Targets) -> sparse.Targets:
+    """The same targets with each position's ids in ascending order, the padding (log-weight -inf) last."""
+    order = torch.where(torch.isinf(t.logp), V + t.ids, t.ids).argsort(dim=-1, stable=True)
+    return sparse.Targets(t.ids.gather(-1, order), t.logp.gather(-1, order))
+
+
+def test_sampled_targets_stream_back_exactly_as_the_fixed_layout_held_the_same_draws(tmp_path):
+    logp = F.log_softmax(torch.randn(9, P, V, generator=torch.Generator().manual_seed(3)) * 2.5, -1)
+    prov = write_sampled(tmp_path / "set", logp)
+    assert prov["rows"] == 9 and len(prov["shards"]) == 3
+    soft = lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
+    assert soft.window_bytes == P * 32 * 3  # uint16 ids and uint8 counts, padded to the draws, in memory
+    blocks = list(soft.blocks(torch.Generator().manual_seed(0), 4))  # streamed: row groups of 2 windows
+    assert len(blocks) > 1
+    order = np.argsort(np.concatenate([b.windows for b in blocks]))  # the blocks' rows in window order
+    got = [b.targets(np.arange(len(b.windows))) for b in blocks]
+    got = sparse.Targets(torch.cat([t.ids for t in got])[order], torch.cat([t.logp for t in got])[order])
+    old = fixed_layout_targets(tmp_path, logp)
+    assert got.ids.shape == old.ids.shape == (9, P, 32)
+    new, old = by_id(got), by_id(old)
+    assert torch.equal(new.ids, old.ids) and torch.equal(new.logp, old.logp)  # bit for bit, padding included
+    assert float(torch.isfinite(old.logp).sum(-1).float().mean()) > 5  # several distinct ids per position
+
+
+def test_a_set_in_the_fixed_layout_of_schema_1_is_refused_by_name(tmp_path):
+    write_sampled(tmp_path / "set", F.log_softmax(torch.randn(4, P, V), -1))
+    path = tmp_path / "set" / "provenance.json"
+    prov = json.loads(path.read_text())
+    path.write_text(json.dumps(prov | {"schema_version": 1}))
+    with pytest.raises(UserError, match=rf"{path}: soft labels in layout version 1, .* version 2 .*rerun soft_labels"):
+        lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
+
+
+def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path):
+    logp = F.log_softmax(torch.randn(7, P, V, generator=torch.Generator().manual_seed(4)) * 3, -1)
+    prov = write_sampled(tmp_path / "set", logp, draws=12)
+    files = sorted((tmp_path / "set").glob("part-*.parquet"))
+    assert [f.name for f in files] == [s["file"] for s in prov["shards"]]
+    assert prov["bytes"] == sum(f.stat().st_size for f in files) == sum(s["bytes"] for s in prov["shards"])
+    assert prov["bytes_per_token"] == prov["bytes"] / (7 * P)
+    assert set(prov["column_bytes"]) == {"window", "sample_id_deltas", "sample_counts", "sample_distinct"}
+    footers = sum(pq.ParquetFile(f).metadata.serialized_size + 12 for f in files)  # footer, its length, 2 x "PAR1"
+    assert sum(prov["column_bytes"].values()) + footers == prov["bytes"]
+    assert prov["layout"] == {"window": "int64", "sample_id_deltas": "list<element: uint16 not null>",
+                              "sample_counts": "list<element: uint8 not null>",
+                              "sample_distinct": f"fixed_size_list<element: uint8 not null>[{P}]"}
+    # the ids' column holds one uint16 per distinct id, not one per draw
+    distinct = sum(pq.read_table(f).column("sample_distinct").combine_chunks().flatten().to_numpy().sum()
+                   for f in files)
+    deltas = [pq.read_table(f).column("sample_id_deltas").combine_chunks().flatten().to_numpy() for f in files]
+    assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == distinct < 7 * P * 12
