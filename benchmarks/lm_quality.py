@@ -41,6 +41,7 @@ WIDE = {"student.width": 256, "student.heads": 4, "student.layers": 2}  # the te
 VARIANTS = {
     "dense": ("targets", {"soft_labels.targets": "dense", "student.shuffle_buffer": 2048},
               ("soft_labels", "train_student", "evaluate")),
+    "sampled-32": ("targets", {"soft_labels.samples": 32}, ("soft_labels", "train_student", "evaluate")),
     "top-32": ("targets", {"soft_labels.targets": "top_k", "soft_labels.top_k": 32}, ("soft_labels",)),
     "reverse_kl": ("loss", {"student.loss": "reverse_kl"}, ("train_student", "evaluate")),
     "jsd": ("loss", {"student.loss": "jsd"}, ("train_student", "evaluate")),
@@ -127,7 +128,8 @@ def default_pipeline(seed: int, base: Path, fresh: bool, keep: bool) -> dict:
     prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
     return {"seed": seed, "metrics": {m: metrics[m] for m in ROLES}, "gap_closed": metrics["gap_closed"],
             "gap_closed_bits_per_byte": metrics.get("gap_closed_bits_per_byte"),
-            "bytes_per_token": prov["bytes_per_token"], "targets": prov["targets"], "stage_seconds": seconds,
+            "bytes_per_token": prov["bytes_per_token"], "targets": prov["targets"], "samples": prov.get("samples"),
+            "stage_seconds": seconds,
             "wall_minutes": sum(seconds.values()) / 60}
 
 
@@ -195,7 +197,7 @@ def aggregate(records: list[dict]) -> dict:
         "gap_closed_bits_per_byte": mean_std([r["gap_closed_bits_per_byte"] for r in records]),
         "bytes_per_token": mean_std([r["bytes_per_token"] for r in records]),
         "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
-        "params": {m: records[0]["metrics"][m]["params"] for m in ROLES}}}
+        "params": {m: records[0]["metrics"][m]["params"] for m in ROLES}, "samples": records[0]["samples"]}}
     agg["default"]["wall_minutes_min"] = min(r["wall_minutes"] for r in records)
     for name in VARIANTS:
         rows = [r["variants"][name] for r in records if name in r.get("variants", {})]
@@ -266,13 +268,14 @@ def _targets_table(agg: dict) -> list[str]:
     lines = ["", "Stored targets: bytes per token, and the student distilled from them.", "",
              "| targets | bytes / token | student bits / token | ratio to the dense student |", "|---|---|---|---|"]
     ratio = pm(d["student_bits_ratio_to_dense"], "{:.4f}") if "student_bits_ratio_to_dense" in d else "–"
-    rows = [("sampled-32, distinct ids and counts (the default)", d["bytes_per_token"],
+    rows = [(f"sampled-{d['samples']}, distinct ids and counts (the default)", d["bytes_per_token"],
              d["student.test_bits_per_token"], ratio)]
-    for name in ("dense", "top-32"):
+    for name in ("dense", "sampled-32", "top-32"):
         if name in agg:
             v = agg[name]
             bits = v.get("student.test_bits_per_token")
-            rows.append((name, v["bytes_per_token"], bits, "1" if name == "dense" else "–"))
+            ratio = v.get("student_bits_ratio_to_dense")
+            rows.append((name, v["bytes_per_token"], bits, pm(ratio, "{:.4f}") if bits and ratio else "–"))
     for name, size, bits, r in rows:
         lines.append(f"| {name} | {pm(size, '{:.1f}')} | {pm(bits) if bits else '–'} | {r} |")
     return lines
