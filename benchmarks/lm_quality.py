@@ -14,7 +14,8 @@ folder (result.json) and reused while its keys are the same; `--fresh` runs ever
 
 It writes <out>.json (per seed and aggregate) and <out>.md (the README's tables).
 
-    python benchmarks/lm_quality.py [--seeds 0 1 2] [--only NAME ...] [--keep] [--out benchmarks/results/lm_quality]
+    python benchmarks/lm_quality.py [--seeds 0 1 2] [--only NAME ...] [--keep] [--aggregate-only]
+                                    [--out benchmarks/results/lm_quality]
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from distill.task import ROLES  # noqa: E402
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 WIDE = {"student.width": 256, "student.heads": 4, "student.layers": 2}  # the teacher's width, half its depth
 # name -> (group, params overrides (dotted keys), stages it runs; the rest are the default pipeline's)
-VARIANTS = {
+VARIANTS = {  # in the order they run, two at a time
     "dense": ("targets", {"soft_labels.targets": "dense", "student.shuffle_buffer": 2048},
               ("soft_labels", "train_student", "evaluate")),
-    "sampled-32": ("targets", {"soft_labels.samples": 32}, ("soft_labels", "train_student", "evaluate")),
-    "top-32": ("targets", {"soft_labels.targets": "top_k", "soft_labels.top_k": 32}, ("soft_labels",)),
+    "cross-2048": ("cross", {"data.cross_tokenizer": True, "data.student_vocab_size": 2048},
+                   ("prepare", "soft_labels", "train_student", "train_baseline", "evaluate")),
     "reverse_kl": ("loss", {"student.loss": "reverse_kl"}, ("train_student", "evaluate")),
     "jsd": ("loss", {"student.loss": "jsd"}, ("train_student", "evaluate")),
     "skew_kl": ("loss", {"student.loss": "skew_kl"}, ("train_student", "evaluate")),
@@ -50,8 +51,8 @@ VARIANTS = {
     "random-256": ("init", WIDE, ("train_student", "train_baseline", "evaluate")),
     "teacher_layers-256": ("init", WIDE | {"student.source": "teacher_layers", "student.model": "models/teacher.pt"},
                            ("train_student", "train_baseline", "evaluate")),
-    "cross-2048": ("cross", {"data.cross_tokenizer": True, "data.student_vocab_size": 2048},
-                   ("prepare", "soft_labels", "train_student", "train_baseline", "evaluate")),
+    "sampled-32": ("targets", {"soft_labels.samples": 32}, ("soft_labels", "train_student", "evaluate")),
+    "top-32": ("targets", {"soft_labels.targets": "top_k", "soft_labels.top_k": 32}, ("soft_labels",)),
 }
 LINKED = ("data/prepared", "data/soft_labels", "models/student.pt", "models/baseline.pt")  # unless the variant makes it
 OUTPUT = {"prepare": "data/prepared", "soft_labels": "data/soft_labels", "train_student": "models/student.pt",
@@ -310,11 +311,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "lm"))
     parser.add_argument("--fresh", action="store_true", help="run everything again, the teachers too")
     parser.add_argument("--keep", action="store_true", help="keep the default pipeline's stages already run")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="run nothing: aggregate each seed's default pipeline and whichever variants finished")
     args = parser.parse_args(argv)
     base, records = Path(args.work), []
     for seed in args.seeds:
-        record = default_pipeline(seed, base, args.fresh, args.keep)
-        record["variants"] = run_variants(seed, base, args.only or list(VARIANTS), args.fresh)
+        if args.aggregate_only:
+            record = json.loads((base / f"seed{seed}" / "record.json").read_text())
+            record["variants"] = {n: json.loads(f.read_text()) for n in VARIANTS
+                                  if (f := base / f"seed{seed}" / n / "result.json").is_file()}
+        else:
+            record = default_pipeline(seed, base, args.fresh, args.keep)
+            record["variants"] = run_variants(seed, base, args.only or list(VARIANTS), args.fresh)
         (base / f"seed{seed}" / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)
     agg = aggregate(records)
