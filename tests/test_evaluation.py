@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.classification_params import RegistryConfig
-from distill.evaluation import expected_calibration_error, gap_closed, passes_gate, quality_metrics
+from distill.evaluation import _text_read, expected_calibration_error, gap_closed, passes_gate, quality_metrics
 from distill.report import COLUMNS, compare_table
 
 
@@ -68,3 +68,12 @@ def test_the_comparison_table_puts_each_models_numbers_in_its_row_under_the_righ
 def test_the_registry_gate_needs_both_accuracy_and_speed(accuracy, latency, passed):
     gate = RegistryConfig(min_test_accuracy=0.95, max_latency_ms_b1=10.0)
     assert passes_gate({"test_accuracy": accuracy, "latency_ms_b1": latency}, gate).passed is passed
+
+
+def test_the_report_says_how_much_of_the_median_document_the_models_read():
+    said = _text_read({"max_length": 64, "median_tokens": 678, "cut_fraction": 0.99})
+    assert "the first 64 tokens of each text, 9% of the median document's 678" in said
+    assert "99% of documents are cut (data.text.max_length)" in said
+    assert "100% of the median document's 20" in _text_read({"max_length": 64, "median_tokens": 20,
+                                                            "cut_fraction": 0.0})
+    assert _text_read(None) == "" and _text_read({"max_length": 64}) == ""  # vectors; text prepared before it
