@@ -198,7 +198,8 @@ def aggregate(records: list[dict]) -> dict:
         "gap_closed_bits_per_byte": mean_std([r["gap_closed_bits_per_byte"] for r in records]),
         "bytes_per_token": mean_std([r["bytes_per_token"] for r in records]),
         "wall_minutes": mean_std([r["wall_minutes"] for r in records]),
-        "params": {m: records[0]["metrics"][m]["params"] for m in ROLES}, "samples": records[0]["samples"]}}
+        "params": {m: records[0]["metrics"][m]["params"] for m in ROLES}, "samples": records[0]["samples"],
+        "seeds": [r["seed"] for r in records]}}
     agg["default"]["wall_minutes_min"] = min(r["wall_minutes"] for r in records)
     for name in VARIANTS:
         rows = [r["variants"][name] for r in records if name in r.get("variants", {})]
@@ -237,6 +238,10 @@ def aims(agg: dict) -> dict[str, bool]:
     return met
 
 
+def _seeds(entry: dict) -> str:
+    return ", ".join(map(str, entry["seeds"]))
+
+
 def pm(stat: dict, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['std'])}"
 
@@ -267,18 +272,19 @@ def markdown(agg: dict, seeds: list[int]) -> str:
 def _targets_table(agg: dict) -> list[str]:
     d = agg["default"]
     lines = ["", "Stored targets: bytes per token, and the student distilled from them.", "",
-             "| targets | bytes / token | student bits / token | ratio to the dense student |", "|---|---|---|---|"]
+             "| targets | seeds | bytes / token | student bits / token | ratio to the dense student |",
+             "|---|---|---|---|---|"]
     ratio = pm(d["student_bits_ratio_to_dense"], "{:.4f}") if "student_bits_ratio_to_dense" in d else "–"
-    rows = [(f"sampled-{d['samples']}, distinct ids and counts (the default)", d["bytes_per_token"],
+    rows = [(f"sampled-{d['samples']}, distinct ids and counts (the default)", d, d["bytes_per_token"],
              d["student.test_bits_per_token"], ratio)]
     for name in ("dense", "sampled-32", "top-32"):
         if name in agg:
             v = agg[name]
             bits = v.get("student.test_bits_per_token")
             ratio = v.get("student_bits_ratio_to_dense")
-            rows.append((name, v["bytes_per_token"], bits, pm(ratio, "{:.4f}") if bits and ratio else "–"))
-    for name, size, bits, r in rows:
-        lines.append(f"| {name} | {pm(size, '{:.1f}')} | {pm(bits) if bits else '–'} | {r} |")
+            rows.append((name, v, v["bytes_per_token"], bits, pm(ratio, "{:.4f}") if bits and ratio else "–"))
+    for name, entry, size, bits, r in rows:
+        lines.append(f"| {name} | {_seeds(entry)} | {pm(size, '{:.1f}')} | {pm(bits) if bits else '–'} | {r} |")
     return lines
 
 
@@ -286,18 +292,20 @@ def _group_table(agg: dict, group: str, title: str) -> list[str]:
     names = [n for n, v in agg.items() if isinstance(v, dict) and v.get("group") == group]
     if not names:
         return []
-    lines = ["", title + ".", "", "| variant | student bits / token | baseline bits / token | student bits / byte | "
-             "baseline bits / byte | gap closed (bits / token) | gap closed (bits / byte) |", "|---|---|---|---|---|---|---|"]
+    lines = ["", title + ".", "", "| variant | seeds | student bits / token | baseline bits / token | student bits / "
+             "byte | baseline bits / byte | gap closed (bits / token) | gap closed (bits / byte) |",
+             "|---|---|---|---|---|---|---|---|"]
     if group == "loss":
         d = agg["default"]
-        lines.append(f"| forward_kl (the default) | {pm(d['student.test_bits_per_token'])} | "
+        lines.append(f"| forward_kl (the default) | {_seeds(d)} | {pm(d['student.test_bits_per_token'])} | "
                      f"{pm(d['baseline.test_bits_per_token'])} | {pm(d['student.test_bits_per_byte'])} | "
                      f"{pm(d['baseline.test_bits_per_byte'])} | {pm(d['gap_closed'], '{:.1%}')} | "
                      f"{pm(d['gap_closed_bits_per_byte'], '{:.1%}')} |")
     for n in names:
         v = agg[n]
         tok = pm(v["gap_closed"], "{:.1%}") if group != "cross" else "–"
-        lines.append(f"| {n} | {pm(v['student.test_bits_per_token'])} | {pm(v['baseline.test_bits_per_token'])} | "
+        lines.append(f"| {n} | {_seeds(v)} | {pm(v['student.test_bits_per_token'])} | "
+                     f"{pm(v['baseline.test_bits_per_token'])} | "
                      f"{pm(v['student.test_bits_per_byte'])} | {pm(v['baseline.test_bits_per_byte'])} | {tok} | "
                      f"{pm(v['gap_closed_bits_per_byte'], '{:.1%}')} |")
     return lines

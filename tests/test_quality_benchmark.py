@@ -60,37 +60,46 @@ def test_the_sweep_table_puts_temperatures_in_rows_and_alphas_in_columns():
     assert table.splitlines()[2] == "| 1 | 10.5 | 10.9 |" and table.splitlines()[3] == "| 2 | 20.5 | 20.9 |"
 
 
-def lm_record(seed: int, shift: float, targets: bool = True) -> dict:
-    """A language-model seed's record: bits per token and per byte; with `targets`, every stored form's
-    student as good as the default pipeline's."""
-    from benchmarks.lm_quality import STAGES, TARGETS
+def lm_record(seed: int, shift: float) -> dict:
+    """A made-up seed of benchmarks/lm_quality.py: the default pipeline, a dense variant, a loss and a
+    student with its own tokenizer (bits per byte of its own)."""
+    from benchmarks.lm_quality import STAGES
 
     bits = {"teacher": (6.9, 2.0), "student": (7.0, 2.1), "baseline": (7.4, 2.4)}
-    metrics = {m: {"test_bits_per_token": t + shift, "test_bits_per_byte": b + shift, "kl_bits_per_token": 0.1,
-                   "params": 1000} for m, (t, b) in bits.items()}
-    record = {"seed": seed, "metrics": metrics, "gap_closed": 0.8, "gap_closed_bits_per_byte": 0.75,
-              "stage_seconds": dict.fromkeys(STAGES, 60.0), "wall_minutes": 6.0}
-    if targets:
-        record["targets"] = {name: {"bytes_per_token": 40.0, "student_bits_per_token": 7.0 + shift,
-                                    "student_bits_per_byte": 2.1 + shift} for name in TARGETS}
-        record["default_targets"] = "sampled-32"
-    return record
+    metrics = {m: {"test_bits_per_token": t + shift, "test_bits_per_byte": b + shift, "params": 1000}
+               for m, (t, b) in bits.items()}
+    dense = {m: dict(v) for m, v in metrics.items()}
+    dense["student"]["test_bits_per_token"] = 6.95 + shift
+    cross = {"teacher": metrics["teacher"], "student": {"test_bits_per_token": 6.6, "test_bits_per_byte": 2.2 + shift,
+                                                          "params": 700},
+             "baseline": {"test_bits_per_token": 6.8, "test_bits_per_byte": 2.3 + shift, "params": 700}}
+    variant = {"seed": seed, "bytes_per_token": 15.0, "targets": "sampled", "width": 14}
+    return {"seed": seed, "metrics": metrics, "gap_closed": 0.8, "gap_closed_bits_per_byte": 0.75, "samples": 14,
+            "bytes_per_token": 15.5, "targets": "sampled", "stage_seconds": dict.fromkeys(STAGES, 60.0),
+            "wall_minutes": 6.0,
+            "variants": {"dense": variant | {"group": "targets", "bytes_per_token": 6000.0, "metrics": dense,
+                                             "gap_closed": 0.9, "gap_closed_bits_per_byte": 0.9},
+                         "cross-2048": variant | {"group": "cross", "metrics": cross, "gap_closed": None,
+                                                  "gap_closed_bits_per_byte": 0.5}}
+            | ({"jsd": variant | {"group": "loss", "metrics": metrics, "gap_closed": 0.8,
+                                  "gap_closed_bits_per_byte": 0.75}} if seed == 0 else {})}
 
 
-def test_the_lm_benchmark_aggregates_and_tables_bits_per_byte_beside_bits_per_token():
+def test_the_lm_benchmark_aggregates_each_variant_over_the_seeds_it_ran_and_checks_the_aims():
     from benchmarks.lm_quality import aggregate, markdown
 
     agg = aggregate([lm_record(0, 0.0), lm_record(1, 0.2)])
-    assert agg["bits_per_byte"]["student"]["mean"] == pytest.approx(2.2)
-    assert agg["bits_per_byte"]["student"]["std"] == pytest.approx(0.2 / 2 ** 0.5)  # sample std of 2.1 and 2.3
-    assert agg["gap_closed_bits_per_byte"] == {"mean": pytest.approx(0.75), "std": 0.0}
-    assert agg["targets"]["top-8"]["student_bits_per_byte"]["mean"] == pytest.approx(2.2)
+    d = agg["default"]
+    assert d["student.test_bits_per_byte"]["mean"] == pytest.approx(2.2)
+    assert d["student.test_bits_per_byte"]["std"] == pytest.approx(0.2 / 2 ** 0.5)  # sample std of 2.1 and 2.3
+    assert d["student_bits_ratio_to_dense"]["mean"] == pytest.approx((7.0 / 6.95 + 7.2 / 7.15) / 2)
+    assert agg["jsd"]["seeds"] == [0] and agg["cross-2048"]["seeds"] == [0, 1]
+    assert agg["aims_met"] == {"student_beats_baseline": True, "sampled_bytes": True, "wall_time": True,
+                               "sampled_within_dense": False, "cross_gap_closed": True}  # 0.7 % over dense
     table = markdown(agg, [0, 1])
-    assert "| model | parameters | bits / token | bits / byte |" in table
-    assert "| student | 1,000 | 7.100 ± 0.141 | 2.200 ± 0.141 | 0.100 ± 0.000 |" in table
+    assert "| student | 1,000 | 7.100 ± 0.141 | 2.200 ± 0.141 |" in table
     assert "80.0% ± 0.0% in bits per token, 75.0% ± 0.0% in bits per byte" in table
-    # (7.4 - 7.0) / (7.4 - 6.9) of the gap on either seed
-    assert "| sampled-32 (the default) | 40.0 ± 0.0 | 1.0000 | 7.100 ± 0.141 | 2.200 ± 0.141 | 1.0000 ± 0.0000 | " \
-           "80.0% ± 0.0% |" in table
-    alone = aggregate([lm_record(0, 0.0, targets=False)])  # --no-targets: the models' table alone
-    assert alone["targets"] == {} and "| baseline | 1,000 | 7.400 ± 0.000 | 2.400 ± 0.000 |" in markdown(alone, [0])
+    assert "| sampled-14, distinct ids and counts (the default) | 0, 1 | 15.5 ± 0.0 |" in table
+    assert "| jsd | 0 | 7.000 ± 0.000 |" in table
+    assert "| cross-2048 | 0, 1 | 6.600 ± 0.000 | 6.800 ± 0.000 | 2.300 ± 0.141 | 2.400 ± 0.141 | – | 50.0% ± 0.0% |" \
+        in table
