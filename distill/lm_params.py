@@ -105,6 +105,11 @@ class LMSoftLabelsConfig(Section):
     )
     top_k: int = Field(32, gt=0)
     samples: int = Field(32, gt=0, description="sampled: draws per token (the distinct ids kept, weighted)")
+    sampling: Literal["systematic", "multinomial"] = Field(
+        "systematic", description="sampled: how the draws are made, both unbiased: systematic = evenly spaced points "
+        "on the teacher's cumulative distribution (each id drawn floor or ceil of n p times); multinomial = "
+        "independent draws"
+    )
     seed: int = Field(0, description="sampled: the draws' seed")
     id_dtype: Literal["uint16", "uint32"] = Field("uint16", description="stored token ids; uint16 holds 65,536")
     batch_size: int = Field(64, gt=0, description="windows per teacher pass")

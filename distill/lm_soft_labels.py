@@ -69,6 +69,7 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
         "top_k": cfg.top_k if cfg.targets == "top_k" else None,
         "samples": cfg.samples if cfg.targets == "sampled" else None,
         "seed": cfg.seed if cfg.targets == "sampled" else None, "id_dtype": cfg.id_dtype,
+        "sampling": cfg.sampling if cfg.targets == "sampled" else None,
         "shard_rows": cfg.shard_rows, "teacher_run_id": ckpt.get("mlflow_run_id"), "run_id": run_id,
         "precision": precision, "cross_tokenizer": aligner is not None,
         # the pairing: the teacher's tokenizer and view of the corpus (the student's are above)
@@ -119,7 +120,7 @@ def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema
                 with torch.inference_mode(), devices.autocast(device, precision):
                     logits = lm.next_token_logits(model, ids)[..., :vocab].float()
             with torch.inference_mode():
-                kept = sparse.select(logits, cfg.targets, width, gen)
+                kept = sparse.select(logits, cfg.targets, width, gen, cfg.sampling)
             yield sparse.pack(kept, np.arange(start, start + len(chunk)), schema)
             progress.update(len(chunk))
 

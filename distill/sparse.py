@@ -95,10 +95,11 @@ def held_bytes(sch: pa.Schema, targets: str, positions: int, width: int) -> int:
                for name in TARGET_COLUMNS[targets])
 
 
-def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Generator | None = None
-           ) -> dict[str, torch.Tensor]:
+def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Generator | None = None,
+           sampling: str = "multinomial") -> dict[str, torch.Tensor]:
     """The kept targets of (..., V) teacher logits, as float32 / int64 tensors of shape (..., width)
-    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, counts, weights}."""
+    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, counts, weights},
+    drawn as `sampling` says (`sample`)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if targets == "dense":
         return {"logprobs": logp}
@@ -106,17 +107,31 @@ def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Gene
         values, ids = logp.topk(width, dim=-1)
         tail = (1.0 - values.exp().sum(-1)).clamp(min=0.0)
         return {"ids": ids, "logprobs": values, "tail": tail}
-    return sample(logp, width, generator)
+    return sample(logp, width, generator, sampling)
 
 
-def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Random-sampling KD targets: `draws` ids from exp(logp) per position, with replacement;
-    the distinct ids in ascending order with their counts and weights count / draws, padded
-    after them with id 0 and count 0. Drawn on the CPU (with a CPU `generator`), so a GPU
-    teacher's draws are the CPU's."""
+def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None, sampling: str = "multinomial"
+           ) -> dict[str, torch.Tensor]:
+    """Random-sampling KD targets: `draws` ids from exp(logp) per position; the distinct ids in
+    ascending order with their counts and weights count / draws, padded after them with id 0 and
+    count 0. Either way E[count / draws] = p for every id (unbiased):
+
+      multinomial  `draws` independent draws with replacement (Anshumann et al., ACL 2025)
+      systematic   `draws` evenly spaced points on the teacher's cumulative distribution, one
+                   uniform offset per position (systematic resampling): an id of probability p
+                   gets floor(n p) or ceil(n p) draws, the least variance n draws can have, so
+                   likely ids are kept at their weight and fewer distinct ids remain.
+
+    Drawn on the CPU (with a CPU `generator`), so a GPU teacher's draws are the CPU's."""
     shape, vocab = logp.shape[:-1], logp.shape[-1]
     flat = logp.reshape(-1, vocab).exp().cpu()
-    drawn = torch.multinomial(flat, draws, replacement=True, generator=generator).sort(-1).values  # (M, n)
+    if sampling == "systematic":
+        cdf = flat.cumsum(-1)
+        cdf = cdf / cdf[:, -1:]  # (M, V), ending at 1 whatever the float sum
+        points = (torch.rand(len(flat), 1, generator=generator) + torch.arange(draws)) / draws  # (M, n), ascending
+        drawn = torch.searchsorted(cdf, points, right=True).clamp(max=vocab - 1)  # (M, n), sorted
+    else:
+        drawn = torch.multinomial(flat, draws, replacement=True, generator=generator).sort(-1).values  # (M, n)
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # (M, n): the first draw of each distinct id
     slot = first.long().cumsum(-1) - 1  # (M, n): the place of each draw's id among the distinct ones

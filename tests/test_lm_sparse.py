@@ -112,11 +112,13 @@ def test_the_sparse_kl_is_zero_at_the_target_and_its_gradient_is_finite():
     assert float(kl_to_targets(target, t).abs().max()) < 1e-4
 
 
-def test_random_sampling_targets_average_to_the_teachers_distribution():
+@pytest.mark.parametrize("sampling", ["multinomial", "systematic"])
+def test_random_sampling_targets_average_to_the_teachers_distribution(sampling):
     logits = teacher_logits(0, 2.0)[:1, :2]
     p = F.softmax(logits, -1)
     draws = 2000  # independent sets of 12 draws, at once: the same positions repeated
-    kept = sparse.sample(F.log_softmax(logits, -1).expand(draws, -1, -1), 12, torch.Generator().manual_seed(0))
+    kept = sparse.sample(F.log_softmax(logits, -1).expand(draws, -1, -1), 12, torch.Generator().manual_seed(0),
+                         sampling)
     mean = sparse.Targets(kept["ids"], kept["weights"].log()).dense_probs(V).mean(0, keepdim=True)
     # unbiased: the error shrinks like 1 / sqrt(draws * n), far below the top-12 truncation's
     assert float((mean - p).abs().max()) < 0.01
@@ -230,3 +232,23 @@ def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path)
                    for f in files)
     deltas = [pq.read_table(f).column("sample_id_deltas").combine_chunks().flatten().to_numpy() for f in files]
     assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == distinct < 7 * P * 12
+
+
+def test_systematic_draws_give_each_id_its_expected_count_rounded_down_or_up():
+    p = torch.tensor([[0.5, 0.26, 0.14, 0.06, 0.04]])
+    n = 10  # expected counts 5, 2.6, 1.4, 0.6, 0.4
+    for seed in range(50):
+        kept = sparse.sample(p.log(), n, torch.Generator().manual_seed(seed), "systematic")
+        counts = torch.zeros(5).scatter_add_(0, kept["ids"][0], kept["counts"][0].float())
+        assert counts.sum() == n and counts[0] == 5  # 0.5 of 10 draws: exactly 5, every time
+        assert ((counts - n * p[0]).abs() < 1).all()  # floor or ceil of n p
+        ids = kept["ids"][0][kept["counts"][0] > 0]
+        assert (ids.diff() > 0).all()  # distinct, ascending
+    # the estimate's spread over seeds: far less than independent draws leave
+    logp = torch.log_softmax(teacher_logits(0, 2.0)[:1, :1], -1).expand(500, -1, -1)
+    spread = {}
+    for how in ("multinomial", "systematic"):
+        kept = sparse.sample(logp, 14, torch.Generator().manual_seed(0), how)
+        probs = sparse.Targets(kept["ids"], kept["weights"].log()).dense_probs(V)  # (500, 1, V)
+        spread[how] = float(probs.var(0).sum())
+    assert spread["systematic"] < spread["multinomial"] / 2
