@@ -258,7 +258,7 @@ def markdown(agg: dict, seeds: list[int]) -> str:
               f"per token, {pm(d['gap_closed_bits_per_byte'], '{:.1%}')} in bits per byte; soft labels "
               f"{pm(d['bytes_per_token'], '{:.1f}')} bytes per token; default pipeline wall time "
               f"{d['wall_minutes_min']:.1f} min at best, {pm(d['wall_minutes'], '{:.1f}')} min over the seeds."]
-    lines += _targets_table(agg) + _group_table(agg, "loss", "Each loss (sampled-32 targets, alpha 0.9, T 1)")
+    lines += _targets_table(agg) + _group_table(agg, "loss", f"Each loss (sampled-{d['samples']} targets, alpha 0.9, T 1)")
     lines += _group_table(agg, "init", "The student's start: a GPT-2 of the teacher's width (256) and half its "
                           "depth (2 layers), from random weights or from the teacher's layers 0 and 2; its baseline "
                           "has the same start")
