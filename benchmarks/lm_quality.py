@@ -185,8 +185,8 @@ def write_result(seed: int, work: Path, name: str) -> None:
 
 def mean_std(values: list[float]) -> dict[str, float]:
     values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan")}
+    if not values:  # none taken: the teacher was not better than the baseline, or no shared vocabulary
+        return {"mean": None, "std": None}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
@@ -243,6 +243,8 @@ def _seeds(entry: dict) -> str:
 
 
 def pm(stat: dict, fmt: str = "{:.3f}") -> str:
+    if stat["mean"] is None:
+        return "–"
     return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['std'])}"
 
 
