@@ -63,6 +63,7 @@ def test_plots_and_metrics_diff_against_head_work_in_a_fresh_clone_without_a_dvc
     assert "student.test_accuracy" in dvc(clone, "metrics", "show")
 
 
+@pytest.mark.slow  # every stage under dvc repro, several times over: run by make test-slow, in CI
 def test_a_second_repro_runs_nothing_and_each_change_reruns_exactly_what_it_touches(built_project):
     project = built_project
     assert repro(project) == set(), "an unchanged pipeline runs no stage"
