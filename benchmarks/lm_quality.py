@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--aggregate-only", action="store_true",
                         help="run nothing: aggregate each seed's default pipeline and whichever variants finished")
     args = parser.parse_args(argv)
-    base, records = Path(args.work), []
+    base, records = Path(args.work).resolve(), []  # the variants link to the default pipeline by absolute path
     for seed in args.seeds:
         if args.aggregate_only:
             record = json.loads((base / f"seed{seed}" / "record.json").read_text())
