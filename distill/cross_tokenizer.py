@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from distill.text import byte_alphabet, token_texts
+from distill.text import byte_alphabet, decoder_kinds, token_texts
 
 EOS_BYTES = b"\x00"  # the end-of-text token, as one byte no text holds
 
@@ -56,7 +56,7 @@ class Aligner:
         self.teacher_bytes, self.student_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
         self.positions = teacher_positions
         self.student_vocab = len(student_tok)
-        self._student_byte_level = type(student_tok.backend_tokenizer.decoder).__name__ == "ByteLevel"
+        self._student_byte_level = "ByteLevel" in decoder_kinds(student_tok)
         self.first_piece = lru_cache(maxsize=None)(self._first_piece)
         self.candidates = lru_cache(maxsize=None)(self._first_pieces)
         self.fallback = self.seen = 0  # positions whose target is the observed next token, of all made

@@ -125,9 +125,7 @@ def token_texts(tok) -> list[bytes]:
     as <0xE2> is its one byte. A token added to the vocabulary is its own text. Special tokens (the
     end-of-text separator, pad, unknown, ...) are empty: they are not text.
     """
-    backend = getattr(tok, "backend_tokenizer", None)
-    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
-    kinds = {d["type"]: d for d in _flat_decoders(decoder)}
+    kinds = decoder_kinds(tok)
     alphabet = {c: b for b, c in byte_alphabet().items()} if "ByteLevel" in kinds else {}
     added = tok.added_tokens_decoder
     special = set(tok.all_special_ids) | {i for i, t in added.items() if t.special}
@@ -146,6 +144,14 @@ def byte_alphabet() -> dict[int, str]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     return bytes_to_unicode()
+
+
+def decoder_kinds(tok) -> dict[str, dict]:
+    """The parts of a fast tokenizer's decoder by type (ByteLevel, WordPiece, Metaspace, ...): how
+    its token strings stand for text."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    return {d["type"]: d for d in _flat_decoders(decoder)}
 
 
 def _flat_decoders(decoder: dict | None) -> list[dict]:
