@@ -8,11 +8,13 @@ by the soft_labels stage's own writer (distill/lm_soft_labels.write_set) into a 
 A random model's distributions are near uniform, so only a trained teacher's say what is stored.
 
 Reported per token (bytes on disk, Parquet footers included, and per column): at every number of
-draws; at zstd levels 1, the stage's and 19 for the default draws; and, for the same default
-draws, two reference layouts: schema 1's fixed-size lists (the ids, most drawn first, and float16
-weights, padded to the draws; its own writer options) and the stage's layout with plain ascending
-ids in place of their deltas. Also: how many distinct ids a position holds (its distribution) and
-the teacher's mean entropy. Writes benchmarks/results/lm_soft_label_bytes.json.
+draws; at zstd levels 1, 9, the stage's and 19 for the default draws; and, for the same default
+draws, reference layouts: the stage's with one row group per teacher batch (64 windows), or with
+plain ascending ids in place of their deltas; schema 2's (the distinct ids delta-coded and their
+counts as variable-length lists, with the number per position; its row groups and level 9); and
+schema 1's fixed-size lists (the distinct ids, most drawn first, and float16 weights, padded to
+the draws; its own writer options). Also: how many distinct ids a position holds (its
+distribution) and the teacher's mean entropy. Writes benchmarks/results/lm_soft_label_bytes.json.
 
     python benchmarks/lm_soft_label_bytes.py [--work benchmarks/.work/lm/seed0] [--windows 3000]
 """
@@ -37,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from distill import checkpoint, corpus, lm, lm_soft_labels, shards, sparse  # noqa: E402
 
-DRAWS = (8, 12, 16, 24, 32)
-LEVELS = (1, 19)  # besides the stage's own, for the default draws
+DRAWS = (8, 12, 14, 16, 18, 20, 24, 32)
+LEVELS = (1, 9, 19)  # besides the stage's own, for the default draws
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"work": str(work), "windows": tokens // positions, "positions": positions, "tokens": tokens,
               "default_draws": cfg["samples"], "teacher_entropy_bits": round(entropy, 3),
               "teacher_and_draws_s": round(seconds, 1),
-              "distinct": distinct_ids(batches[cfg["samples"]]), "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL}
+              "distinct": distinct_ids(batches[cfg["samples"]], positions), "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL}
     stage_level = shards.SAMPLED_ZSTD_LEVEL
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(d, stage_level) for d in DRAWS if d in batches] + [(cfg["samples"], lvl) for lvl in LEVELS]
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         shards.SAMPLED_ZSTD_LEVEL = stage_level
         default = batches[cfg["samples"]]
         result["references"] = {
-            "schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions),
-            "plain ascending ids for the deltas": plain_ids(default, Path(tmp), positions)}
+            "one row group per teacher batch": per_batch(default, Path(tmp), positions),
+            "plain ascending ids for the deltas": plain_ids(default, Path(tmp), positions),
+            "schema 2 (distinct ids and counts)": distinct_layout(default, Path(tmp), positions),
+            "schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
@@ -93,14 +97,21 @@ def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int
     return out, entropy / (len(ids) * (meta.context_length - 1)), time.perf_counter() - start
 
 
-def distinct_ids(batches: list[pa.RecordBatch]) -> dict:
+def held(batch: pa.RecordBatch, positions: int) -> dict[str, np.ndarray]:
+    """A batch's distinct ids and counts per position, (B, P, n) each, ascending, padded with 0."""
+    drawn = torch.from_numpy(sparse.stored_columns(batch, "sampled", positions)["sample_draws"].astype(np.int64))
+    kept = sparse.distinct(drawn)
+    return {"ids": kept["ids"].numpy().astype(np.uint16), "counts": kept["counts"].numpy().astype(np.uint8)}
+
+
+def distinct_ids(batches: list[pa.RecordBatch], positions: int) -> dict:
     """How many distinct ids a position holds (mean, percentiles, positions with 1, 2, ... n), and
     what an ideal code of the ids and counts by their overall frequencies would take (bytes per
     token: each value's order-0 entropy, less log2(k!) for a position's k ids being a set)."""
-    k = np.concatenate([b.column("sample_distinct").flatten().to_numpy() for b in batches]).astype(np.int64)
-    held = [sparse.stored_columns(b, "sampled", b.column("sample_distinct").type.list_size) for b in batches]
-    ids = np.concatenate([c["sample_ids"][c["sample_counts"] > 0] for c in held])  # without the padding
-    counts = np.concatenate([c["sample_counts"][c["sample_counts"] > 0] for c in held])
+    kept = [held(b, positions) for b in batches]
+    k = np.concatenate([(c["counts"] > 0).sum(-1).reshape(-1) for c in kept]).astype(np.int64)
+    ids = np.concatenate([c["ids"][c["counts"] > 0] for c in kept])  # without the padding
+    counts = np.concatenate([c["counts"][c["counts"] > 0] for c in kept])
     as_set = sum(math.lgamma(n + 1) for n in k.tolist()) / math.log(2)  # bits: the order of a position's ids
     return {"mean": round(float(k.mean()), 2), "percentiles_10_25_50_75_90": [float(np.percentile(k, q))
                                                                               for q in (10, 25, 50, 75, 90)],
@@ -130,22 +141,50 @@ def stored(batches: list[pa.RecordBatch], folder: Path, positions: int, draws: i
 
 
 def bytes_per_token(batches: list[pa.RecordBatch], path: Path, options: dict, positions: int) -> float:
-    """One Parquet file of the batches (one row group each, as the stage writes them)."""
+    """One Parquet file of the batches, one row group each."""
     with pq.ParquetWriter(path, batches[0].schema, **options) as writer:
         for batch in batches:
             writer.write_batch(batch)
     return round(path.stat().st_size / (sum(len(b) for b in batches) * positions), 2)
 
 
+def per_batch(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
+    """The stage's layout and options, one row group per teacher batch."""
+    return bytes_per_token(batches, tmp / "per_batch.parquet", shards.writer_options(batches[0].schema), positions)
+
+
+def distinct_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
+    """Schema 2: per window the distinct ids, delta-coded, and their counts as variable-length lists,
+    and how many each position has; one row group per batch, zstd 9, byte-stream-split, as it was."""
+    rows = []
+    for batch in batches:
+        kept = held(batch, positions)
+        mask = kept["counts"] > 0
+        deltas = kept["ids"].astype(np.int64)
+        deltas[..., 1:] -= kept["ids"][..., :-1]
+        distinct = mask.sum(-1)  # (B, P)
+        offsets = pa.array(np.concatenate([[0], distinct.sum(-1).cumsum()]), pa.int32())
+        rows.append(pa.RecordBatch.from_pydict({
+            "window": batch.column("window"),
+            "sample_id_deltas": pa.ListArray.from_arrays(offsets, pa.array(deltas[mask].astype(np.uint16))),
+            "sample_counts": pa.ListArray.from_arrays(offsets, pa.array(kept["counts"][mask])),
+            "sample_distinct": pa.FixedSizeListArray.from_arrays(pa.array(distinct.reshape(-1).astype(np.uint8)),
+                                                                 positions)}))
+    split = {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in ("sample_id_deltas", "sample_counts", "sample_distinct")}
+    options = {"compression": "zstd", "compression_level": 9, "use_dictionary": False,
+               "column_encoding": {"window": "DELTA_BINARY_PACKED"} | split}
+    return bytes_per_token(rows, tmp / "distinct.parquet", options, positions)
+
+
 def fixed_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
     """Schema 1: per window, fixed-size lists of the n ids (most drawn first) and float16 weights."""
     fixed = []
     for batch in batches:
-        cols = sparse.stored_columns(batch, "sampled", positions)  # (B, P, n) ids ascending, then padding
-        order = np.argsort(-cols["sample_counts"].astype(np.int64), axis=-1, kind="stable")
-        ids = np.take_along_axis(cols["sample_ids"], order, -1).reshape(len(batch), -1)
-        counts = np.take_along_axis(cols["sample_counts"], order, -1).reshape(len(batch), -1)
-        weights = (counts / cols["sample_counts"].shape[-1]).astype(np.float16)
+        kept = held(batch, positions)  # (B, P, n) ids ascending, then padding
+        order = np.argsort(-kept["counts"].astype(np.int64), axis=-1, kind="stable")
+        ids = np.take_along_axis(kept["ids"], order, -1).reshape(len(batch), -1)
+        counts = np.take_along_axis(kept["counts"], order, -1).reshape(len(batch), -1)
+        weights = (counts / kept["counts"].shape[-1]).astype(np.float16)
         fixed.append(pa.RecordBatch.from_pydict({
             "window": batch.column("window"),
             "sample_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ids.shape[1]),
@@ -156,16 +195,18 @@ def fixed_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> fl
 
 
 def plain_ids(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
-    """The stage's layout and options with each position's ids themselves in the deltas' place."""
+    """The stage's layout, options and row groups with each draw's id itself in its delta's place."""
     plain = []
     for batch in batches:
-        cols = sparse.stored_columns(batch, "sampled", positions)
-        held = cols["sample_counts"] > 0
-        deltas = batch.column("sample_id_deltas")
-        values = pa.array(cols["sample_ids"][held], deltas.type.value_type)
-        plain.append(batch.set_column(1, "sample_id_deltas", pa.ListArray.from_arrays(deltas.offsets, values,
-                                                                                      type=deltas.type)))
-    return bytes_per_token(plain, tmp / "plain.parquet", shards.writer_options(batches[0].schema), positions)
+        drawn = sparse.stored_columns(batch, "sampled", positions)["sample_draws"]
+        column = batch.column("sample_id_deltas")
+        plain.append(batch.set_column(1, "sample_id_deltas", pa.FixedSizeListArray.from_arrays(
+            pa.array(drawn.reshape(-1), column.type.value_type), type=column.type)))
+    folder = tmp / "plain"
+    folder.mkdir()
+    header = {"targets": "sampled", "positions": positions}
+    prov = lm_soft_labels.write_set(iter(plain), folder, plain[0].schema, header, 10 ** 9)
+    return round(prov["bytes_per_token"], 2)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class LMSoftLabelsConfig(Section):
         "top_k = the k likeliest ids, their log-probs and the tail mass; dense = every log-prob"
     )
     top_k: int = Field(32, gt=0)
-    samples: int = Field(32, gt=0, description="sampled: draws per token (the distinct ids kept, weighted)")
+    samples: int = Field(32, gt=0, description="sampled: draws per token (every draw's id kept, weight 1 / n)")
     sampling: Literal["systematic", "multinomial"] = Field(
         "systematic", description="sampled: how the draws are made, both unbiased: systematic = evenly spaced points "
         "on the teacher's cumulative distribution (each id drawn floor or ceil of n p times); multinomial = "

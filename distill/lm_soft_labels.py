@@ -33,12 +33,13 @@ from distill.errors import UserError
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
 from distill.progress import bar
-from distill.shards import PROVENANCE_NAME, ShardWriter, check_shard_list, column_bytes, open_shards, read_provenance
-from distill.shards import write_shards
+from distill.shards import PROVENANCE_NAME, SAMPLED_GROUP_ROWS, ShardWriter, check_shard_list, column_bytes, open_shards
+from distill.shards import read_provenance, write_shards
 
 log = logging.getLogger(__name__)
 
-TARGETS_SCHEMA_VERSION = 2  # 2: sampled targets as distinct ids and counts (1: fixed-size ids and float16 weights)
+TARGETS_SCHEMA_VERSION = 3  # 3: sampled targets as every draw's id, delta-coded (2: distinct ids and counts;
+# 1: fixed-size ids and float16 weights)
 MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
@@ -92,9 +93,11 @@ def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema
     """The batches as shards of `schema` under `folder`, then its provenance.json: the header with
     the layout (each column's Arrow type), rows, shard list, bytes on disk, bytes per token, each
     column's compressed bytes (`column_bytes`; the rest of `bytes` is the files' footers), and
-    `summary()` once every batch is written, if given."""
+    `summary()` once every batch is written, if given. Sampled targets go in row groups of
+    SAMPLED_GROUP_ROWS windows, the rest one per batch."""
     header = header | {"layout": {field.name: str(field.type) for field in schema}}
-    shards = ShardWriter(folder, schema, header, shard_rows)
+    group_rows = SAMPLED_GROUP_ROWS if header["targets"] == "sampled" else None
+    shards = ShardWriter(folder, schema, header, shard_rows, group_rows)
     listed, rows = write_shards(batches, shards)
     size = sum(s["bytes"] for s in listed)
     provenance = header | {"rows": rows, "shards": listed, "bytes": size,
@@ -163,7 +166,7 @@ class WindowBlock:
     """Windows held in memory together: their indices into train, and their stored targets."""
 
     windows: np.ndarray
-    columns: dict[str, np.ndarray]  # stored dtypes (uint16 ids, float16 values, counts), (N, P, width)
+    columns: dict[str, np.ndarray]  # stored dtypes (uint16 ids, float16 values; sampled: the draws' ids), (N, P, width)
     targets_kind: str
 
     def targets(self, rows: np.ndarray) -> sparse.Targets:

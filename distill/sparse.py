@@ -9,22 +9,21 @@ vocabulary. `soft_labels.targets` keeps one of three forms of it:
            log-probs (float16), and the tail: the probability mass 1 - sum(top-k p) left over
            (float16), as DistillKit and Megatron-Core's offline logits store them
   sampled  random-sampling KD ("Sparse Logit Sampling", Anshumann et al., ACL 2025): n ids
-           drawn from p with replacement (seeded); the distinct ones kept, in ascending order,
-           each with its count (its weight is count / n exactly). An unbiased estimate of p:
+           drawn from p with replacement (seeded); every draw kept, in ascending id order, each
+           of weight 1 / n (an id drawn c times weighs c / n exactly). An unbiased estimate of p:
            E[weight_i] = p_i, so at temperature 1 the student's cross-entropy against it is,
            on average, its cross-entropy against p (at other temperatures the weights are
            tempered like log-probs, which is no longer unbiased); top-k targets are biased
            (the tail is gone, smeared, or kept only as a total).
 
-A Parquet row is one window of the prepared data, over its P positions. Dense and top-k
-columns are fixed-size lists (`positions` x k values, position-major). Sampled targets hold
-only what the draws gave: `sample_id_deltas` and `sample_counts`, variable-length lists of
-every position's distinct ids (delta-coded: the first id, then each id minus the one before)
-and their counts in turn, and `sample_distinct`, a fixed-size list of how many distinct ids
-each position has (docs/language-models.md shows them field by field, and why deltas).
-In memory (`stored_columns`) every form is (N, P, width) arrays, the sampled ones padded with
-id 0 and count 0 to width n. `Targets` is what a batch unpacks to; the student reads them
-with one of distill/lm_losses.py's divergences (`student.loss`).
+A Parquet row is one window of the prepared data, over its P positions: fixed-size lists
+(`positions` x k values, position-major). Sampled targets are `sample_id_deltas`, each
+position's n draws in ascending order, delta-coded within the position (the first id, then
+each id minus the one before: 0 where an id was drawn again), so most values fit one byte and
+the repeats cost next to nothing compressed (docs/language-models.md shows the field and why).
+In memory (`stored_columns`) every form is (N, P, width) arrays; the student gets a batch of
+them as `Targets` (sampled: the distinct ids with their weights, padded with id 0 and weight 0
+to width n) and reads them with one of distill/lm_losses.py's divergences (`student.loss`).
 """
 
 from __future__ import annotations
@@ -40,9 +39,8 @@ from distill.errors import UserError
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
 TARGET_COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
-                  "sampled": ["sample_id_deltas", "sample_counts", "sample_distinct"]}
-HELD_PER_WINDOW = {"tail_mass": 1, "sample_distinct": 0}  # values per position in memory, if not `width`
-# (sampled: ids, decoded from their deltas, and counts)
+                  "sampled": ["sample_id_deltas"]}
+HELD_PER_WINDOW = {"tail_mass": 1}  # values per position in memory, if not `width` (sampled: the draws' ids)
 VALUE_TYPE = pa.float16()
 
 
@@ -59,20 +57,14 @@ def per_position(targets: str, vocab_size: int, k: int, samples: int) -> int:
     return {"dense": vocab_size, "top_k": k, "sampled": samples}[targets]
 
 
-def count_type(draws: int) -> pa.DataType:
-    """The narrowest unsigned integer that holds a count of up to `draws` draws."""
-    return pa.uint8() if draws < 2 ** 8 else pa.uint16() if draws < 2 ** 16 else pa.uint32()
-
-
 def _values(value_type: pa.DataType) -> pa.Field:
     """A list's element field, never null (Parquet then stores no definition levels for it)."""
     return pa.field("element", value_type, nullable=False)
 
 
 def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema:
-    """One row per window: its id, then the targets' columns: fixed-size lists (dense, top_k), or
-    the sampled targets' distinct ids and counts as variable-length lists with their number per
-    position (`width` = n draws sets the count type)."""
+    """One row per window: its id, then the targets' columns, fixed-size lists of `positions` x
+    `width` values (the top-k tail: one per position; sampled: `width` = n draws)."""
     ids = ID_TYPES[id_dtype][1]
     fields = [pa.field("window", pa.int64())]
     if targets == "dense":
@@ -82,10 +74,7 @@ def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema
                    pa.field("topk_logprobs", pa.list_(VALUE_TYPE, positions * width)),
                    pa.field("tail_mass", pa.list_(VALUE_TYPE, positions))]
     else:
-        counts = count_type(width)
-        fields += [pa.field("sample_id_deltas", pa.list_(_values(ids)), nullable=False),
-                   pa.field("sample_counts", pa.list_(_values(counts)), nullable=False),
-                   pa.field("sample_distinct", pa.list_(_values(counts), positions), nullable=False)]
+        fields.append(pa.field("sample_id_deltas", pa.list_(_values(ids), positions * width), nullable=False))
     return pa.schema(fields)
 
 
@@ -98,8 +87,8 @@ def held_bytes(sch: pa.Schema, targets: str, positions: int, width: int) -> int:
 def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Generator | None = None,
            sampling: str = "multinomial") -> dict[str, torch.Tensor]:
     """The kept targets of (..., V) teacher logits, as float32 / int64 tensors of shape (..., width)
-    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {ids, counts, weights},
-    drawn as `sampling` says (`sample`)."""
+    (tail: (...)): dense {logprobs}; top_k {ids, logprobs, tail}; sampled {draws, ids, counts,
+    weights}, drawn as `sampling` says (`sample`)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if targets == "dense":
         return {"logprobs": logp}
@@ -112,9 +101,9 @@ def select(logits: torch.Tensor, targets: str, width: int, generator: torch.Gene
 
 def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None, sampling: str = "multinomial"
            ) -> dict[str, torch.Tensor]:
-    """Random-sampling KD targets: `draws` ids from exp(logp) per position; the distinct ids in
-    ascending order with their counts and weights count / draws, padded after them with id 0 and
-    count 0. Either way E[count / draws] = p for every id (unbiased):
+    """Random-sampling KD targets: `draws` ids from exp(logp) per position, in ascending order
+    (`draws`), and as `distinct` gives them (ids, counts, weights). Either way E[count / draws] = p
+    for every id (unbiased):
 
       multinomial  `draws` independent draws with replacement (Anshumann et al., ACL 2025)
       systematic   `draws` evenly spaced points on the teacher's cumulative distribution, one
@@ -132,13 +121,21 @@ def sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None = N
         drawn = torch.searchsorted(cdf, points, right=True).clamp(max=vocab - 1)  # (M, n), sorted
     else:
         drawn = torch.multinomial(flat, draws, replacement=True, generator=generator).sort(-1).values  # (M, n)
+    return {"draws": drawn.reshape(*shape, draws)} | distinct(drawn.reshape(*shape, draws))
+
+
+def distinct(drawn: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(..., n) draws in ascending order per position -> its distinct ids in ascending order, with
+    their counts and weights count / n, padded after them with id 0 and count 0 (int64 ids and
+    counts, float32 weights; each (..., n))."""
+    shape, draws = drawn.shape, drawn.shape[-1]
+    drawn = drawn.reshape(-1, draws).long()
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # (M, n): the first draw of each distinct id
     slot = first.long().cumsum(-1) - 1  # (M, n): the place of each draw's id among the distinct ones
     ids = torch.zeros_like(drawn).scatter_(1, slot, drawn)  # a run's draws all write the same id
     counts = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
-    return {"ids": ids.reshape(*shape, draws), "counts": counts.reshape(*shape, draws),
-            "weights": (counts / draws).reshape(*shape, draws)}
+    return {"ids": ids.reshape(shape), "counts": counts.reshape(shape), "weights": (counts / draws).reshape(shape)}
 
 
 def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
@@ -156,22 +153,13 @@ def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> 
 
 
 def _pack_sampled(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
-    counts = kept["counts"].cpu().numpy().reshape(len(windows), -1, kept["counts"].shape[-1])  # (B, P, n)
-    ids = kept["ids"].cpu().numpy().reshape(counts.shape)  # (B, P, n) ascending, then the padding
-    held = counts > 0  # (B, P, n): a position's distinct ids come first
-    deltas = ids.copy()
-    deltas[..., 1:] -= ids[..., :-1]  # where held: >= 1 after the first id (the padding's are dropped)
-    distinct = held.sum(-1)  # (B, P)
-    offsets = pa.array(np.concatenate([[0], distinct.sum(-1).cumsum()]), pa.int32())  # (B + 1,) into the lists
-    columns = [pa.array(windows, pa.int64())]
-    for name, values in (("sample_id_deltas", deltas), ("sample_counts", counts)):
-        kind = sch.field(name).type
-        flat = pa.array(values[held].astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (sum distinct,)
-        columns.append(pa.ListArray.from_arrays(offsets, flat, type=kind))
-    kind = sch.field("sample_distinct").type
-    flat = pa.array(distinct.reshape(-1).astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (B * P,)
-    columns.append(pa.FixedSizeListArray.from_arrays(flat, type=kind))
-    return pa.RecordBatch.from_arrays(columns, schema=sch)
+    drawn = kept["draws"].cpu().numpy().reshape(len(windows), -1, kept["draws"].shape[-1])  # (B, P, n) ascending
+    deltas = drawn.copy()
+    deltas[..., 1:] -= drawn[..., :-1]  # >= 0: the first id, then the steps (0 for a repeat)
+    kind = sch.field("sample_id_deltas").type
+    flat = pa.array(deltas.reshape(-1).astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (B * P * n,)
+    return pa.RecordBatch.from_arrays([pa.array(windows, pa.int64()), pa.FixedSizeListArray.from_arrays(flat, type=kind)],
+                                      schema=sch)
 
 
 @dataclass(frozen=True)
@@ -213,9 +201,10 @@ def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> Ta
 def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> dict[str, np.ndarray]:
     """The targets' columns of rows written by `pack`, as (N, P, width) arrays in their stored
     dtypes (uint16 / uint32 ids, float16 values, integer counts): compact, for holding many rows
-    in memory. Sampled targets come back padded to the n draws, as `sample` gives them."""
+    in memory. Sampled targets come back as the draws' ids ("sample_draws"), as `sample` drew them."""
     if targets == "sampled":
-        return _sampled_columns(table, positions)
+        deltas = _list_values(table, "sample_id_deltas").reshape(len(table), positions, -1)
+        return {"sample_draws": np.cumsum(deltas, axis=-1, dtype=np.int64).astype(deltas.dtype)}
     out = {}
     for name in TARGET_COLUMNS[targets]:
         out[name] = _list_values(table, name).reshape(len(table), positions, -1)
@@ -229,32 +218,14 @@ def _list_values(table: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
     return values.flatten().to_numpy(zero_copy_only=False)
 
 
-def _sampled_columns(table: pa.Table | pa.RecordBatch, positions: int) -> dict[str, np.ndarray]:
-    distinct = _list_values(table, "sample_distinct").astype(np.int64)  # (N * P,)
-    deltas, counts = _list_values(table, "sample_id_deltas"), _list_values(table, "sample_counts")  # (sum distinct,)
-    draws = int(counts[:distinct[0]].sum()) if len(distinct) else 0  # every position's counts add up to n
-    first = np.cumsum(distinct) - distinct  # (N * P,): each position's first entry in the lists
-    running = np.cumsum(deltas, dtype=np.int64)  # (sum distinct,): over every position so far
-    before = running[first] - deltas[first]  # (N * P,): the sum up to each position (each has >= 1 id)
-    ids = (running - np.repeat(before, distinct)).astype(deltas.dtype)  # the sum within the position
-    where = (np.repeat(np.arange(len(distinct)), distinct), np.arange(len(ids)) - np.repeat(first, distinct))
-    out = {}
-    for name, values in (("sample_ids", ids), ("sample_counts", counts)):
-        padded = np.zeros((len(distinct), draws), values.dtype)
-        padded[where] = values
-        out[name] = padded.reshape(len(table), positions, draws)
-    return out
-
-
 def as_targets(targets: str, columns: dict[str, np.ndarray]) -> Targets:
     """`Targets` (int64 ids, float32 values) from `stored_columns`' arrays, or some rows of them.
-    Sampled weights are count / n (n: the counts' sum), exactly as `sample` gives them."""
+    Sampled targets are the distinct drawn ids and their weights, exactly as `sample` gives them."""
     if targets == "dense":
         return Targets(None, torch.from_numpy(columns["logprobs"].astype(np.float32)))
     if targets == "top_k":
         return Targets(torch.from_numpy(columns["topk_ids"].astype(np.int64)),
                        torch.from_numpy(columns["topk_logprobs"].astype(np.float32)),
                        torch.from_numpy(columns["tail_mass"].astype(np.float32)[..., 0]))
-    counts = torch.from_numpy(columns["sample_counts"].astype(np.float32))  # (N, P, n)
-    return Targets(torch.from_numpy(columns["sample_ids"].astype(np.int64)),
-                   (counts / counts.sum(-1, keepdim=True)).log())  # log 0 = -inf on the padding
+    held = distinct(torch.from_numpy(columns["sample_draws"].astype(np.int64)))  # (N, P, n) each
+    return Targets(held["ids"], held["weights"].log())  # log 0 = -inf on the padding

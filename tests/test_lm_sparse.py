@@ -56,10 +56,12 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         held = kept["counts"] > 0
         assert torch.equal(held, held.int().sort(dim=-1, descending=True, stable=True).values.bool())
         assert bool((kept["ids"][..., 1:] > kept["ids"][..., :-1])[held[..., 1:]].all())
-        ids = kept["ids"][0, 0][held[0, 0]].tolist()  # stored as the first id, then the steps between them
-        assert table.column("sample_id_deltas")[0].values.to_pylist()[:len(ids)] == ids[:1] + np.diff(ids).tolist()
-        assert str(table.schema.field("sample_counts").type) == "list<element: uint8 not null>"
-        assert table.column("sample_distinct").to_pylist()[0] == held[0].sum(-1).tolist()
+        assert torch.equal(kept["counts"].sum(-1), torch.full((B, P), width))
+        # every draw stored, ascending: the first id, then the steps between them (0 for a repeat)
+        drawn = kept["draws"][0, 0].tolist()
+        assert drawn == sorted(drawn) and len(set(drawn)) < width  # some ids drawn more than once
+        assert table.column("sample_id_deltas")[0].values.to_pylist()[:width] == drawn[:1] + np.diff(drawn).tolist()
+        assert str(table.schema.field("sample_id_deltas").type) == f"fixed_size_list<element: uint16 not null>[{P * width}]"
 
 
 @pytest.mark.parametrize("tail", ["zero", "uniform", "bucket"])
@@ -192,8 +194,8 @@ def test_sampled_targets_stream_back_exactly_as_the_fixed_layout_held_the_same_d
     prov = write_sampled(tmp_path / "set", logp)
     assert prov["rows"] == 9 and len(prov["shards"]) == 3
     soft = lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
-    assert soft.window_bytes == P * 32 * 3  # uint16 ids and uint8 counts, padded to the draws, in memory
-    blocks = list(soft.blocks(torch.Generator().manual_seed(0), 4))  # streamed: row groups of 2 windows
+    assert soft.window_bytes == P * 32 * 2  # every draw's uint16 id, in memory
+    blocks = list(soft.blocks(torch.Generator().manual_seed(0), 4))  # streamed: a row group per 3-row shard
     assert len(blocks) > 1
     order = np.argsort(np.concatenate([b.windows for b in blocks]))  # the blocks' rows in window order
     got = [b.targets(np.arange(len(b.windows))) for b in blocks]
@@ -210,7 +212,7 @@ def test_a_set_in_the_fixed_layout_of_schema_1_is_refused_by_name(tmp_path):
     path = tmp_path / "set" / "provenance.json"
     prov = json.loads(path.read_text())
     path.write_text(json.dumps(prov | {"schema_version": 1}))
-    with pytest.raises(UserError, match=rf"{path}: soft labels in layout version 1, .* version 2 .*rerun soft_labels"):
+    with pytest.raises(UserError, match=rf"{path}: soft labels in layout version 1, .* version 3 .*rerun soft_labels"):
         lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
 
 
@@ -221,17 +223,15 @@ def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path)
     assert [f.name for f in files] == [s["file"] for s in prov["shards"]]
     assert prov["bytes"] == sum(f.stat().st_size for f in files) == sum(s["bytes"] for s in prov["shards"])
     assert prov["bytes_per_token"] == prov["bytes"] / (7 * P)
-    assert set(prov["column_bytes"]) == {"window", "sample_id_deltas", "sample_counts", "sample_distinct"}
+    assert set(prov["column_bytes"]) == {"window", "sample_id_deltas"}
     footers = sum(pq.ParquetFile(f).metadata.serialized_size + 12 for f in files)  # footer, its length, 2 x "PAR1"
     assert sum(prov["column_bytes"].values()) + footers == prov["bytes"]
-    assert prov["layout"] == {"window": "int64", "sample_id_deltas": "list<element: uint16 not null>",
-                              "sample_counts": "list<element: uint8 not null>",
-                              "sample_distinct": f"fixed_size_list<element: uint8 not null>[{P}]"}
-    # the ids' column holds one uint16 per distinct id, not one per draw
-    distinct = sum(pq.read_table(f).column("sample_distinct").combine_chunks().flatten().to_numpy().sum()
-                   for f in files)
+    assert prov["layout"] == {"window": "int64",
+                              "sample_id_deltas": f"fixed_size_list<element: uint16 not null>[{P * 12}]"}
+    # one uint16 per draw, in row groups of up to SAMPLED_GROUP_ROWS windows, cut at the shards' ends
     deltas = [pq.read_table(f).column("sample_id_deltas").combine_chunks().flatten().to_numpy() for f in files]
-    assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == distinct < 7 * P * 12
+    assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == 7 * P * 12
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [1, 1, 1]
 
 
 def test_systematic_draws_give_each_id_its_expected_count_rounded_down_or_up():

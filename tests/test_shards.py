@@ -60,15 +60,18 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
         assert f.metadata.num_rows == counts[i]
 
 
-@pytest.mark.parametrize("batches, shard_rows, expected", [
-    ([64, 64, 64], 150, [150, 42]),        # a cut inside a batch
-    ([50, 50, 50, 50], 100, [100, 100]),   # cuts on batch boundaries: no empty last shard
-    ([30], 100, [30]),
-    ([], 100, [0]),                        # no rows: still one (empty) shard
+@pytest.mark.parametrize("batches, shard_rows, group_rows, expected, groups", [
+    ([64, 64, 64], 150, None, [150, 42], [[64, 64, 22], [42]]),  # a cut inside a batch; a group per batch
+    ([50, 50, 50, 50], 100, None, [100, 100], [[50, 50], [50, 50]]),  # cuts on batch boundaries: no empty shard
+    ([30], 100, None, [30], [[30]]),
+    ([], 100, None, [0], [[]]),  # no rows: still one (empty) shard
+    ([64, 64, 64, 64, 64], 250, 128, [250, 70], [[128, 122], [70]]),  # batches gathered; the shard's end cuts
+    ([64, 64, 64], 1000, 100, [192], [[128, 64]]),  # a group holds whole batches, at least group_rows
 ])
-def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_rows, expected):
+def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_rows, group_rows, expected, groups):
     schema = softlabels.soft_label_schema(3, "float32")
-    writer = ShardWriter(tmp_path, schema, {"schema_version": softlabels.SOFT_LABELS_SCHEMA_VERSION}, shard_rows)
+    writer = ShardWriter(tmp_path, schema, {"schema_version": softlabels.SOFT_LABELS_SCHEMA_VERSION}, shard_rows,
+                         group_rows)
     start = 0
     for n in batches:
         ids = np.arange(start, start + n)
@@ -79,6 +82,8 @@ def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_row
     assert [s["file"] for s in listed] == sorted(p.name for p in tmp_path.iterdir())
     ids = np.concatenate([pq.read_table(tmp_path / s["file"]).column("id").to_numpy() for s in listed])
     np.testing.assert_array_equal(ids, np.arange(sum(batches)))
+    meta = [pq.ParquetFile(tmp_path / s["file"]).metadata for s in listed]
+    assert [[m.row_group(g).num_rows for g in range(m.num_row_groups)] for m in meta] == groups
 
 
 def test_sharded_rows_are_the_one_shard_rows_in_the_same_order(sets):
