@@ -11,7 +11,8 @@ its keys changed (same steps, seed and settings otherwise): the stages it needs,
 time on one thread each, and the rest linked from the default pipeline (or from the variant it
 reads: the loss variants read the dense one's targets). Each is scored by the evaluate stage
 (bits per token and per byte, gap closed). A variant's result is kept in its folder
-(result.json) and reused while its whole params.yaml is the same; `--fresh` runs everything again.
+(result.json) and reused while its params.yaml is the same (less the keys its targets do not read);
+`--fresh` runs everything again.
 
 It writes <out>.json (per seed and aggregate) and <out>.md (the README's tables).
 
@@ -110,6 +111,18 @@ def params_for(seed: int, over: dict | None = None) -> dict:
     return params
 
 
+def effective(params: dict) -> dict:
+    """The params less the keys no stage reads under the others: the draws' settings unless the
+    targets are sampled, k unless they are top-k (a dense variant is the same run at any draws)."""
+    soft = dict(params["soft_labels"])
+    if soft["targets"] != "sampled":
+        for key in ("samples", "sampling", "seed"):
+            soft.pop(key, None)
+    if soft["targets"] != "top_k":
+        soft.pop("top_k", None)
+    return params | {"soft_labels": soft}
+
+
 def write_params(work: Path, seed: int, over: dict | None = None) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params_for(seed, over), sort_keys=False))
 
@@ -154,7 +167,8 @@ def prepare_variant(seed: int, base: Path, name: str, fresh: bool) -> Path | Non
     work, main = base / f"seed{seed}" / name, base / f"seed{seed}"
     origin = main / source if source else main
     done = work / "result.json"
-    if done.is_file() and not fresh and json.loads(done.read_text()).get("params") == params_for(seed, over):
+    kept = json.loads(done.read_text()).get("params") if done.is_file() else None
+    if kept and not fresh and effective(kept) == effective(params_for(seed, over)):
         return None
     shutil.rmtree(work, ignore_errors=True)
     (work / "models").mkdir(parents=True)
