@@ -42,6 +42,7 @@ class ClassificationTask:
         "train_student": [("${teacher.model}", "the teacher's folder: student.embedding_init teacher reads its embeddings")],
         "train_baseline": [("${teacher.model}", "the teacher's folder: student.embedding_init teacher reads its embeddings")]}
     # dvc.yaml's plots: report files drawn by `dvc plots show`, and the curves across models
+    teacher_prepared: ClassVar[tuple[str, ...] | None] = None  # the teacher reads all of data/prepared
     report_plots: ClassVar[dict[str, dict]] = {"predictions": {"template": "confusion", "x": "actual", "y": "student"},
                                                "figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [

@@ -51,6 +51,7 @@ CORPUS_SPLITS = ("train", "val", "test")
 END_OF_TEXT = "<|endoftext|>"
 ID_DTYPE = np.int32
 STUDENT_VIEW = "student"  # data/prepared/student: the student's own tokens (data.cross_tokenizer)
+VIEW_FILES = (META_FILE, TOKENIZER_DIR, *(f"{split}.parquet" for split in CORPUS_SPLITS))  # what a view holds
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from distill.corpus import VIEW_FILES
 from distill.lm_params import LM_DISTILLATION_KEYS, LMParams
 from distill.task import ROLES, EvaluatePaths, Headline, TrainPaths
 
@@ -40,6 +41,9 @@ class LanguageModelTask:
                      "or no cross_tokenizer)")],
         "train_teacher": [("${teacher.model}", "a pretrained folder (data/raw when trained here)")],
         "train_student": [("${student.model}", STUDENT_START)], "train_baseline": [("${student.model}", STUDENT_START)]}
+    # the teacher's view of data/prepared, without the student's own (data/prepared/student): a
+    # change of the student's tokenizer reruns prepare, and train_teacher only if these change
+    teacher_prepared: ClassVar[tuple[str, ...] | None] = VIEW_FILES
     report_plots: ClassVar[dict[str, dict]] = {"figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [
         {"Validation bits per token by step": {

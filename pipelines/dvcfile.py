@@ -135,8 +135,10 @@ def stage_specs(task) -> dict[str, dict]:
     student = [f"student.{key}" for key in task.params_model.model_fields["student"].annotation.model_fields
                if key not in task.distillation_keys]
 
+    teacher_view = [f"data/prepared/{name}" for name in task.teacher_prepared or ()] or ["data/prepared"]
+
     def training(role: str, soft: bool = False) -> dict:
-        data = ["data/prepared"] + (["data/soft_labels"] if soft else [])
+        data = (teacher_view if role == "teacher" else ["data/prepared"]) + (["data/soft_labels"] if soft else [])
         args = ["--prepared", "data/prepared"] + (["--soft-labels", "data/soft_labels"] if soft else [])
         return {"args": args + ["--model", model[role][0], "--history", model[role][1]], "data": data,
                 "outs": [model[role][0], model[role][1]]}
