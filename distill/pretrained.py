@@ -72,6 +72,17 @@ class TransformerClassifier(nn.Module):
         return self.head(self.dropout(pooled))  # (N, H) -> (N, C)
 
 
+def load_encoder(folder: Path, part: str = "model"):
+    """The Hugging Face encoder in `folder` (AutoModel; `part` "config": its AutoConfig), local files
+    only, or one sentence saying why it does not load."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        return (AutoConfig if part == "config" else AutoModel).from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise UserError(f"{folder}: the model does not load ({type(exc).__name__}: {exc})") from None
+
+
 def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
                     trainable_layers: int | None = None) -> tuple[nn.Module, dict]:
     """The folder's encoder with a new head for `num_classes`, and its model_args. Refuses a folder
@@ -83,20 +94,13 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
         raise UserError(f"{folder}: its tokenizer (sha256 {text.tokenizer_sha256(folder)[:12]}) is not the one that "
                         f"made the prepared data ({tokens['tokenizer_sha256'][:12]}); set data.text.tokenizer to "
                         "the teacher's folder")
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        labels = getattr(config, "num_labels", None)
-        classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-        if classifier and labels != num_classes:
-            raise UserError(f"{folder}: a classifier of {labels} labels; the data has {num_classes} classes. Use "
-                            "its encoder folder, or data with as many classes")
-        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except UserError:
-        raise
-    except Exception as exc:  # transformers raises many types for a broken folder
-        raise UserError(f"{folder}: the model does not load ({type(exc).__name__}: {exc})") from None
+    config = load_encoder(folder, "config")
+    labels = getattr(config, "num_labels", None)
+    classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if classifier and labels != num_classes:
+        raise UserError(f"{folder}: a classifier of {labels} labels; the data has {num_classes} classes. Use "
+                        "its encoder folder, or data with as many classes")
+    encoder = load_encoder(folder)
     if encoder.config.vocab_size < tokens["vocab_size"]:
         raise UserError(f"{folder}: the model knows {encoder.config.vocab_size} tokens, the tokenizer "
                         f"{tokens['vocab_size']}; they are not a pair")

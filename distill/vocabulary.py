@@ -61,14 +61,9 @@ def row_map(ids: np.ndarray, vocab_size: int, pad_id: int) -> torch.Tensor:
 
 def teacher_table(folder: str | Path) -> torch.Tensor:
     """(V, H) the input word-piece embeddings of the Hugging Face model `folder`."""
-    from transformers import AutoModel
+    from distill.pretrained import load_encoder
 
-    path = text.model_folder(folder, "teacher.model")
-    try:
-        encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a broken folder
-        raise UserError(f"{path}: the model does not load ({type(exc).__name__}: {exc})") from None
-    return encoder.get_input_embeddings().weight.detach().float()
+    return load_encoder(text.model_folder(folder, "teacher.model")).get_input_embeddings().weight.detach().float()
 
 
 def projected(table: torch.Tensor, dim: int) -> torch.Tensor:
