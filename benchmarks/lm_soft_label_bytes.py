@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from distill import checkpoint, corpus, lm, lm_soft_labels, shards, sparse  # noqa: E402
 
-DRAWS = (8, 12, 14, 16, 18, 20, 24, 32)
+DRAWS = (8, 12, 14, 16, 17, 18, 20, 24, 32)
 LEVELS = (1, 9, 19)  # besides the stage's own, for the default draws
 
 
