@@ -27,6 +27,7 @@ from distill.corpus import TASK, CorpusMeta
 from distill.errors import UserError
 from distill.io import tree_sha256
 from distill.lm_params import LMStudentConfig, LMTeacherConfig
+from distill.task import CHECKPOINTS
 
 BLOCK = re.compile(r"transformer\.h\.(\d+)\.(.+)")  # a GPT-2 block's weight: its index, the rest of its name
 
@@ -105,14 +106,8 @@ def check_teacher_layers(cfg: LMStudentConfig, teacher: LMTeacherConfig) -> None
 
 
 def made_by_train_teacher(path: str) -> bool:
-    """Whether `path` is an output of train_teacher in the working folder's dvc.yaml."""
-    import yaml
-
-    dvc_yaml = Path("dvc.yaml")
-    if not dvc_yaml.is_file():
-        return False
-    stage = ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).get("train_teacher") or {}
-    return any(Path(out if isinstance(out, str) else next(iter(out))) == Path(path) for out in stage.get("outs", []))
+    """Whether `path` is the pipeline's own teacher checkpoint, train_teacher's output (task.CHECKPOINTS)."""
+    return Path(path) == Path(CHECKPOINTS["teacher"])
 
 
 def _checkpoint_file(name: str) -> Path:

@@ -33,6 +33,7 @@ from distill.registry import IMPORT_PATH, imported
 
 STAGES = ("prepare", "train_teacher", "soft_labels", "train_student", "train_baseline", "evaluate")
 ROLES = ("teacher", "student", "baseline")  # the models a pipeline trains; train_<role> is its stage
+CHECKPOINTS = {role: f"models/{role}.pt" for role in ROLES}  # where train_<role> writes it (dvc.yaml's outs)
 
 TASKS = {
     "classify": "distill.classification:ClassificationTask",

@@ -25,7 +25,7 @@ import yaml
 
 from distill.config import load_params
 from distill.errors import UserError
-from distill.task import STAGES, source_of, task_class
+from distill.task import CHECKPOINTS, ROLES, STAGES, source_of, task_class
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("distill", "stages", "pipelines")
@@ -131,7 +131,7 @@ def code_deps(task: str, stage: str) -> list[Path]:
 
 def stage_specs(task) -> dict[str, dict]:
     """The six stages' commands (as argument lists), data deps, params and outputs for `task`."""
-    model = {role: (f"models/{role}.pt", f"reports/train/{role}.csv") for role in ("teacher", "student", "baseline")}
+    model = {role: (CHECKPOINTS[role], f"reports/train/{role}.csv") for role in ROLES}
     student = [f"student.{key}" for key in task.params_model.model_fields["student"].annotation.model_fields
                if key not in task.distillation_keys]
 
@@ -148,8 +148,8 @@ def stage_specs(task) -> dict[str, dict]:
     return {
         "prepare": {"args": ["--out", "data/prepared"], "data": [], "params": ["data"], "outs": ["data/prepared"]},
         "train_teacher": training("teacher") | {"params": ["seed", "teacher", "distributed", "runtime.precision"]},
-        "soft_labels": {"args": ["--teacher", "models/teacher.pt", "--prepared", "data/prepared",
-                                 "--out", "data/soft_labels"], "data": ["models/teacher.pt", "data/prepared"],
+        "soft_labels": {"args": ["--teacher", CHECKPOINTS["teacher"], "--prepared", "data/prepared",
+                                 "--out", "data/soft_labels"], "data": [CHECKPOINTS["teacher"], "data/prepared"],
                         "params": ["soft_labels", "runtime.precision"], "outs": ["data/soft_labels"]},
         "train_student": training("student", soft=True) | {"params": ["seed", "student", "distributed",
                                                                       "runtime.precision"]},
