@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TARGETS_SCHEMA_VERSION = 3  # 3: sampled targets as every draw's id, delta-coded (2: distinct ids and counts;
 # 1: fixed-size ids and float16 weights)
+READ_VERSIONS = {"sampled": (3,), "top_k": (2, 3), "dense": (2, 3)}  # the layouts read: top-k's and dense unchanged
 MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
@@ -139,9 +140,10 @@ def checked_targets_provenance(soft_dir: str | Path, meta: CorpusMeta, vocab_siz
     prov = read_provenance(folder)
     if prov.get("task") != TASK or prov.get("targets") not in sparse.TARGET_COLUMNS:
         raise UserError(f"{path}: not a language model's soft labels; rerun soft_labels")
-    if prov.get("schema_version") != TARGETS_SCHEMA_VERSION:
-        raise UserError(f"{path}: soft labels in layout version {prov.get('schema_version')}, but this version "
-                        f"reads version {TARGETS_SCHEMA_VERSION} (docs/language-models.md); rerun soft_labels")
+    if prov.get("schema_version") not in READ_VERSIONS[prov["targets"]]:
+        raise UserError(f"{path}: {prov['targets']} soft labels in layout version {prov.get('schema_version')}, but "
+                        f"this version reads version {TARGETS_SCHEMA_VERSION} (docs/language-models.md); rerun "
+                        "soft_labels")
     if prov.get("tokenizer_sha256") != meta.tokenizer_sha256:
         raise UserError(f"{path}: made with tokenizer sha256 {prov.get('tokenizer_sha256')}, but the prepared data "
                         f"was tokenized with sha256 {meta.tokenizer_sha256}; rerun soft_labels (dvc repro)")

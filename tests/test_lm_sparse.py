@@ -207,13 +207,29 @@ def test_sampled_targets_stream_back_exactly_as_the_fixed_layout_held_the_same_d
     assert float(torch.isfinite(old.logp).sum(-1).float().mean()) > 5  # several distinct ids per position
 
 
-def test_a_set_in_the_fixed_layout_of_schema_1_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_sampled_set_in_an_older_layout_is_refused_by_name(tmp_path, version):
     write_sampled(tmp_path / "set", F.log_softmax(torch.randn(4, P, V), -1))
     path = tmp_path / "set" / "provenance.json"
     prov = json.loads(path.read_text())
-    path.write_text(json.dumps(prov | {"schema_version": 1}))
-    with pytest.raises(UserError, match=rf"{path}: soft labels in layout version 1, .* version 3 .*rerun soft_labels"):
+    path.write_text(json.dumps(prov | {"schema_version": version}))
+    with pytest.raises(UserError, match=rf"{path}: sampled soft labels in layout version {version}, .* version 3 "
+                                        r".*rerun soft_labels"):
         lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
+
+
+def test_a_dense_set_of_layout_version_2_is_read_as_it_is(tmp_path):
+    """Only the sampled targets' layout changed in version 3: a dense set made before stays valid."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    logp = F.log_softmax(torch.randn(3, P, V, generator=torch.Generator().manual_seed(2)), -1)
+    sch = sparse.schema("dense", P, V, "uint16")
+    batch = sparse.pack(sparse.select(logp, "dense", V), np.arange(3), sch)
+    lm_soft_labels.write_set(iter([batch]), folder, sch, header(version=2) | {"targets": "dense", "width": V,
+                                                                           "samples": None}, 10)
+    soft = lm_soft_labels.SoftLabelSet(folder, corpus_meta(tmp_path), V)
+    (block,) = list(soft.blocks(torch.Generator().manual_seed(0), 8))
+    torch.testing.assert_close(block.targets(np.argsort(block.windows)).logp, logp, atol=0.02, rtol=1e-3)
 
 
 def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path):
