@@ -182,6 +182,12 @@ def prepare_variant(seed: int, base: Path, name: str, fresh: bool) -> Path | Non
     return work
 
 
+def with_sources(names: list[str]) -> list[str]:
+    """The variants named and those they read (a loss variant: the dense one), in VARIANTS' order."""
+    wanted = set(names) | {VARIANTS[n][3] for n in names if VARIANTS[n][3]}
+    return [n for n in VARIANTS if n in wanted]
+
+
 def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
     """Each variant's stages, two variants at a time on one thread each; their results."""
     todo = {n: w for n in names if (w := prepare_variant(seed, base, n, fresh)) is not None}
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   if (f := base / f"seed{seed}" / n / "result.json").is_file()}
         else:
             record = default_pipeline(seed, base, args.fresh, args.keep)
-            record["variants"] = run_variants(seed, base, args.only or list(VARIANTS), args.fresh)
+            record["variants"] = run_variants(seed, base, with_sources(args.only or list(VARIANTS)), args.fresh)
         (base / f"seed{seed}" / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)
     agg = aggregate(records)

@@ -3,8 +3,9 @@
 With a language-model pipeline folder of benchmarks/lm_quality.py whose teacher is trained
 (default benchmarks/.work/lm/seed0: models/teacher.pt, data/prepared), the teacher runs once over
 the first `--windows` train windows (one thread, batches of lm/params.yaml's soft_labels.batch_size),
-and at each number of draws in DRAWS the sampled targets (soft_labels.seed) are drawn and written
-by the soft_labels stage's own writer (distill/lm_soft_labels.write_set) into a temporary folder.
+and at each number of draws in DRAWS the sampled targets (soft_labels.seed, soft_labels.sampling)
+are drawn and written by the soft_labels stage's own writer (distill/lm_soft_labels.write_set)
+into a temporary folder.
 A random model's distributions are near uniform, so only a trained teacher's say what is stored.
 
 Reported per token (bytes on disk, Parquet footers included, and per column): at every number of
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"work": str(work), "windows": tokens // positions, "positions": positions, "tokens": tokens,
               "default_draws": cfg["samples"], "teacher_entropy_bits": round(entropy, 3),
               "teacher_and_draws_s": round(seconds, 1),
-              "distinct": distinct_ids(batches[cfg["samples"]], positions), "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL}
+              "distinct": distinct_ids(batches[cfg["samples"]], positions),
+              "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL, "sampling": cfg["sampling"]}
     stage_level = shards.SAMPLED_ZSTD_LEVEL
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(d, stage_level) for d in DRAWS if d in batches] + [(cfg["samples"], lvl) for lvl in LEVELS]
@@ -92,8 +94,8 @@ def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int
             logp = torch.log_softmax(logits, -1)
             entropy -= float((logp.exp() * logp).sum()) / np.log(2)
             for d in draws:
-                out[d].append(sparse.pack(sparse.select(logits, "sampled", d, gens[d]), np.arange(lo, lo + len(x)),
-                                          schemas[d]))
+                kept = sparse.select(logits, "sampled", d, gens[d], cfg["sampling"])  # as the stage draws
+                out[d].append(sparse.pack(kept, np.arange(lo, lo + len(x)), schemas[d]))
     return out, entropy / (len(ids) * (meta.context_length - 1)), time.perf_counter() - start
 
 

@@ -71,8 +71,8 @@ class ShardWriter:
 
     Each shard's schema metadata is `header` plus its index; `shards` lists the closed
     shards' file name, rows, bytes and sha256 for provenance.json. A row group is each batch
-    written, or, with `group_rows`, that many rows gathered from the batches (the shard's last
-    group: what is left).
+    written, or, with `group_rows`, that many rows gathered from the batches, cut exactly (the
+    shard's last group: what is left).
     """
 
     def __init__(self, folder: Path, schema: pa.Schema, header: dict, shard_rows: int, group_rows: int | None = None):
@@ -87,11 +87,14 @@ class ShardWriter:
         while batch.num_rows:
             if self._writer is None:
                 self._open()
-            part = batch.slice(0, self.shard_rows - self._rows)
+            room = self.shard_rows - self._rows
+            if self.group_rows is not None:
+                room = min(room, self.group_rows - sum(b.num_rows for b in self._gathered))
+            part = batch.slice(0, room)
             self._gathered.append(part)
             self._rows += part.num_rows
             batch = batch.slice(part.num_rows)
-            if self.group_rows is None or sum(b.num_rows for b in self._gathered) >= self.group_rows:
+            if self.group_rows is None or sum(b.num_rows for b in self._gathered) == self.group_rows:
                 self._flush()
             if self._rows == self.shard_rows:
                 self._close()

@@ -203,7 +203,8 @@ def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: in
     dtypes (uint16 / uint32 ids, float16 values, integer counts): compact, for holding many rows
     in memory. Sampled targets come back as the draws' ids ("sample_draws"), as `sample` drew them."""
     if targets == "sampled":
-        deltas = _list_values(table, "sample_id_deltas").reshape(len(table), positions, -1)
+        draws = table.schema.field("sample_id_deltas").type.list_size // positions
+        deltas = _list_values(table, "sample_id_deltas").reshape(len(table), positions, draws)
         return {"sample_draws": np.cumsum(deltas, axis=-1, dtype=np.int64).astype(deltas.dtype)}
     out = {}
     for name in TARGET_COLUMNS[targets]:

@@ -61,7 +61,14 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         drawn = kept["draws"][0, 0].tolist()
         assert drawn == sorted(drawn) and len(set(drawn)) < width  # some ids drawn more than once
         assert table.column("sample_id_deltas")[0].values.to_pylist()[:width] == drawn[:1] + np.diff(drawn).tolist()
-        assert str(table.schema.field("sample_id_deltas").type) == f"fixed_size_list<element: uint16 not null>[{P * width}]"
+        layout = str(table.schema.field("sample_id_deltas").type)
+        assert layout == f"fixed_size_list<element: uint16 not null>[{P * width}]"
+
+
+def test_no_rows_of_sampled_targets_read_back_as_no_rows():
+    sch = sparse.schema("sampled", P, 16, "uint16")
+    held = sparse.stored_columns(sch.empty_table(), "sampled", P)
+    assert held["sample_draws"].shape == (0, P, 16)
 
 
 @pytest.mark.parametrize("tail", ["zero", "uniform", "bucket"])
@@ -151,7 +158,7 @@ def corpus_meta(tmp_path) -> CorpusMeta:
 
 def write_sampled(folder, logp, draws=32, batch=2, shard_rows=3) -> dict:
     """A soft-label set of `logp`'s (N, P, V) windows, `draws` draws each: batches of `batch` windows
-    (one row group each) in shards of `shard_rows`, through the stage's writer."""
+    in shards of `shard_rows` (one row group each, far below SAMPLED_GROUP_ROWS), through the stage's writer."""
     folder.mkdir()
     gen = torch.Generator().manual_seed(5)
     sch = sparse.schema("sampled", P, draws, "uint16")

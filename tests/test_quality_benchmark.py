@@ -105,3 +105,13 @@ def test_the_lm_benchmark_aggregates_each_variant_over_the_seeds_it_ran_and_chec
     assert "| jsd | 0 | 7.000 ± 0.000 |" in table
     assert "| cross-2048 | 0, 1 | 6.600 ± 0.000 | 6.800 ± 0.000 | 2.300 ± 0.141 | 2.400 ± 0.141 | – | 50.0% ± 0.0% |" \
         in table
+
+
+def test_a_variant_runs_with_the_one_it_reads_and_is_reused_whatever_the_keys_its_targets_do_not_read():
+    from benchmarks.lm_quality import DENSE, effective, params_for, with_sources
+
+    assert with_sources(["jsd", "cross-2048-256"]) == ["dense", "cross-2048", "jsd", "cross-2048-256"]
+    dense = params_for(0, DENSE)
+    assert effective(dense) == effective(dense | {"soft_labels": dense["soft_labels"] | {"samples": 3}})
+    sampled = params_for(0)
+    assert effective(sampled) != effective(sampled | {"soft_labels": sampled["soft_labels"] | {"samples": 3}})

@@ -66,7 +66,7 @@ def test_shards_are_cut_exactly_and_listed_in_one_provenance(sets):
     ([30], 100, None, [30], [[30]]),
     ([], 100, None, [0], [[]]),  # no rows: still one (empty) shard
     ([64, 64, 64, 64, 64], 250, 128, [250, 70], [[128, 122], [70]]),  # batches gathered; the shard's end cuts
-    ([64, 64, 64], 1000, 100, [192], [[128, 64]]),  # a group holds whole batches, at least group_rows
+    ([64, 64, 64], 1000, 100, [192], [[100, 92]]),  # a group cut exactly inside a batch
 ])
 def test_the_shard_writer_cuts_exactly_in_row_order(tmp_path, batches, shard_rows, group_rows, expected, groups):
     schema = softlabels.soft_label_schema(3, "float32")
