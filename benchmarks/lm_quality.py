@@ -203,6 +203,23 @@ def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
     return {n: json.loads((base / f"seed{seed}" / n / "result.json").read_text()) for n in names}
 
 
+def finished_variants(base: Path, seed: int) -> tuple[dict, list[str]]:
+    """The seed's variant results run with today's params (less the keys their targets do not
+    read), and the names of those run with others (left out: rerun them)."""
+    kept, stale = {}, []
+    for name in VARIANTS:
+        done = base / f"seed{seed}" / name / "result.json"
+        if not done.is_file():
+            continue
+        result = json.loads(done.read_text())
+        now = effective(params_for(seed, VARIANTS[name][1]))
+        if result.get("params") and effective(result["params"]) == now:
+            kept[name] = result
+        else:
+            stale.append(name)
+    return kept, stale
+
+
 def write_result(seed: int, work: Path, name: str) -> None:
     group, over, stages, _ = VARIANTS[name]
     prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
@@ -364,8 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         if args.aggregate_only:
             record = json.loads((base / f"seed{seed}" / "record.json").read_text())
-            record["variants"] = {n: json.loads(f.read_text()) for n in VARIANTS
-                                  if (f := base / f"seed{seed}" / n / "result.json").is_file()}
+            record["variants"], stale = finished_variants(base, seed)
+            record["stale_variants"] = stale
         else:
             record = default_pipeline(seed, base, args.fresh, args.keep)
             record["variants"] = run_variants(seed, base, with_sources(args.only or list(VARIANTS)), args.fresh)

@@ -1,5 +1,7 @@
 """The quality benchmarks' arithmetic (classifiers, and the language model's) on hand-made numbers."""
 
+import json
+
 import pytest
 
 from benchmarks.quality import aggregate, check_bar, markdown_table
@@ -115,3 +117,14 @@ def test_a_variant_runs_with_the_one_it_reads_and_is_reused_whatever_the_keys_it
     assert effective(dense) == effective(dense | {"soft_labels": dense["soft_labels"] | {"samples": 3}})
     sampled = params_for(0)
     assert effective(sampled) != effective(sampled | {"soft_labels": sampled["soft_labels"] | {"samples": 3}})
+
+
+def test_aggregating_leaves_out_a_variant_run_with_other_params(tmp_path):
+    from benchmarks.lm_quality import VARIANTS, finished_variants, params_for
+
+    for name, params in (("dense", params_for(0, VARIANTS["dense"][1])), ("jsd", {"soft_labels": {"targets": "x"}}),
+                         ("tvd", None)):
+        (tmp_path / "seed0" / name).mkdir(parents=True)
+        (tmp_path / "seed0" / name / "result.json").write_text(json.dumps({"params": params}))
+    kept, stale = finished_variants(tmp_path, 0)
+    assert list(kept) == ["dense"] and stale == ["jsd", "tvd"]
