@@ -324,6 +324,8 @@ def markdown(agg: dict, seeds: list[int]) -> str:
                           "(2 layers x 128) and one of the teacher's width (2 x 256); bits per token do not "
                           "compare across tokenizers, bits per byte do")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
+    if agg.get("stale"):
+        lines += ["", "Left out, run with other params than today's (rerun them): " + ", ".join(agg["stale"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
         (base / f"seed{seed}" / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)
     agg = aggregate(records)
+    agg["stale"] = [f"{n} (seed {r['seed']})" for r in records for n in r.get("stale_variants", [])]
     result = {"seeds": args.seeds, "aims": AIMS, "aggregate": agg, "per_seed": records,
               "machine": {"cpus": os.cpu_count()}}
     out = Path(args.out)
