@@ -92,7 +92,7 @@ class Task(Protocol):
     reports: ClassVar[dict[str, str]]
     # files of the user's that a stage reads, as ${param} paths: stage -> [(path, what it is)]
     user_files: ClassVar[dict[str, list[tuple[str, str]]]]
-    # the files of data/prepared the teacher reads, when not all of it (None: the whole folder)
+    # the files of data/prepared the teacher reads, when not all of it (None, or left out: the whole folder)
     teacher_prepared: ClassVar[tuple[str, ...] | None]
     # dvc.yaml's plots: report files `dvc plots show` draws (name -> plot properties), and the
     # top-level plots across the three models (dvc.yaml's `plots:` entries)

@@ -135,7 +135,7 @@ def stage_specs(task) -> dict[str, dict]:
     student = [f"student.{key}" for key in task.params_model.model_fields["student"].annotation.model_fields
                if key not in task.distillation_keys]
 
-    teacher_view = [f"data/prepared/{name}" for name in task.teacher_prepared or ()] or ["data/prepared"]
+    teacher_view = [f"data/prepared/{n}" for n in getattr(task, "teacher_prepared", None) or ()] or ["data/prepared"]
 
     def training(role: str, soft: bool = False) -> dict:
         data = (teacher_view if role == "teacher" else ["data/prepared"]) + (["data/soft_labels"] if soft else [])
