@@ -166,9 +166,7 @@ def prepare_variant(seed: int, base: Path, name: str, fresh: bool) -> Path | Non
     _, over, stages, source = VARIANTS[name]
     work, main = base / f"seed{seed}" / name, base / f"seed{seed}"
     origin = main / source if source else main
-    done = work / "result.json"
-    kept = json.loads(done.read_text()).get("params") if done.is_file() else None
-    if kept and not fresh and effective(kept) == effective(params_for(seed, over)):
+    if not fresh and current_result(base, seed, name) is not None:
         return None
     shutil.rmtree(work, ignore_errors=True)
     (work / "models").mkdir(parents=True)
@@ -203,19 +201,24 @@ def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
     return {n: json.loads((base / f"seed{seed}" / n / "result.json").read_text()) for n in names}
 
 
+def current_result(base: Path, seed: int, name: str) -> dict | None:
+    """The variant's result.json if it ran with today's params (less the keys its targets do not
+    read), else None (not run, or run with others)."""
+    done = base / f"seed{seed}" / name / "result.json"
+    result = json.loads(done.read_text()) if done.is_file() else {}
+    now = effective(params_for(seed, VARIANTS[name][1]))
+    return result if result.get("params") and effective(result["params"]) == now else None
+
+
 def finished_variants(base: Path, seed: int) -> tuple[dict, list[str]]:
-    """The seed's variant results run with today's params (less the keys their targets do not
-    read), and the names of those run with others (left out: rerun them)."""
+    """The seed's variant results run with today's params, and the names of those run with
+    others (left out: rerun them)."""
     kept, stale = {}, []
     for name in VARIANTS:
-        done = base / f"seed{seed}" / name / "result.json"
-        if not done.is_file():
-            continue
-        result = json.loads(done.read_text())
-        now = effective(params_for(seed, VARIANTS[name][1]))
-        if result.get("params") and effective(result["params"]) == now:
+        result = current_result(base, seed, name)
+        if result is not None:
             kept[name] = result
-        else:
+        elif (base / f"seed{seed}" / name / "result.json").is_file():
             stale.append(name)
     return kept, stale
 
