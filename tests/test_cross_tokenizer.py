@@ -164,6 +164,9 @@ def test_the_teachers_view_and_its_fingerprint_do_not_move_with_the_students(cro
     ours = corpus.read_corpus_meta(crossed / "data" / "prepared")
     assert corpus.read_corpus_meta(plain / "data" / "prepared").fingerprint == ours.fingerprint
     assert corpus.student_view(plain / "data" / "prepared") == plain / "data" / "prepared"
+    # what the teacher's fingerprint covers (all but the student's view) is what train_teacher lists as its deps
+    prepared = {p.name for p in (crossed / "data" / "prepared").iterdir()}
+    assert prepared == set(corpus.VIEW_FILES) | {corpus.STUDENT_VIEW}
 
 
 @pytest.mark.slow
