@@ -26,6 +26,11 @@ The targets q are then kept as any dense distribution is (distill/sparse.py's se
 top_k or dense) over the student's vocabulary, so the student reads them as it reads targets in
 its own tokenizer. Byte-level BPE tokenizers (GPT-2's scheme, the BPE trained here) align byte
 for byte; others (WordPiece, SentencePiece) by their tokens' text, approximately.
+
+How faithful the alignment is, is measured as it goes (`summary`): the targets' bits per byte on
+the student's observed next tokens, beside the teacher's own bits per byte on its next tokens of
+the same text. Targets that lost the teacher's knowledge score worse than the teacher; targets
+that leak what follows (a boundary the student could not yet know) score better.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Aligner:
         self.first_piece = lru_cache(maxsize=None)(self._first_piece)
         self.candidates = lru_cache(maxsize=None)(self._first_pieces)
         self.fallback = self.seen = 0  # positions whose target is the observed next token, of all made
+        self.bits = {"targets": 0.0, "teacher": 0.0}  # -log2 of the observed next token: aligned targets, teacher
+        self.bytes = {"targets": 0, "teacher": 0}  # the bytes those next tokens stand for
 
     # ------------------------------------------------------------ what a teacher token begins with
 
@@ -110,10 +117,10 @@ class Aligner:
         return ids[:self.positions], np.asarray(starts[:self.positions], dtype=np.int64), stream
 
     def targets(self, window: np.ndarray, teacher_ids: list[int], starts: np.ndarray, stream: bytes,
-                teacher_probs: torch.Tensor) -> tuple[torch.Tensor, int]:
+                teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L - 1, V_s) target distributions at a student window's positions, from the teacher's
         (N_t, V_t) next-token probabilities over its tokens of the window (`teacher_ids` from `starts` on, of the
-        window's bytes `stream`); also how many positions fell back to the observed next token."""
+        window's bytes `stream`); also which positions (L - 1,) fell back to the observed next token."""
         after = np.cumsum([len(self.student_bytes[i]) for i in window])[:-1]  # (L-1,) where each next token starts
         ends = starts + np.array([len(self.teacher_bytes[t]) for t in teacher_ids], dtype=np.int64)
         cover = np.searchsorted(starts, after, side="right") - 1  # (L-1,) the teacher token covering each
@@ -133,7 +140,29 @@ class Aligner:
         empty = mass[:, 0] <= 0
         q = torch.where(empty.unsqueeze(-1), 0.0, q / mass.clamp(min=1e-30))
         q[empty, torch.from_numpy(window[1:])[empty]] = 1.0  # no teacher: the observed next token
-        return q, int(empty.sum())
+        return q, empty
+
+    def tally(self, window: np.ndarray, q: torch.Tensor, empty: torch.Tensor, teacher_ids: list[int],
+              teacher_probs: torch.Tensor) -> None:
+        """Adds a window to `summary`'s measures: the aligned targets `q` scored on the student's
+        observed next tokens (where they came from the teacher), the teacher's (N_t, V_t)
+        probabilities on its own next tokens of the same text."""
+        nxt = torch.from_numpy(window[1:].astype(np.int64))
+        aligned = ~empty
+        picked = q[torch.arange(len(nxt)), nxt][aligned]
+        self.bits["targets"] += float(-torch.log2(picked.clamp(min=1e-30)).sum())
+        self.bytes["targets"] += sum(len(self.student_bytes[int(i)]) for i in nxt[aligned])
+        own = torch.tensor(teacher_ids[1:], dtype=torch.long)
+        picked = teacher_probs[torch.arange(len(own)), own]
+        self.bits["teacher"] += float(-torch.log2(picked.clamp(min=1e-30)).sum())
+        self.bytes["teacher"] += sum(len(self.teacher_bytes[int(i)]) for i in own)
+
+    def summary(self) -> dict:
+        """What the alignment made of the windows seen: the share of positions with no teacher
+        target, and the targets' bits per byte on the observed text beside the teacher's own."""
+        per_byte = {f"{who}_bits_per_byte": self.bits[who] / self.bytes[who] if self.bytes[who] else None
+                    for who in self.bits}
+        return {"unaligned_fraction": self.fallback / max(self.seen, 1)} | per_byte
 
     def batch(self, model: torch.nn.Module, windows: np.ndarray, autocast) -> torch.Tensor:
         """(B, L - 1, V_s) targets for B student windows: the teacher run over its tokens of each
@@ -149,8 +178,9 @@ class Aligner:
         probs = torch.softmax(logits.float(), dim=-1).cpu()  # (B, N_t, V_t)
         out = []
         for row, (own, starts, stream) in enumerate(read):
-            q, fallback = self.targets(windows[row], own, starts, stream, probs[row])
-            self.fallback += fallback
+            q, empty = self.targets(windows[row], own, starts, stream, probs[row])
+            self.tally(windows[row], q, empty, own, probs[row])
+            self.fallback += int(empty.sum())
             out.append(q)
         self.seen += len(windows) * (windows.shape[1] - 1)
         return torch.stack(out)

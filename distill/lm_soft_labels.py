@@ -78,8 +78,9 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
         "teacher_tokenizer_sha256": meta.tokenizer_sha256, "teacher_prepared_fingerprint": meta.fingerprint,
     }
     windows = read_windows(own.path, "train")
-    # positions with no teacher token to align to: their target is the next token (counted as the rows go)
-    summary = None if aligner is None else (lambda: {"unaligned_fraction": aligner.fallback / max(aligner.seen, 1)})
+    # counted as the rows go: positions with no teacher token to align to (their target is the next token), and
+    # the targets' bits per byte on the text beside the teacher's own (how faithful the alignment is)
+    summary = None if aligner is None else aligner.summary
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision, aligner)
