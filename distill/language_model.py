@@ -109,7 +109,7 @@ class LanguageModelTask:
         result = lm_soft_labels.dump_targets(teacher, prepared, out, params.soft_labels, run_id=run.run_id,
                                              device=where, precision=params.runtime.precision)
         run.log_metrics({"windows": result["rows"], "bytes": result["bytes"], "shards": len(result["shards"]),
-                         "bytes_per_token": result["bytes_per_token"]})
+                         "bytes_per_token": result["bytes_per_token"]} | result.get("summary", {}))
         return result
 
     def train_student(self, params: LMParams, paths: TrainPaths, world: Any, run: Any) -> dict:

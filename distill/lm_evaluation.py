@@ -149,6 +149,9 @@ def evaluate_lm(cfg: LMEvaluateConfig, prepared_dir: str | Path, checkpoints: di
                          "best_step": ckpts[name].get("step")}
     metrics["student"]["soft_label_bytes_per_token"] = lineage.get("bytes_per_token")
     metrics["student"]["soft_label_targets"] = f"{lineage.get('targets')} {lineage.get('width')}"
+    for who in ("targets", "teacher"):  # across tokenizers: the aligned targets and the teacher on the train text
+        metrics["student"][f"soft_label_{who}_bits_per_byte"] = (lineage.get("alignment") or {}).get(
+            f"{who}_bits_per_byte")
     # lower is better in bits: the gap closed is (baseline - student) / (baseline - teacher)
     metrics["gap_closed"] = None if cross else gap_closed(*(-metrics[m]["test_bits_per_token"] for m in ROLES))
     metrics["gap_closed_bits_per_byte"] = gap_closed(*(-metrics[m]["test_bits_per_byte"] for m in ROLES))
@@ -218,9 +221,14 @@ def lm_compare_table(metrics: dict) -> str:
              else f"{_share(gap)} in bits per token, {_share(gap_bytes)} in bits per byte")
     student = metrics["student"]
     size = student["soft_label_bytes_per_token"]
+    aligned, teacher = student.get("soft_label_targets_bits_per_byte"), student.get("soft_label_teacher_bits_per_byte")
+    fidelity = ("" if aligned is None or teacher is None else
+                f"\nAligned to the student's tokenizer, the targets score {aligned:.3f} bits per byte on the train "
+                f"text, the teacher {teacher:.3f} (lower: the alignment leaks what follows; higher: it lost what "
+                "the teacher knew)")
     return ("\n".join(lines) + f"\n\nGap closed by distillation (baseline - student) / (baseline - teacher): "
             f"{shown}\nSoft labels: {student['soft_label_targets']}, "
-            + ("size not recorded" if size is None else f"{size:.1f} bytes per token") + "\n")
+            + ("size not recorded" if size is None else f"{size:.1f} bytes per token") + fidelity + "\n")
 
 
 def _share(gap: float | None) -> str:

@@ -210,9 +210,11 @@ class SoftLabelSet:
 
 
 def lineage(soft: SoftLabelSet) -> dict:
-    """What a student records of the set it learnt from."""
+    """What a student records of the set it learnt from (with a tokenizer of its own, also how
+    faithful the alignment was: the set's `summary`)."""
     prov = soft.provenance
     return {"teacher_sha256": prov["teacher_sha256"], "teacher_run_id": prov.get("teacher_run_id"),
             "soft_labels_run_id": prov.get("run_id"), "soft_labels_sha256": file_sha256(soft.path),
-            "targets": prov["targets"], "width": prov["width"], "bytes_per_token": prov["bytes_per_token"]}
+            "targets": prov["targets"], "width": prov["width"], "bytes_per_token": prov["bytes_per_token"],
+            "alignment": prov.get("summary")}
 

@@ -116,6 +116,15 @@ def test_the_compare_table_and_the_headline_show_bits_per_byte_beside_bits_per_t
     assert "n/a (the teacher is not better" in lm_compare_table(tiny_metrics(gap_closed=None,
                                                                             gap_closed_bits_per_byte=None))
     assert "(bits per byte: 0.800 vs 1.000 vs 0.750)" in lm_headline(tiny_metrics())
+    assert "Aligned to the student's tokenizer" not in table
+
+
+def test_across_tokenizers_the_compare_table_shows_how_faithful_the_alignment_was():
+    metrics = tiny_metrics(gap_closed=None)
+    metrics["student"] |= {"soft_label_targets_bits_per_byte": 1.823, "soft_label_teacher_bits_per_byte": 1.835}
+    table = lm_compare_table(metrics)
+    assert "n/a in bits per token, 80.0% in bits per byte" in table
+    assert "the targets score 1.823 bits per byte on the train text, the teacher 1.835" in table
 
 
 def untrained_project(tmp_path: Path) -> tuple:

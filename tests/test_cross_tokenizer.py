@@ -190,6 +190,8 @@ def test_a_student_with_its_own_bpe_goes_through_every_stage_scored_in_bits_per_
     assert prov["prepared_fingerprint"] == own.fingerprint
     assert 0 < prov["summary"]["unaligned_fraction"] < 0.25  # the first teacher token of each 16-token window
     assert prov["summary"]["targets_bits_per_byte"] > 0 and prov["summary"]["teacher_bits_per_byte"] > 0
+    compare = (crossed / "reports" / "compare.md").read_text()
+    assert f"the targets score {prov['summary']['targets_bits_per_byte']:.3f} bits per byte" in compare
     student, _ = checkpoint.load(crossed / "models" / "student.pt", task="language_model")
     assert lm.vocab_of(student) == 270
     metrics = json.loads((crossed / "reports" / "metrics.json").read_text())
