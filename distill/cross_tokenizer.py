@@ -4,23 +4,30 @@ the student's own vocabulary, position by position of the student's windows (dat
 Teacher and student read the same text through different tokenizers, so their positions differ.
 Both are aligned on the bytes of the text. For a student window (its ids s_0..s_{L-1}, the bytes
 each id stands for, `token_bytes`), the window's text is tokenized by the teacher and the teacher
-is run over it. At student position j the next student token starts at byte x (the bytes of
-s_0..s_j before it); the teacher token covering byte x starts at byte y <= x, and u = bytes[y:x]
-is what the student has already read of it. The teacher's distribution p over that token (its
-logits one position earlier) gives the student's next token:
+is run over it (p_i: its distribution over the token after its token i). At student position j
+the student has read up to byte x; the teacher's token k holds the last byte read, and S is the
+student's pieces of it read so far (the student's tokens from where token k starts up to x).
+What the student reads next is, by the teacher, either the rest of a token that begins as
+token k does, or, if token k ends at x, the first piece of the token after it:
 
-    q(s) ∝ sum over teacher tokens t whose bytes start with u (and go on past it) of
-           p(t) * [the student's first token of bytes(t)[len(u):] is s]
+    q(s) ∝ sum over teacher tokens t the student splits as S and more: p_{k-1}(t) * [its next piece is s]
+         + [token k ends at x] * p_{k-1}(token k) * sum over teacher tokens t' of p_k(t') * [its first piece is s]
 
-At a position where both tokenizers split (u empty) this is exact when the student's tokenizer
-splits every teacher token the way it splits the text around it (two byte-level BPEs trained on
-the same text, the smaller one's merges a subset of the larger's); inside a teacher token it
-conditions on what was read, and drops the teacher tokens that end exactly at x (what follows
-them is the teacher's next distribution, not this one). The end-of-text token is one byte (0x00,
-which no text holds) in both, so documents align at their boundaries. Where no teacher token
-covers x with a context before it (the window's first teacher token, a character cut at the
-window's edge, a window longer than the teacher's positions), the target is the observed next
-token: the distillation term there is the cross-entropy.
+"Splits as" is the student's tokenizer on the teacher token's bytes read alone (`split`), so a
+teacher token is counted only where the student could be reading it: one the student splits
+otherwise is not (its first pieces are not what the student read). This is the teacher's own
+distribution over the student's next piece when the student's tokenizer splits every teacher
+token the way it splits the text around it: two byte-level BPEs trained on the same text, the
+smaller one's merges a subset of the larger's, whose every teacher token starts at a student
+boundary. Inside a teacher token (x before its end) the second line is unknown (what would
+follow token k's first bytes, were they a token, needs the teacher run over that other split),
+so the target there is conditioned on the token going on: the one thing it knows that the
+student cannot, measured below. Where token k does not start at a student boundary (other
+pairs of tokenizers), S is replaced by the bytes read, and teacher tokens are matched on them.
+The end-of-text token is one byte (0x00, which no text holds) in both, so documents align at
+their boundaries. Where the teacher has nothing before x (inside its first token of the
+window, a character cut at the window's edge, past the teacher's positions), the target is
+the observed next token: the distillation term there is the cross-entropy.
 
 The targets q are then kept as any dense distribution is (distill/sparse.py's select: sampled,
 top_k or dense) over the student's vocabulary, so the student reads them as it reads targets in
@@ -43,6 +50,7 @@ import torch
 from distill.text import byte_alphabet, decoder_kinds, token_texts
 
 EOS_BYTES = b"\x00"  # the end-of-text token, as one byte no text holds
+_NONE = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # no teacher id, no piece
 
 
 def token_bytes(tok) -> list[bytes]:
@@ -62,35 +70,49 @@ class Aligner:
         self.positions = teacher_positions
         self.student_vocab = len(student_tok)
         self._student_byte_level = "ByteLevel" in decoder_kinds(student_tok)
-        self.first_piece = lru_cache(maxsize=None)(self._first_piece)
         self.candidates = lru_cache(maxsize=None)(self._first_pieces)
+        self.following = self._following()
         self.fallback = self.seen = 0  # positions whose target is the observed next token, of all made
         self.bits = {"targets": 0.0, "teacher": 0.0}  # -log2 of the observed next token: aligned targets, teacher
         self.bytes = {"targets": 0, "teacher": 0}  # the bytes those next tokens stand for
 
     # ------------------------------------------------------------ what a teacher token begins with
 
-    def _first_piece(self, rest: bytes) -> int:
-        """The student's first token of `rest` (bytes read on their own), or -1 if none."""
+    def split(self, rest: bytes) -> tuple[int, ...]:
+        """The student's tokens of `rest` (bytes read on their own)."""
         if rest.startswith(EOS_BYTES):
-            return self.student_tok.eos_token_id
+            return (self.student_tok.eos_token_id,)
         if self._student_byte_level:
             alphabet = byte_alphabet()
             tokens = self.student_tok.backend_tokenizer.model.tokenize("".join(alphabet[b] for b in rest))
-            return tokens[0].id if tokens else -1
-        ids = self.student_tok(rest.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        return ids[0] if ids else -1
+            return tuple(token.id for token in tokens)
+        return tuple(self.student_tok(rest.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"])
+
+    def _following(self) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+        """For each run of student pieces S that begins a teacher token's split: the teacher ids
+        split as S and more, and for each the piece after S (S empty: every teacher id and its
+        first piece)."""
+        index: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        for t, whole in enumerate(self.teacher_bytes):
+            pieces = self.split(whole) if whole else ()
+            for n in range(len(pieces)):
+                teacher, student = index.setdefault(pieces[:n], ([], []))
+                teacher.append(t)
+                student.append(pieces[n])
+        return {key: (torch.tensor(t, dtype=torch.long), torch.tensor(s, dtype=torch.long))
+                for key, (t, s) in index.items()}
 
     def _first_pieces(self, read: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher ids whose bytes start with `read` and go on past it, and for each the
-        student's first token of the rest."""
+        student's first token of the rest: the match on bytes, where the student's pieces of a
+        teacher token do not start where it does."""
         teacher, student = [], []
         for t, whole in enumerate(self.teacher_bytes):
             if len(whole) > len(read) and whole.startswith(read):
-                piece = self.first_piece(whole[len(read):])
-                if piece >= 0:
+                pieces = self.split(whole[len(read):])
+                if pieces:
                     teacher.append(t)
-                    student.append(piece)
+                    student.append(pieces[0])
         return torch.tensor(teacher, dtype=torch.long), torch.tensor(student, dtype=torch.long)
 
     # ------------------------------------------------------------ windows
@@ -121,21 +143,30 @@ class Aligner:
         """(L - 1, V_s) target distributions at a student window's positions, from the teacher's
         (N_t, V_t) next-token probabilities over its tokens of the window (`teacher_ids` from `starts` on, of the
         window's bytes `stream`); also which positions (L - 1,) fell back to the observed next token."""
-        after = np.cumsum([len(self.student_bytes[i]) for i in window])[:-1]  # (L-1,) where each next token starts
+        bounds = np.concatenate([[0], np.cumsum([len(self.student_bytes[i]) for i in window])])  # student tokens' starts
         ends = starts + np.array([len(self.teacher_bytes[t]) for t in teacher_ids], dtype=np.int64)
-        cover = np.searchsorted(starts, after, side="right") - 1  # (L-1,) the teacher token covering each
-        ok = (cover >= 1) & (after < ends[np.maximum(cover, 0)]) if len(starts) else np.zeros(len(after), bool)
-        rows, cols, sources = [], [], []  # q[row, col] += p[source]: (position, student id), (teacher position, id)
-        for j in np.flatnonzero(ok):
-            i = int(cover[j])
-            teacher, student = self.candidates(stream[starts[i]:after[j]])
-            rows.append(torch.full((len(teacher),), int(j)))
-            cols.append(student)
-            sources.append((torch.full((len(teacher),), i - 1), teacher))
+        rows, cols, values = [], [], []  # q[row, col] += value
+        for j, x in enumerate(bounds[1:-1]):  # position j has read up to byte x
+            k = int(np.searchsorted(starts, x - 1, side="right")) - 1  # the teacher token holding the last byte read
+            if k < 0 or x > ends[k]:
+                continue  # a byte no teacher token covers: the observed next token
+            first = int(np.searchsorted(bounds, starts[k]))
+            if k >= 1:  # the teacher tokens token k could have been, going on past x
+                on_pieces = bounds[first] == starts[k]
+                teacher, student = (self.following.get(tuple(window[first:j + 1].tolist()), _NONE) if on_pieces
+                                    else self.candidates(stream[starts[k]:x]))
+                rows.append(torch.full((len(teacher),), j))
+                cols.append(student)
+                values.append(teacher_probs[k - 1, teacher])
+            if x == ends[k]:  # token k ends here: the first piece of the token after it
+                teacher, student = self.following[()]
+                ended = teacher_probs[k - 1, teacher_ids[k]] if k >= 1 else 1.0
+                rows.append(torch.full((len(teacher),), j))
+                cols.append(student)
+                values.append(ended * teacher_probs[k, teacher])
         q = torch.zeros(len(window) - 1, self.student_vocab)
         if rows:
-            at, ids = torch.cat([s[0] for s in sources]), torch.cat([s[1] for s in sources])
-            q.index_put_((torch.cat(rows), torch.cat(cols)), teacher_probs[at, ids].float(), accumulate=True)
+            q.index_put_((torch.cat(rows), torch.cat(cols)), torch.cat(values).float(), accumulate=True)
         mass = q.sum(-1, keepdim=True)  # (L-1, 1)
         empty = mass[:, 0] <= 0
         q = torch.where(empty.unsqueeze(-1), 0.0, q / mass.clamp(min=1e-30))
