@@ -36,8 +36,9 @@ for byte; others (WordPiece, SentencePiece) by their tokens' text, approximately
 
 How faithful the alignment is, is measured as it goes (`summary`): the targets' bits per byte on
 the student's observed next tokens, beside the teacher's own bits per byte on its next tokens of
-the same text. Targets that lost the teacher's knowledge score worse than the teacher; targets
-that leak what follows (a boundary the student could not yet know) score better.
+the same text. Targets that lost the teacher's knowledge score far worse than the teacher (one
+teacher position off: several times worse); somewhat better is expected, from what the student's
+own split of a teacher token tells of it and, inside one, from its going on.
 """
 
 from __future__ import annotations

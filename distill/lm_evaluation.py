@@ -224,8 +224,8 @@ def lm_compare_table(metrics: dict) -> str:
     aligned, teacher = student.get("soft_label_targets_bits_per_byte"), student.get("soft_label_teacher_bits_per_byte")
     fidelity = ("" if aligned is None or teacher is None else
                 f"\nAligned to the student's tokenizer, the targets score {aligned:.3f} bits per byte on the train "
-                f"text, the teacher {teacher:.3f} (lower: the alignment leaks what follows; higher: it lost what "
-                "the teacher knew)")
+                f"text, the teacher {teacher:.3f} (far higher: the alignment lost what the teacher knew; somewhat "
+                "lower is expected: the student's own split of a teacher token tells of it)")
     return ("\n".join(lines) + f"\n\nGap closed by distillation (baseline - student) / (baseline - teacher): "
             f"{shown}\nSoft labels: {student['soft_label_targets']}, "
             + ("size not recorded" if size is None else f"{size:.1f} bytes per token") + fidelity + "\n")
