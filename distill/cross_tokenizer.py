@@ -22,7 +22,7 @@ smaller one's merges a subset of the larger's, whose every teacher token starts 
 boundary. Inside a teacher token (x before its end) the second line is unknown (what would
 follow token k's first bytes, were they a token, needs the teacher run over that other split),
 so the target there is conditioned on the token going on: the one thing it knows that the
-student cannot, measured below. Where token k does not start at a student boundary (other
+student cannot. Where token k does not start at a student boundary (other
 pairs of tokenizers), S is replaced by the bytes read, and teacher tokens are matched on them.
 The end-of-text token is one byte (0x00, which no text holds) in both, so documents align at
 their boundaries. Where the teacher has nothing before x (inside its first token of the
@@ -68,6 +68,8 @@ class Aligner:
     def __init__(self, teacher_tok, student_tok, teacher_positions: int):
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
         self.teacher_bytes, self.student_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
+        self.teacher_lengths, self.student_lengths = (np.array([len(b) for b in table], dtype=np.int64)
+                                                      for table in (self.teacher_bytes, self.student_bytes))
         self.positions = teacher_positions
         self.student_vocab = len(student_tok)
         self._student_byte_level = "ByteLevel" in decoder_kinds(student_tok)
@@ -144,8 +146,8 @@ class Aligner:
         """(L - 1, V_s) target distributions at a student window's positions, from the teacher's
         (N_t, V_t) next-token probabilities over its tokens of the window (`teacher_ids` from `starts` on, of the
         window's bytes `stream`); also which positions (L - 1,) fell back to the observed next token."""
-        bounds = np.concatenate([[0], np.cumsum([len(self.student_bytes[i]) for i in window])])  # student tokens' starts
-        ends = starts + np.array([len(self.teacher_bytes[t]) for t in teacher_ids], dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(self.student_lengths[window])])  # where each student token starts
+        ends = starts + self.teacher_lengths[np.asarray(teacher_ids, dtype=np.int64)]
         rows, cols, values = [], [], []  # q[row, col] += value
         for j, x in enumerate(bounds[1:-1]):  # position j has read up to byte x
             k = int(np.searchsorted(starts, x - 1, side="right")) - 1  # the teacher token holding the last byte read
@@ -183,11 +185,11 @@ class Aligner:
         aligned = ~empty
         picked = q[torch.arange(len(nxt)), nxt][aligned]
         self.bits["targets"] += float(-torch.log2(picked.clamp(min=1e-30)).sum())
-        self.bytes["targets"] += sum(len(self.student_bytes[int(i)]) for i in nxt[aligned])
+        self.bytes["targets"] += int(self.student_lengths[window[1:]][aligned.numpy()].sum())
         own = torch.tensor(teacher_ids[1:], dtype=torch.long)
         picked = teacher_probs[torch.arange(len(own)), own]
         self.bits["teacher"] += float(-torch.log2(picked.clamp(min=1e-30)).sum())
-        self.bytes["teacher"] += sum(len(self.teacher_bytes[int(i)]) for i in own)
+        self.bytes["teacher"] += int(self.teacher_lengths[own.numpy()].sum())
 
     def summary(self) -> dict:
         """What the alignment made of the windows seen: the share of positions with no teacher
