@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distill import interrupts
 from distill.errors import UserError
 
 # The MLflow UI opens an experiment of this kind on its runs (training), not on the GenAI overview.
@@ -104,11 +105,13 @@ def _os_reason(exc: BaseException, text: str) -> str:
 
 
 def _retry_locked(fn: Callable[[], Any], wait_s: float = LOCK_WAIT_S) -> Any:
-    """`fn()`, retried with backoff while SQLite says "database is locked" (several writers at once)."""
+    """`fn()`, retried with backoff while SQLite says "database is locked" (several writers at once).
+    A stop (Ctrl-C, SIGTERM) waits for the call under way (distill/interrupts.py)."""
     deadline, delay = time.monotonic() + wait_s, 0.05
     while True:
         try:
-            return fn()
+            with interrupts.deferred():
+                return fn()
         except Exception as exc:
             if "database is locked" not in str(exc).lower() or time.monotonic() > deadline:
                 raise

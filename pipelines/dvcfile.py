@@ -33,7 +33,7 @@ PACKAGES = ("distill", "stages", "pipelines")
 PLUMBING = ("distill/config.py", "distill/classification_params.py", "distill/lm_params.py", "distill/io.py",
             "distill/errors.py", "distill/tracking.py", "distill/store.py", "distill/run_logging.py",
             "distill/journal.py", "distill/catchup.py", "distill/model_registry.py", "distill/progress.py",
-            "distill/resume.py", "stages/common.py")
+            "distill/resume.py", "distill/interrupts.py", "stages/common.py")
 MARKERS = ("distill/__init__.py", "stages/__init__.py")  # package markers: a docstring only
 # evaluate's report files by name (another name: reports/<name>); only these two are cached, the rest
 # (plot data, read by `dvc plots` and `dvc metrics` in any clone) live in git
@@ -50,7 +50,8 @@ HEADER = """\
 # (config, classification_params, lm_params: params.yaml spells out every key, so no code default
 # changes a result; io: atomic writes and hashes; tracking, store, run_logging, journal, catchup,
 # model_registry: where and how runs are recorded; progress: bars and log lines; resume: a resumed
-# run ends as the uninterrupted one; stages/common.py: argument parsing, exit status).
+# run ends as the uninterrupted one; interrupts: when a stop is raised; stages/common.py: argument
+# parsing, exit status).
 # The `tracking` section is read by every stage and listed by none, like `runtime.device` (where the
 # sums run); `runtime.precision` changes the numbers, so the stages that train or label list it.
 # Each stage writes its MLflow run id to reports/runs/.

@@ -11,14 +11,18 @@ no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distill import tracking
+from distill import interrupts, tracking
 from distill.config import load_params
 from distill.errors import UserError, report
 from distill.io import tree_sha256
@@ -117,7 +121,12 @@ def training_parser(doc: str | None) -> argparse.ArgumentParser:
 def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a stage's `main`; a `UserError` becomes one line and exit status 2. Ctrl-C and SIGTERM
     (what `distill run` sends a stage when it is stopped, and `timeout` or a scheduler) end the
-    stage alike: its MLflow run ends KILLED, nothing half-written stays, exit 130 (143)."""
+    stage alike: its MLflow run ends KILLED, nothing half-written stays, exit 130 (143).
+
+    An interrupted process exits as soon as that is done, skipping the interpreter's teardown:
+    with torch and MLflow loaded it takes a second on an idle machine and several on a busy
+    one, time taken from the grace `distill run` gives a stopped stage before it kills it
+    (pipelines/lifecycle.py), which would leave the run RUNNING."""
     setup_logging()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
@@ -126,7 +135,11 @@ def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except UserError as exc:
         return report(exc)
     except KeyboardInterrupt:
-        return 143 if _interrupt.by_sigterm else 130
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(143 if _interrupt.by_sigterm else 130)
     return 0
 
 
@@ -137,7 +150,7 @@ def _interrupt(signum, frame) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     _interrupt.by_sigterm = signum == signal.SIGTERM
-    raise KeyboardInterrupt
+    interrupts.stop()  # now, or as the write to the run store under way ends
 
 
 _interrupt.by_sigterm = False

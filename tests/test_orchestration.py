@@ -267,7 +267,8 @@ def nothing_left_running(project: Path, group: int) -> None:
     mlflow_db = project / "mlflow.db"
     if mlflow_db.is_file():
         with sqlite3.connect(mlflow_db) as conn:
-            assert "RUNNING" not in {s for (s,) in conn.execute("select status from runs")}
+            running = conn.execute("select name, start_time, end_time from runs where status = 'RUNNING'").fetchall()
+            assert not running, running
 
 
 def _pgid(pid: int) -> int | None:
