@@ -11,8 +11,9 @@ its keys changed (same steps, seed and settings otherwise): the stages it needs,
 time on one thread each, and the rest linked from the default pipeline (or from the variant it
 reads: the loss variants read the dense one's targets). Each is scored by the evaluate stage
 (bits per token and per byte, gap closed). A variant's result is kept in its folder
-(result.json) and reused while its params.yaml is the same (less the keys its targets do not read);
-`--fresh` runs everything again.
+(result.json) and reused while its params.yaml is the same (less the keys its targets do not read)
+and so is the code of the stages it runs (their lm/dvc.yaml code deps, by content); `--fresh` runs
+everything again.
 
 It writes <out>.json (per seed and aggregate) and <out>.md (the README's tables).
 
@@ -123,6 +124,15 @@ def effective(params: dict) -> dict:
     return params | {"soft_labels": soft}
 
 
+def code_of(stages: tuple[str, ...]) -> dict[str, str]:
+    """The sha256 of each code file the stages run (their code deps in lm/dvc.yaml, as DVC hashes them)."""
+    from distill.io import file_sha256
+
+    spec = yaml.safe_load((ROOT / "lm" / "dvc.yaml").read_text())["stages"]
+    files = sorted({dep for stage in stages for dep in spec[stage]["deps"] if dep.endswith(".py")})
+    return {dep: file_sha256(ROOT / "lm" / dep) for dep in files}
+
+
 def write_params(work: Path, seed: int, over: dict | None = None) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params_for(seed, over), sort_keys=False))
 
@@ -203,11 +213,13 @@ def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
 
 def current_result(base: Path, seed: int, name: str) -> dict | None:
     """The variant's result.json if it ran with today's params (less the keys its targets do not
-    read), else None (not run, or run with others)."""
+    read) and today's code of its stages, else None (not run, or run with others; a result that
+    does not record its code counts as other code)."""
     done = base / f"seed{seed}" / name / "result.json"
     result = json.loads(done.read_text()) if done.is_file() else {}
     now = effective(params_for(seed, VARIANTS[name][1]))
-    return result if result.get("params") and effective(result["params"]) == now else None
+    same_params = bool(result.get("params")) and effective(result["params"]) == now
+    return result if same_params and result.get("code") == code_of(VARIANTS[name][2]) else None
 
 
 def finished_variants(base: Path, seed: int) -> tuple[dict, list[str]]:
@@ -227,7 +239,7 @@ def write_result(seed: int, work: Path, name: str) -> None:
     group, over, stages, _ = VARIANTS[name]
     prov = json.loads((work / "data" / "soft_labels" / "provenance.json").read_text())
     params = yaml.safe_load((work / "params.yaml").read_text())
-    result = {"seed": seed, "group": group, "overrides": over, "params": params,
+    result = {"seed": seed, "group": group, "overrides": over, "params": params, "code": code_of(stages),
               "bytes_per_token": prov["bytes_per_token"], "targets": prov["targets"], "width": prov["width"]}
     if "evaluate" in stages:
         metrics = metrics_of(work)
@@ -328,7 +340,7 @@ def markdown(agg: dict, seeds: list[int]) -> str:
                           "compare across tokenizers, bits per byte do")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
     if agg.get("stale"):
-        lines += ["", "Left out, run with other params than today's (rerun them): " + ", ".join(agg["stale"]) + "."]
+        lines += ["", "Left out, run with other params or code than today's (rerun them): " + ", ".join(agg["stale"]) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -119,12 +119,21 @@ def test_a_variant_runs_with_the_one_it_reads_and_is_reused_whatever_the_keys_it
     assert effective(sampled) != effective(sampled | {"soft_labels": sampled["soft_labels"] | {"samples": 3}})
 
 
-def test_aggregating_leaves_out_a_variant_run_with_other_params(tmp_path):
-    from benchmarks.lm_quality import VARIANTS, finished_variants, params_for
+def test_aggregating_leaves_out_a_variant_run_with_other_params_or_other_code(tmp_path):
+    from benchmarks.lm_quality import VARIANTS, code_of, finished_variants, params_for
 
-    for name, params in (("dense", params_for(0, VARIANTS["dense"][1])), ("jsd", {"soft_labels": {"targets": "x"}}),
-                         ("tvd", None)):
+    def today(name):
+        return params_for(0, VARIANTS[name][1]), code_of(VARIANTS[name][2])
+
+    assert "../distill/lm_soft_labels.py" in today("dense")[1] and "../stages/train_teacher.py" not in today("dense")[1]
+    params, code = today("reverse_kl")
+    edited = code | {"../distill/lm_losses.py": "0" * 64}
+    assert edited != code
+    for name, (params, code) in {"dense": today("dense"), "random-256": today("random-256"),
+                                 "jsd": ({"soft_labels": {"targets": "x"}}, today("jsd")[1]),
+                                 "tvd": (None, today("tvd")[1]), "reverse_kl": (params, edited),
+                                 "skew_kl": (today("skew_kl")[0], None)}.items():
         (tmp_path / "seed0" / name).mkdir(parents=True)
-        (tmp_path / "seed0" / name / "result.json").write_text(json.dumps({"params": params}))
+        (tmp_path / "seed0" / name / "result.json").write_text(json.dumps({"params": params, "code": code}))
     kept, stale = finished_variants(tmp_path, 0)
-    assert list(kept) == ["dense"] and stale == ["jsd", "tvd"]
+    assert list(kept) == ["dense", "random-256"] and stale == ["reverse_kl", "jsd", "skew_kl", "tvd"]
