@@ -1,9 +1,9 @@
 """A stage's stop request (Ctrl-C, SIGTERM), raised between whole writes to the run store.
 
 A stage stops on its first Ctrl-C or SIGTERM by a KeyboardInterrupt in its main thread
-(stages/common.py), wherever that thread is. Inside a write to the SQLite MLflow store, that
-leaves the interrupted transaction's lock with a connection nobody closes; the run's own
-ending as KILLED then waits on it (SQLite's busy timeout) until `distill run` kills the
+(stages/common.py), wherever that thread is. Inside a call to the SQLite MLflow store, that
+can leave the interrupted transaction's lock held by one of the stage's own connections; the
+run's ending as KILLED then waits on it (SQLite's busy timeout) until `distill run` kills the
 stage, and the run stays RUNNING. Store calls run inside `deferred()`: a stop that arrives
 there is raised as the call ends, whole (distill/store.py's `_retry_locked`).
 """

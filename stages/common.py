@@ -125,8 +125,7 @@ def cli_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
 
     An interrupted process exits as soon as that is done, skipping the interpreter's teardown:
     with torch and MLflow loaded it takes a second on an idle machine and several on a busy
-    one, time taken from the grace `distill run` gives a stopped stage before it kills it
-    (pipelines/lifecycle.py), which would leave the run RUNNING."""
+    one, which a stopped `distill run` would spend waiting for its stage (pipelines/lifecycle.py)."""
     setup_logging()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
