@@ -84,13 +84,14 @@ def test_with_one_tokenizer_for_both_the_targets_are_the_teachers_distributions(
 
 
 class Bigram(torch.nn.Module):
-    """A teacher whose next-token logits are a row of a table, picked by the current token."""
+    """A teacher whose next-token logits are a row of a table, picked by the current token (so its
+    positions and attention mask change nothing)."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.Parameter(table)
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -109,6 +110,35 @@ def test_the_alignments_fidelity_with_one_tokenizer_for_both_is_the_teachers_own
     assert summary["unaligned_fraction"] == 0
     assert summary["teacher_bits_per_byte"] == pytest.approx(bits / size, rel=1e-5)
     assert summary["targets_bits_per_byte"] == pytest.approx(bits / size, rel=1e-5)
+
+
+def test_inside_a_teacher_token_the_split_where_a_token_ends_there_is_run_in_the_same_forward(tokenizers):
+    """Where the student's pieces read of a teacher token are a teacher token themselves, the target
+    adds that token's ending, followed as the teacher continues after it: the teacher run in the same
+    forward over that other split (a 4D mask) gives what a separate run over it gives."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    teacher, student = tokenizers
+    aligner = Aligner(teacher, student, teacher_positions=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(teacher), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=teacher.eos_token_id, eos_token_id=teacher.eos_token_id)).eval()
+    windows, _ = corpus.windows(TEXTS, student, 24)
+    batched = aligner.batch(model, windows[:6], contextlib.nullcontext())
+    checked = 0
+    for row, window in enumerate(windows[:6]):
+        ids, starts, stream = aligner.teacher_ids(window)
+        with torch.inference_mode():
+            probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            ended = {j: (t, torch.softmax(model(input_ids=torch.tensor([ids[:k] + [t]])).logits[0, -1].float(), -1))
+                     for j, (k, t) in aligner.endings(window, ids, starts).items()}
+        expected, _ = aligner.targets(window, ids, starts, stream, probs, ended)
+        assert torch.allclose(batched[row], expected, atol=1e-5)
+        conditioned, _ = aligner.targets(window, ids, starts, stream, probs)  # token k going on, as before
+        for j in ended:
+            assert not torch.allclose(conditioned[j], expected[j], atol=1e-4)
+        checked += len(ended)
+    assert checked >= 3
 
 
 def test_a_students_own_bpe_gets_targets_that_score_its_text_as_the_teacher_scores_it(tokenizers):
