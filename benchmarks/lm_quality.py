@@ -13,7 +13,8 @@ reads: the loss variants read the dense one's targets). Each is scored by the ev
 (bits per token and per byte, gap closed). A variant's result is kept in its folder
 (result.json) and reused while its params.yaml is the same (less the keys its targets do not read)
 and so is the code of the stages it runs (their lm/dvc.yaml code deps, by content); `--fresh` runs
-everything again.
+everything again. `--aggregate-only` leaves out results run with other params, and shows those run
+with other code, named under the tables.
 
 It writes <out>.json (per seed and aggregate) and <out>.md (the README's tables).
 
@@ -211,28 +212,40 @@ def run_variants(seed: int, base: Path, names: list[str], fresh: bool) -> dict:
     return {n: json.loads((base / f"seed{seed}" / n / "result.json").read_text()) for n in names}
 
 
+def _result(base: Path, seed: int, name: str) -> dict:
+    done = base / f"seed{seed}" / name / "result.json"
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def _same_params(result: dict, seed: int, name: str) -> bool:
+    """Run with today's params, less the keys its targets do not read."""
+    return bool(result.get("params")) and effective(result["params"]) == effective(params_for(seed, VARIANTS[name][1]))
+
+
 def current_result(base: Path, seed: int, name: str) -> dict | None:
     """The variant's result.json if it ran with today's params (less the keys its targets do not
     read) and today's code of its stages, else None (not run, or run with others; a result that
     does not record its code counts as other code)."""
-    done = base / f"seed{seed}" / name / "result.json"
-    result = json.loads(done.read_text()) if done.is_file() else {}
-    now = effective(params_for(seed, VARIANTS[name][1]))
-    same_params = bool(result.get("params")) and effective(result["params"]) == now
-    return result if same_params and result.get("code") == code_of(VARIANTS[name][2]) else None
+    result = _result(base, seed, name)
+    return result if _same_params(result, seed, name) and result.get("code") == code_of(VARIANTS[name][2]) else None
 
 
-def finished_variants(base: Path, seed: int) -> tuple[dict, list[str]]:
-    """The seed's variant results run with today's params, and the names of those run with
-    others (left out: rerun them)."""
-    kept, stale = {}, []
+def finished_variants(base: Path, seed: int) -> tuple[dict, list[str], list[str]]:
+    """The seed's variant results run with today's params; the names of those run with others (left
+    out: rerun them); and of those kept that ran with other code of their stages than today's (or
+    recorded none): shown, and named under the tables."""
+    kept, stale, other_code = {}, [], []
     for name in VARIANTS:
-        result = current_result(base, seed, name)
-        if result is not None:
-            kept[name] = result
-        elif (base / f"seed{seed}" / name / "result.json").is_file():
+        result = _result(base, seed, name)
+        if not result:
+            continue
+        if not _same_params(result, seed, name):
             stale.append(name)
-    return kept, stale
+            continue
+        kept[name] = result
+        if result.get("code") != code_of(VARIANTS[name][2]):
+            other_code.append(name)
+    return kept, stale, other_code
 
 
 def write_result(seed: int, work: Path, name: str) -> None:
@@ -340,7 +353,10 @@ def markdown(agg: dict, seeds: list[int]) -> str:
                           "compare across tokenizers, bits per byte do")
     lines += ["", "Aims met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in agg["aims_met"].items())]
     if agg.get("stale"):
-        lines += ["", "Left out, run with other params or code than today's (rerun them): " + ", ".join(agg["stale"]) + "."]
+        lines += ["", "Left out, run with other params than today's (rerun them): " + ", ".join(agg["stale"]) + "."]
+    if agg.get("other_code"):
+        lines += ["", "Run with other code of their stages than today's, or before results recorded it (a run "
+                  "reruns them): " + ", ".join(agg["other_code"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -398,8 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         if args.aggregate_only:
             record = json.loads((base / f"seed{seed}" / "record.json").read_text())
-            record["variants"], stale = finished_variants(base, seed)
-            record["stale_variants"] = stale
+            record["variants"], record["stale_variants"], record["other_code_variants"] = finished_variants(base, seed)
         else:
             record = default_pipeline(seed, base, args.fresh, args.keep)
             record["variants"] = run_variants(seed, base, with_sources(args.only or list(VARIANTS)), args.fresh)
@@ -407,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         records.append(record)
     agg = aggregate(records)
     agg["stale"] = [f"{n} (seed {r['seed']})" for r in records for n in r.get("stale_variants", [])]
+    agg["other_code"] = [f"{n} (seed {r['seed']})" for r in records for n in r.get("other_code_variants", [])]
     result = {"seeds": args.seeds, "aims": AIMS, "aggregate": agg, "per_seed": records,
               "machine": {"cpus": os.cpu_count()}}
     out = Path(args.out)

@@ -119,8 +119,8 @@ def test_a_variant_runs_with_the_one_it_reads_and_is_reused_whatever_the_keys_it
     assert effective(sampled) != effective(sampled | {"soft_labels": sampled["soft_labels"] | {"samples": 3}})
 
 
-def test_aggregating_leaves_out_a_variant_run_with_other_params_or_other_code(tmp_path):
-    from benchmarks.lm_quality import VARIANTS, code_of, finished_variants, params_for
+def test_a_variant_run_with_other_params_is_left_out_and_one_run_with_other_code_is_rerun_and_named(tmp_path):
+    from benchmarks.lm_quality import VARIANTS, code_of, current_result, finished_variants, params_for
 
     def today(name):
         return params_for(0, VARIANTS[name][1]), code_of(VARIANTS[name][2])
@@ -135,5 +135,7 @@ def test_aggregating_leaves_out_a_variant_run_with_other_params_or_other_code(tm
                                  "skew_kl": (today("skew_kl")[0], None)}.items():
         (tmp_path / "seed0" / name).mkdir(parents=True)
         (tmp_path / "seed0" / name / "result.json").write_text(json.dumps({"params": params, "code": code}))
-    kept, stale = finished_variants(tmp_path, 0)
-    assert list(kept) == ["dense", "random-256"] and stale == ["reverse_kl", "jsd", "skew_kl", "tvd"]
+    kept, stale, other_code = finished_variants(tmp_path, 0)
+    assert list(kept) == ["dense", "reverse_kl", "skew_kl", "random-256"] and stale == ["jsd", "tvd"]
+    assert other_code == ["reverse_kl", "skew_kl"]
+    assert [n for n in kept if current_result(tmp_path, 0, n) is not None] == ["dense", "random-256"]  # not rerun
