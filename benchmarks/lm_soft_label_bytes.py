@@ -10,7 +10,8 @@ A random model's distributions are near uniform, so only a trained teacher's say
 
 Reported per token (bytes on disk, Parquet footers included, and per column): at every number of
 draws; at zstd levels 1, 9, the stage's and 19 for the default draws; and, for the same default
-draws, reference layouts: the stage's with one row group per teacher batch (64 windows), or with
+draws, reference layouts: the stage's with one row group per teacher batch (64 windows); schema 3's
+(the ids delta-coded, not their ranks among the position's token's successors), and schema 3 with
 plain ascending ids in place of their deltas; schema 2's (the distinct ids delta-coded and their
 counts as variable-length lists, with the number per position; its row groups and level 9); and
 schema 1's fixed-size lists (the distinct ids, most drawn first, and float16 weights, padded to
@@ -39,8 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from distill import checkpoint, corpus, lm, lm_soft_labels, shards, sparse  # noqa: E402
+from distill.id_ranks import SuccessorRanks  # noqa: E402
 
-DRAWS = (8, 12, 14, 16, 17, 18, 20, 24, 32)
+DRAWS = (8, 12, 16, 17, 18, 19, 20, 21, 22, 24, 32)
 LEVELS = (1, 9, 19)  # besides the stage's own, for the default draws
 
 
@@ -55,12 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     meta = corpus.read_corpus_meta(work / "data" / "prepared")
     positions = meta.context_length - 1
-    batches, entropy, seconds = teacher_batches(work, meta, args.windows, cfg)
+    ranks = SuccessorRanks(corpus.read_windows(meta.path, "train"), meta.vocab_size)  # as the stage ranks ids
+    batches, entropy, seconds = teacher_batches(work, meta, args.windows, cfg, ranks)
     tokens = sum(len(b) for b in batches[cfg["samples"]]) * positions
     result = {"work": str(work), "windows": tokens // positions, "positions": positions, "tokens": tokens,
               "default_draws": cfg["samples"], "teacher_entropy_bits": round(entropy, 3),
               "teacher_and_draws_s": round(seconds, 1),
-              "distinct": distinct_ids(batches[cfg["samples"]], positions),
+              "distinct": distinct_ids(batches[cfg["samples"]], positions, ranks),
               "stage_zstd_level": shards.SAMPLED_ZSTD_LEVEL, "sampling": cfg["sampling"]}
     stage_level = shards.SAMPLED_ZSTD_LEVEL
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,15 +73,17 @@ def main(argv: list[str] | None = None) -> dict:
         default = batches[cfg["samples"]]
         result["references"] = {
             "one row group per teacher batch": per_batch(default, Path(tmp), positions),
-            "plain ascending ids for the deltas": plain_ids(default, Path(tmp), positions),
-            "schema 2 (distinct ids and counts)": distinct_layout(default, Path(tmp), positions),
-            "schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions)}
+            "schema 3 (ids, not ranks, delta-coded)": as_ids(default, Path(tmp), positions, ranks, deltas=True),
+            "schema 3 with plain ascending ids for the deltas": as_ids(default, Path(tmp), positions, ranks),
+            "schema 2 (distinct ids and counts)": distinct_layout(default, Path(tmp), positions, ranks),
+            "schema 1 (fixed-size ids and float16 weights)": fixed_layout(default, Path(tmp), positions, ranks)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
 
 
-def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int, list[pa.RecordBatch]], float, float]:
+def teacher_batches(work: Path, meta, windows: int, cfg: dict, ranks: SuccessorRanks
+                    ) -> tuple[dict[int, list[pa.RecordBatch]], float, float]:
     """The teacher over the first `windows` train windows; each number of draws' record batches
     (its own generator, seeded as the stage seeds it), the mean entropy (bits) and the seconds."""
     model, _ = checkpoint.load(work / "models" / "teacher.pt", task=corpus.TASK)
@@ -95,22 +100,23 @@ def teacher_batches(work: Path, meta, windows: int, cfg: dict) -> tuple[dict[int
             entropy -= float((logp.exp() * logp).sum()) / np.log(2)
             for d in draws:
                 kept = sparse.select(logits, "sampled", d, gens[d], cfg["sampling"])  # as the stage draws
-                out[d].append(sparse.pack(kept, np.arange(lo, lo + len(x)), schemas[d]))
+                out[d].append(sparse.pack(kept, np.arange(lo, lo + len(x)), schemas[d], ranks))
     return out, entropy / (len(ids) * (meta.context_length - 1)), time.perf_counter() - start
 
 
-def held(batch: pa.RecordBatch, positions: int) -> dict[str, np.ndarray]:
+def held(batch: pa.RecordBatch, positions: int, ranks: SuccessorRanks) -> dict[str, np.ndarray]:
     """A batch's distinct ids and counts per position, (B, P, n) each, ascending, padded with 0."""
-    drawn = torch.from_numpy(sparse.stored_columns(batch, "sampled", positions)["sample_draws"].astype(np.int64))
+    drawn = sparse.stored_columns(batch, "sampled", positions, ranks)["sample_draws"]
+    drawn = torch.from_numpy(drawn.astype(np.int64))
     kept = sparse.distinct(drawn)
     return {"ids": kept["ids"].numpy().astype(np.uint16), "counts": kept["counts"].numpy().astype(np.uint8)}
 
 
-def distinct_ids(batches: list[pa.RecordBatch], positions: int) -> dict:
+def distinct_ids(batches: list[pa.RecordBatch], positions: int, ranks: SuccessorRanks) -> dict:
     """How many distinct ids a position holds (mean, percentiles, positions with 1, 2, ... n), and
     what an ideal code of the ids and counts by their overall frequencies would take (bytes per
     token: each value's order-0 entropy, less log2(k!) for a position's k ids being a set)."""
-    kept = [held(b, positions) for b in batches]
+    kept = [held(b, positions, ranks) for b in batches]
     k = np.concatenate([(c["counts"] > 0).sum(-1).reshape(-1) for c in kept]).astype(np.int64)
     ids = np.concatenate([c["ids"][c["counts"] > 0] for c in kept])  # without the padding
     counts = np.concatenate([c["counts"][c["counts"] > 0] for c in kept])
@@ -155,12 +161,12 @@ def per_batch(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float
     return bytes_per_token(batches, tmp / "per_batch.parquet", shards.writer_options(batches[0].schema), positions)
 
 
-def distinct_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
+def distinct_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int, ranks: SuccessorRanks) -> float:
     """Schema 2: per window the distinct ids, delta-coded, and their counts as variable-length lists,
     and how many each position has; one row group per batch, zstd 9, byte-stream-split, as it was."""
     rows = []
     for batch in batches:
-        kept = held(batch, positions)
+        kept = held(batch, positions, ranks)
         mask = kept["counts"] > 0
         deltas = kept["ids"].astype(np.int64)
         deltas[..., 1:] -= kept["ids"][..., :-1]
@@ -178,11 +184,11 @@ def distinct_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) ->
     return bytes_per_token(rows, tmp / "distinct.parquet", options, positions)
 
 
-def fixed_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
+def fixed_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int, ranks: SuccessorRanks) -> float:
     """Schema 1: per window, fixed-size lists of the n ids (most drawn first) and float16 weights."""
     fixed = []
     for batch in batches:
-        kept = held(batch, positions)  # (B, P, n) ids ascending, then padding
+        kept = held(batch, positions, ranks)  # (B, P, n) ids ascending, then padding
         order = np.argsort(-kept["counts"].astype(np.int64), axis=-1, kind="stable")
         ids = np.take_along_axis(kept["ids"], order, -1).reshape(len(batch), -1)
         counts = np.take_along_axis(kept["counts"], order, -1).reshape(len(batch), -1)
@@ -196,15 +202,20 @@ def fixed_layout(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> fl
     return bytes_per_token(fixed, tmp / "fixed.parquet", options, positions)
 
 
-def plain_ids(batches: list[pa.RecordBatch], tmp: Path, positions: int) -> float:
-    """The stage's layout, options and row groups with each draw's id itself in its delta's place."""
+def as_ids(batches: list[pa.RecordBatch], tmp: Path, positions: int, ranks: SuccessorRanks, deltas: bool = False
+           ) -> float:
+    """The stage's layout, options and row groups with each draw's id in its rank's place: delta-coded
+    within the position (schema 3) or each id itself."""
     plain = []
     for batch in batches:
-        drawn = sparse.stored_columns(batch, "sampled", positions)["sample_draws"]
-        column = batch.column("sample_id_deltas")
-        plain.append(batch.set_column(1, "sample_id_deltas", pa.FixedSizeListArray.from_arrays(
+        drawn = sparse.stored_columns(batch, "sampled", positions, ranks)["sample_draws"]  # ascending ids
+        if deltas:
+            drawn = drawn.copy()
+            drawn[..., 1:] -= drawn[..., :-1].copy()
+        column = batch.column("sample_rank_deltas")
+        plain.append(batch.set_column(1, "sample_rank_deltas", pa.FixedSizeListArray.from_arrays(
             pa.array(drawn.reshape(-1), column.type.value_type), type=column.type)))
-    folder = tmp / "plain"
+    folder = tmp / f"ids-{deltas}"
     folder.mkdir()
     header = {"targets": "sampled", "positions": positions}
     prov = lm_soft_labels.write_set(iter(plain), folder, plain[0].schema, header, 10 ** 9)

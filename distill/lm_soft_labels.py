@@ -30,6 +30,7 @@ from distill import checkpoint, lm, sparse
 from distill.corpus import TASK, CorpusMeta, read_corpus_meta, read_windows, student_view
 from distill.cross_tokenizer import Aligner
 from distill.errors import UserError
+from distill.id_ranks import SuccessorRanks
 from distill.io import atomic_path, file_sha256
 from distill.lm_params import LMSoftLabelsConfig
 from distill.progress import bar
@@ -38,9 +39,9 @@ from distill.shards import read_provenance, write_shards
 
 log = logging.getLogger(__name__)
 
-TARGETS_SCHEMA_VERSION = 3  # 3: sampled targets as every draw's id, delta-coded (2: distinct ids and counts;
-# 1: fixed-size ids and float16 weights)
-READ_VERSIONS = {"sampled": (3,), "top_k": (2, 3), "dense": (2, 3)}  # the layouts read: top-k's and dense unchanged
+TARGETS_SCHEMA_VERSION = 4  # 4: sampled targets as every draw's rank among its token's successors, delta-coded
+# (3: every draw's id, delta-coded; 2: distinct ids and counts; 1: fixed-size ids and float16 weights)
+READ_VERSIONS = {"sampled": (4,), "top_k": (2, 3, 4), "dense": (2, 3, 4)}  # top-k's and dense layouts unchanged
 MAX_BUFFER_BYTES = 1 << 30  # targets held in memory at once, whatever student.shuffle_buffer says
 
 
@@ -58,6 +59,11 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
                                                          meta.context_length)
     vocab = own.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
     sparse.check_id_type(vocab, cfg.id_dtype)
+    windows = read_windows(own.path, "train")
+    ranks = None
+    if cfg.targets == "sampled":
+        ranks = SuccessorRanks(windows, vocab)
+        sparse.check_rank_type(ranks.max_rank, cfg.id_dtype)
     width = sparse.per_position(cfg.targets, vocab, cfg.top_k, cfg.samples)
     if cfg.targets == "top_k" and cfg.top_k >= vocab:
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the vocabulary has {vocab} ids; use a "
@@ -72,18 +78,18 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
         "samples": cfg.samples if cfg.targets == "sampled" else None,
         "seed": cfg.seed if cfg.targets == "sampled" else None, "id_dtype": cfg.id_dtype,
         "sampling": cfg.sampling if cfg.targets == "sampled" else None,
+        "id_order": "successor_ranks" if cfg.targets == "sampled" else "ids",
         "shard_rows": cfg.shard_rows, "teacher_run_id": ckpt.get("mlflow_run_id"), "run_id": run_id,
         "precision": precision, "cross_tokenizer": aligner is not None,
         # the pairing: the teacher's tokenizer and view of the corpus (the student's are above)
         "teacher_tokenizer_sha256": meta.tokenizer_sha256, "teacher_prepared_fingerprint": meta.fingerprint,
     }
-    windows = read_windows(own.path, "train")
     # counted as the rows go: positions with no teacher token to align to (their target is the next token), and
     # the targets' bits per byte on the text beside the teacher's own (how faithful the alignment is)
     summary = None if aligner is None else aligner.summary
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision, aligner)
+        batches = _teacher_batches(model.to(device), windows, cfg, schema, (width, vocab), precision, aligner, ranks)
         provenance = write_set(batches, tmp, schema, header, cfg.shard_rows, summary)
     log.info("soft labels: %d windows (%s, %.1f bytes per token) in %d shard(s) under %s", provenance["rows"],
              cfg.targets, provenance["bytes_per_token"], len(provenance["shards"]), out_dir)
@@ -112,7 +118,7 @@ def write_set(batches: Iterable[pa.RecordBatch], folder: Path, schema: pa.Schema
 
 
 def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema, sizes: tuple[int, int],
-                     precision: str, aligner: Aligner | None = None):
+                     precision: str, aligner: Aligner | None = None, ranks: SuccessorRanks | None = None):
     (width, vocab), device = sizes, next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws whatever the device
     with bar(len(windows), "soft labels", unit="window") as progress:
@@ -126,7 +132,7 @@ def _teacher_batches(model, windows: np.ndarray, cfg: LMSoftLabelsConfig, schema
                     logits = lm.next_token_logits(model, ids)[..., :vocab].float()
             with torch.inference_mode():
                 kept = sparse.select(logits, cfg.targets, width, gen, cfg.sampling)
-            yield sparse.pack(kept, np.arange(start, start + len(chunk)), schema)
+            yield sparse.pack(kept, np.arange(start, start + len(chunk)), schema, ranks)
             progress.update(len(chunk))
 
 
@@ -187,6 +193,9 @@ class SoftLabelSet:
         self.path = Path(soft_dir) / PROVENANCE_NAME
         self.window_bytes = sparse.held_bytes(self.rows.files[0].schema_arrow, self.kind, self.positions,
                                               self.provenance["width"])  # one window's targets in memory
+        # sampled targets are stored as ranks among what follows each position's token in the train windows
+        self.ranks = (SuccessorRanks(read_windows(meta.path, "train"), self.provenance["vocab_size"])
+                      if self.kind == "sampled" else None)
 
     def blocks(self, gen: torch.Generator, buffer: int) -> Iterator[WindowBlock]:
         """One epoch: the row groups in a seeded order, gathered `buffer` windows at a time (at
@@ -206,7 +215,7 @@ class SoftLabelSet:
     def _read(self, ranges: list[tuple[int, int]]) -> WindowBlock:
         table = pa.concat_tables([self.rows.read(lo, hi) for lo, hi in ranges])
         return WindowBlock(table.column("window").to_numpy(),
-                           sparse.stored_columns(table, self.kind, self.positions), self.kind)
+                           sparse.stored_columns(table, self.kind, self.positions, self.ranks), self.kind)
 
 
 def lineage(soft: SoftLabelSet) -> dict:

@@ -52,7 +52,7 @@ def writer_options(schema: pa.Schema) -> dict:
     sampled targets (small integers, mostly one byte) are byte-stream-split too, so their high bytes, nearly
     all zero, compress apart, at zstd level SAMPLED_ZSTD_LEVEL (docs/language-models.md measures the choices)."""
     split = {"logits": "logits.list.element", "topk_logits": "topk_logits.list.element", "rest_logit": "rest_logit"}
-    split["sample_id_deltas"] = "sample_id_deltas.list.element"
+    split["sample_rank_deltas"] = "sample_rank_deltas.list.element"
     options = {
         "compression": "zstd",
         "use_dictionary": [c for c in ("split", "label", "topk_index.list.element", "topk_ids.list.element")
@@ -60,7 +60,7 @@ def writer_options(schema: pa.Schema) -> dict:
         "column_encoding": {c: "DELTA_BINARY_PACKED" for c in ("id", "window") if c in schema.names}
         | {path: "BYTE_STREAM_SPLIT" for name, path in split.items() if name in schema.names},
     }
-    if "sample_id_deltas" in schema.names:
+    if "sample_rank_deltas" in schema.names:
         options["compression_level"] = SAMPLED_ZSTD_LEVEL
     return options
 

@@ -17,10 +17,12 @@ vocabulary. `soft_labels.targets` keeps one of three forms of it:
            (the tail is gone, smeared, or kept only as a total).
 
 A Parquet row is one window of the prepared data, over its P positions: fixed-size lists
-(`positions` x k values, position-major). Sampled targets are `sample_id_deltas`, each
-position's n draws in ascending order, delta-coded within the position (the first id, then
-each id minus the one before: 0 where an id was drawn again), so most values fit one byte and
-the repeats cost next to nothing compressed (docs/language-models.md shows the field and why).
+(`positions` x k values, position-major). Sampled targets are `sample_rank_deltas`: each
+position's n draws as ranks in the order of what follows the position's own token in the train
+windows (distill/id_ranks.py), in ascending order, delta-coded within the position (the first
+rank, then each rank minus the one before: 0 where an id was drawn again), so most values fit one
+byte and the repeats cost next to nothing compressed (docs/language-models.md shows the field and
+why).
 In memory (`stored_columns`) every form is (N, P, width) arrays; the student gets a batch of
 them as `Targets` (sampled: the distinct ids with their weights, padded with id 0 and weight 0
 to width n) and reads them with one of distill/lm_losses.py's divergences (`student.loss`).
@@ -36,10 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import UserError
+from distill.id_ranks import SuccessorRanks
 
 ID_TYPES = {"uint16": (np.uint16, pa.uint16(), 2 ** 16), "uint32": (np.uint32, pa.uint32(), 2 ** 32)}
 TARGET_COLUMNS = {"dense": ["logprobs"], "top_k": ["topk_ids", "topk_logprobs", "tail_mass"],
-                  "sampled": ["sample_id_deltas"]}
+                  "sampled": ["sample_rank_deltas"]}
 HELD_PER_WINDOW = {"tail_mass": 1}  # values per position in memory, if not `width` (sampled: the draws' ids)
 VALUE_TYPE = pa.float16()
 
@@ -50,6 +53,16 @@ def check_id_type(vocab_size: int, id_dtype: str) -> None:
     if vocab_size > limit:
         raise UserError(f"the vocabulary has {vocab_size:,} tokens, more than soft_labels.id_dtype {id_dtype} "
                         f"holds ({limit:,}); set soft_labels.id_dtype: uint32")
+
+
+def check_rank_type(max_rank: int, id_dtype: str) -> None:
+    """Refuse sampled targets whose ranks (distill/id_ranks.py: below twice the vocabulary) do not fit
+    the stored id type, by name."""
+    limit = ID_TYPES[id_dtype][2]
+    if max_rank >= limit:
+        raise UserError(f"sampled targets are stored as ranks up to {max_rank:,} here (the vocabulary plus the most "
+                        f"ids that follow one token), more than soft_labels.id_dtype {id_dtype} holds ({limit:,}); "
+                        "set soft_labels.id_dtype: uint32")
 
 
 def per_position(targets: str, vocab_size: int, k: int, samples: int) -> int:
@@ -74,7 +87,7 @@ def schema(targets: str, positions: int, width: int, id_dtype: str) -> pa.Schema
                    pa.field("topk_logprobs", pa.list_(VALUE_TYPE, positions * width)),
                    pa.field("tail_mass", pa.list_(VALUE_TYPE, positions))]
     else:
-        fields.append(pa.field("sample_id_deltas", pa.list_(_values(ids), positions * width), nullable=False))
+        fields.append(pa.field("sample_rank_deltas", pa.list_(_values(ids), positions * width), nullable=False))
     return pa.schema(fields)
 
 
@@ -138,10 +151,12 @@ def distinct(drawn: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"ids": ids.reshape(shape), "counts": counts.reshape(shape), "weights": (counts / draws).reshape(shape)}
 
 
-def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
-    """A record batch of `sch` from `select`'s tensors over (B, P, ...) positions of B windows."""
-    if "sample_id_deltas" in sch.names:
-        return _pack_sampled(kept, windows, sch)
+def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema, ranks: SuccessorRanks | None = None
+         ) -> pa.RecordBatch:
+    """A record batch of `sch` from `select`'s tensors over (B, P, ...) positions of train windows
+    `windows` (sampled targets: stored as `ranks` ranks them)."""
+    if "sample_rank_deltas" in sch.names:
+        return _pack_sampled(kept, windows, sch, _needed(ranks))
     columns = [pa.array(windows, pa.int64())]
     for field in sch.names[1:]:
         source = {"logprobs": "logprobs", "topk_ids": "ids", "topk_logprobs": "logprobs", "tail_mass": "tail"}[field]
@@ -152,11 +167,19 @@ def pack(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> 
     return pa.RecordBatch.from_arrays(columns, schema=sch)
 
 
-def _pack_sampled(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema) -> pa.RecordBatch:
-    drawn = kept["draws"].cpu().numpy().reshape(len(windows), -1, kept["draws"].shape[-1])  # (B, P, n) ascending
-    deltas = drawn.copy()
-    deltas[..., 1:] -= drawn[..., :-1]  # >= 0: the first id, then the steps (0 for a repeat)
-    kind = sch.field("sample_id_deltas").type
+def _needed(ranks: SuccessorRanks | None) -> SuccessorRanks:
+    if ranks is None:
+        raise ValueError("sampled targets are stored as ranks: pass the train windows' SuccessorRanks")
+    return ranks
+
+
+def _pack_sampled(kept: dict[str, torch.Tensor], windows: np.ndarray, sch: pa.Schema, ranks: SuccessorRanks
+                  ) -> pa.RecordBatch:
+    drawn = kept["draws"].cpu().numpy().reshape(len(windows), -1, kept["draws"].shape[-1])  # (B, P, n)
+    ranked = np.sort(ranks.encode(windows, drawn), axis=-1)
+    deltas = ranked.copy()
+    deltas[..., 1:] -= ranked[..., :-1]  # >= 0: the first rank, then the steps (0 for a repeat)
+    kind = sch.field("sample_rank_deltas").type
     flat = pa.array(deltas.reshape(-1).astype(kind.value_type.to_pandas_dtype()), kind.value_type)  # (B * P * n,)
     return pa.RecordBatch.from_arrays([pa.array(windows, pa.int64()), pa.FixedSizeListArray.from_arrays(flat, type=kind)],
                                       schema=sch)
@@ -193,19 +216,24 @@ class Targets:
         return probs
 
 
-def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> Targets:
+def unpack(table: pa.Table | pa.RecordBatch, targets: str, positions: int, ranks: SuccessorRanks | None = None
+           ) -> Targets:
     """`Targets` from rows written by `pack` (the inverse up to float16 rounding)."""
-    return as_targets(targets, stored_columns(table, targets, positions))
+    return as_targets(targets, stored_columns(table, targets, positions, ranks))
 
 
-def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: int) -> dict[str, np.ndarray]:
+def stored_columns(table: pa.Table | pa.RecordBatch, targets: str, positions: int,
+                   ranks: SuccessorRanks | None = None) -> dict[str, np.ndarray]:
     """The targets' columns of rows written by `pack`, as (N, P, width) arrays in their stored
     dtypes (uint16 / uint32 ids, float16 values, integer counts): compact, for holding many rows
-    in memory. Sampled targets come back as the draws' ids ("sample_draws"), as `sample` drew them."""
+    in memory. Sampled targets come back as the draws' ids ("sample_draws"), in ascending order
+    as `sample` drew them (their ranks read back by `ranks`)."""
     if targets == "sampled":
-        draws = table.schema.field("sample_id_deltas").type.list_size // positions
-        deltas = _list_values(table, "sample_id_deltas").reshape(len(table), positions, draws)
-        return {"sample_draws": np.cumsum(deltas, axis=-1, dtype=np.int64).astype(deltas.dtype)}
+        draws = table.schema.field("sample_rank_deltas").type.list_size // positions
+        deltas = _list_values(table, "sample_rank_deltas").reshape(len(table), positions, draws)
+        windows = table.column("window").to_numpy()
+        ids = _needed(ranks).decode(windows, np.cumsum(deltas, axis=-1, dtype=np.int64))
+        return {"sample_draws": np.sort(ids, axis=-1).astype(deltas.dtype)}
     out = {}
     for name in TARGET_COLUMNS[targets]:
         out[name] = _list_values(table, name).reshape(len(table), positions, -1)

@@ -72,9 +72,10 @@ def test_a_tiny_gpt2_goes_through_every_stage(built):
     assert prov["teacher_sha256"] == file_sha256(built / "models" / "teacher.pt")
     assert prov["rows"] == meta.splits["train"]["windows"] and len(prov["shards"]) > 1  # shard_rows 40
     shard = pq.ParquetFile(built / "data" / "soft_labels" / "part-00000.parquet")
-    assert str(shard.schema_arrow.field("sample_id_deltas").type) == "fixed_size_list<element: uint16 not null>[120]"
-    assert prov["schema_version"] == 3 and prov["layout"] == {"window": "int64", "sample_id_deltas": str(
-        shard.schema_arrow.field("sample_id_deltas").type)}
+    assert str(shard.schema_arrow.field("sample_rank_deltas").type) == "fixed_size_list<element: uint16 not null>[120]"
+    assert prov["schema_version"] == 4 and prov["layout"] == {"window": "int64", "sample_rank_deltas": str(
+        shard.schema_arrow.field("sample_rank_deltas").type)}
+    assert prov["id_order"] == "successor_ranks"
     ckpt = torch.load(built / "models" / "student.pt", weights_only=True)
     assert ckpt["soft_labels"]["teacher_sha256"] == prov["teacher_sha256"]
     assert [r["step"] for r in ckpt["history"]] == [8, 16] and "train_kl" in ckpt["history"][0]

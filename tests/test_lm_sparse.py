@@ -13,10 +13,25 @@ import torch.nn.functional as F
 
 from distill import lm_soft_labels, sparse
 from distill.corpus import CorpusMeta
+from distill.id_ranks import SuccessorRanks
 from distill.lm_losses import kl_to_targets
 from distill.errors import UserError
 
 V, P, B = 50, 7, 3
+
+
+def train_windows(n, seed=0) -> np.ndarray:
+    """(n, P + 1) token windows in which each token is mostly followed by one of two others."""
+    gen = np.random.default_rng(seed)
+    windows = np.empty((n, P + 1), np.int64)
+    windows[:, 0] = gen.integers(0, V, n)
+    for j in range(1, P + 1):
+        windows[:, j] = np.where(gen.random(n) < 0.8, (windows[:, j - 1] * 3 + gen.integers(1, 3, n)) % V,
+                                 gen.integers(0, V, n))
+    return windows
+
+
+RANKS = SuccessorRanks(train_windows(B), V)
 
 
 def teacher_logits(seed=0, scale=3.0):
@@ -33,8 +48,8 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
     kept = sparse.select(teacher_logits(), targets, width, torch.Generator().manual_seed(1))
     sch = sparse.schema(targets, P, width, "uint16")
     path = tmp_path / "t.parquet"
-    pq.write_table(pa.Table.from_batches([sparse.pack(kept, np.arange(B), sch)]), path)
-    back = sparse.unpack(pq.read_table(path), targets, P)
+    pq.write_table(pa.Table.from_batches([sparse.pack(kept, np.arange(B), sch, RANKS)]), path)
+    back = sparse.unpack(pq.read_table(path), targets, P, RANKS)
     table = pq.read_table(path)
     assert table.column("window").to_pylist() == [0, 1, 2]
     if targets == "dense":
@@ -44,7 +59,7 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         return
     assert torch.equal(back.ids, kept["ids"])
     assert table.schema.field(sparse.TARGET_COLUMNS[targets][0]).type.value_type == pa.uint16()
-    held = sparse.stored_columns(table, targets, P)  # in memory: (B, P, width) arrays
+    held = sparse.stored_columns(table, targets, P, RANKS)  # in memory: (B, P, width) arrays
     assert sparse.held_bytes(table.schema, targets, P, width) == sum(a.nbytes for a in held.values()) / B
     if targets == "top_k":
         torch.testing.assert_close(back.logp, kept["logprobs"], atol=0.02, rtol=1e-3)
@@ -53,21 +68,23 @@ def test_packing_round_trips_through_parquet(tmp_path, targets, width):
         torch.testing.assert_close(back.logp.exp().sum(-1) + back.tail, torch.ones(B, P), atol=5e-3, rtol=0)
     else:  # the distinct ids and their counts: weights count / n exactly, ids ascending, then the padding
         assert torch.equal(back.logp.exp(), kept["weights"]) and torch.equal(back.logp.exp().sum(-1), torch.ones(B, P))
-        held = kept["counts"] > 0
-        assert torch.equal(held, held.int().sort(dim=-1, descending=True, stable=True).values.bool())
-        assert bool((kept["ids"][..., 1:] > kept["ids"][..., :-1])[held[..., 1:]].all())
+        used = kept["counts"] > 0
+        assert torch.equal(used, used.int().sort(dim=-1, descending=True, stable=True).values.bool())
+        assert bool((kept["ids"][..., 1:] > kept["ids"][..., :-1])[used[..., 1:]].all())
         assert torch.equal(kept["counts"].sum(-1), torch.full((B, P), width))
-        # every draw stored, ascending: the first id, then the steps between them (0 for a repeat)
+        # every draw stored as its rank, ascending: the first rank, then the steps between them (0 for a repeat)
         drawn = kept["draws"][0, 0].tolist()
         assert drawn == sorted(drawn) and len(set(drawn)) < width  # some ids drawn more than once
-        assert table.column("sample_id_deltas")[0].values.to_pylist()[:width] == drawn[:1] + np.diff(drawn).tolist()
-        layout = str(table.schema.field("sample_id_deltas").type)
+        ranked = sorted(RANKS.encode(np.array([0]), np.array([[drawn]]))[0, 0].tolist())
+        assert table.column("sample_rank_deltas")[0].values.to_pylist()[:width] == ranked[:1] + np.diff(ranked).tolist()
+        assert np.array_equal(held["sample_draws"], kept["draws"].numpy())  # every draw read back as drawn
+        layout = str(table.schema.field("sample_rank_deltas").type)
         assert layout == f"fixed_size_list<element: uint16 not null>[{P * width}]"
 
 
 def test_no_rows_of_sampled_targets_read_back_as_no_rows():
     sch = sparse.schema("sampled", P, 16, "uint16")
-    held = sparse.stored_columns(sch.empty_table(), "sampled", P)
+    held = sparse.stored_columns(sch.empty_table(), "sampled", P, RANKS)
     assert held["sample_draws"].shape == (0, P, 16)
 
 
@@ -156,14 +173,24 @@ def corpus_meta(tmp_path) -> CorpusMeta:
                       fingerprint="fp", path=tmp_path)
 
 
+def write_train(folder, windows: np.ndarray) -> None:
+    """train.parquet of prepared data, as distill/corpus.py writes it."""
+    pq.write_table(pa.table({"window": np.arange(len(windows)), "ids": pa.FixedSizeListArray.from_arrays(
+        pa.array(windows.reshape(-1), pa.int32()), windows.shape[1])}), folder / "train.parquet")
+
+
 def write_sampled(folder, logp, draws=32, batch=2, shard_rows=3) -> dict:
     """A soft-label set of `logp`'s (N, P, V) windows, `draws` draws each: batches of `batch` windows
-    in shards of `shard_rows` (one row group each, far below SAMPLED_GROUP_ROWS), through the stage's writer."""
+    in shards of `shard_rows` (one row group each, far below SAMPLED_GROUP_ROWS), through the stage's writer;
+    the train windows they rank by beside it, in folder's parent (`corpus_meta`'s prepared data)."""
     folder.mkdir()
+    windows = train_windows(len(logp), seed=len(logp))
+    write_train(folder.parent, windows)
+    ranks = SuccessorRanks(windows, V)
     gen = torch.Generator().manual_seed(5)
     sch = sparse.schema("sampled", P, draws, "uint16")
-    batches = (sparse.pack(sparse.sample(logp[s:s + batch], draws, gen), np.arange(s, s + len(logp[s:s + batch])), sch)
-               for s in range(0, len(logp), batch))
+    batches = (sparse.pack(sparse.sample(logp[s:s + batch], draws, gen), np.arange(s, s + len(logp[s:s + batch])),
+                           sch, ranks) for s in range(0, len(logp), batch))
     return lm_soft_labels.write_set(batches, folder, sch, header(width=draws), shard_rows)
 
 
@@ -214,13 +241,13 @@ def test_sampled_targets_stream_back_exactly_as_the_fixed_layout_held_the_same_d
     assert float(torch.isfinite(old.logp).sum(-1).float().mean()) > 5  # several distinct ids per position
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_sampled_set_in_an_older_layout_is_refused_by_name(tmp_path, version):
     write_sampled(tmp_path / "set", F.log_softmax(torch.randn(4, P, V), -1))
     path = tmp_path / "set" / "provenance.json"
     prov = json.loads(path.read_text())
     path.write_text(json.dumps(prov | {"schema_version": version}))
-    with pytest.raises(UserError, match=rf"{path}: sampled soft labels in layout version {version}, .* version 3 "
+    with pytest.raises(UserError, match=rf"{path}: sampled soft labels in layout version {version}, .* version 4 "
                                         r".*rerun soft_labels"):
         lm_soft_labels.SoftLabelSet(tmp_path / "set", corpus_meta(tmp_path), V)
 
@@ -246,13 +273,13 @@ def test_the_provenance_accounts_for_every_byte_and_records_the_layout(tmp_path)
     assert [f.name for f in files] == [s["file"] for s in prov["shards"]]
     assert prov["bytes"] == sum(f.stat().st_size for f in files) == sum(s["bytes"] for s in prov["shards"])
     assert prov["bytes_per_token"] == prov["bytes"] / (7 * P)
-    assert set(prov["column_bytes"]) == {"window", "sample_id_deltas"}
+    assert set(prov["column_bytes"]) == {"window", "sample_rank_deltas"}
     footers = sum(pq.ParquetFile(f).metadata.serialized_size + 12 for f in files)  # footer, its length, 2 x "PAR1"
     assert sum(prov["column_bytes"].values()) + footers == prov["bytes"]
     assert prov["layout"] == {"window": "int64",
-                              "sample_id_deltas": f"fixed_size_list<element: uint16 not null>[{P * 12}]"}
+                              "sample_rank_deltas": f"fixed_size_list<element: uint16 not null>[{P * 12}]"}
     # one uint16 per draw, in row groups of up to SAMPLED_GROUP_ROWS windows, cut at the shards' ends
-    deltas = [pq.read_table(f).column("sample_id_deltas").combine_chunks().flatten().to_numpy() for f in files]
+    deltas = [pq.read_table(f).column("sample_rank_deltas").combine_chunks().flatten().to_numpy() for f in files]
     assert deltas[0].dtype == np.uint16 and sum(len(d) for d in deltas) == 7 * P * 12
     assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [1, 1, 1]
 
