@@ -366,8 +366,8 @@ def _targets_table(agg: dict) -> list[str]:
              "| targets | seeds | bytes / token | student bits / token | ratio to the dense student |",
              "|---|---|---|---|---|"]
     ratio = pm(d["student_bits_ratio_to_dense"], "{:.4f}") if "student_bits_ratio_to_dense" in d else "–"
-    rows = [(f"sampled-{d['samples']}, every draw's id delta-coded (the default)", d, d["bytes_per_token"],
-             d["student.test_bits_per_token"], ratio)]
+    label = f"sampled-{d['samples']}, every draw's rank among what follows its token, delta-coded (the default)"
+    rows = [(label, d, d["bytes_per_token"], d["student.test_bits_per_token"], ratio)]
     for name in ("dense", "sampled-32", "top-32"):
         if name in agg:
             v = agg[name]

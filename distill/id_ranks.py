@@ -12,11 +12,11 @@ position, the rank of id t is:
 
   - t's place among the ids that follow a somewhere in the train windows, ordered by how often they
     follow it (most often first), then by how often they occur at all (most often first), then by id;
-  - otherwise s(a) + t's place among all ids by how often they occur (then by id), where s(a) is the
-    number of distinct ids that follow a.
+  - otherwise s(a) + t's place, by how often they occur (most often first), then by id, among the ids
+    that do not follow a, where s(a) is the number of distinct ids that do.
 
-Ranks are below s(a) + V <= 2 V. Every id has one rank at each position and every rank below s(a) + V
-one id, so the ranks read back to exactly the ids drawn.
+At each position the ranks are 0 to V - 1, one for each id (like ids, they fit the stored id type), so
+they read back to exactly the ids drawn.
 """
 
 from __future__ import annotations
@@ -30,41 +30,49 @@ class SuccessorRanks:
     def __init__(self, windows: np.ndarray, vocab_size: int):
         windows = np.asarray(windows, dtype=np.int64)
         self.windows, self.vocab_size = windows, vocab_size
-        v = vocab_size
+        v = self.span = vocab_size
         occurs = np.bincount(windows.reshape(-1), minlength=v)[:v]
-        self.by_frequency = np.lexsort((np.arange(v), -occurs))  # rank -> id over the whole vocabulary
-        self.frequency_rank = np.empty(v, np.int64)
-        self.frequency_rank[self.by_frequency] = np.arange(v)
+        self.by_frequency = np.lexsort((np.arange(v), -occurs))  # place -> id over the whole vocabulary
+        self.place = np.empty(v, np.int64)  # id -> its place by frequency
+        self.place[self.by_frequency] = np.arange(v)
         pairs, follows = np.unique(windows[:, :-1] * v + windows[:, 1:], return_counts=True)  # sorted by (a, t)
         before, after = pairs // v, pairs % v
-        order = np.lexsort((self.frequency_rank[after], -follows, before))  # by a, then most often first
+        self.starts = np.searchsorted(before, np.arange(v + 1))  # token a's successors: [starts[a], starts[a + 1])
+        self.count = np.diff(self.starts)  # s(a): the distinct ids that follow token a
+        order = np.lexsort((self.place[after], -follows, before))  # by a, then most often first, then by frequency
         self.successors = after[order]  # each token's successors in rank order, token after token
-        self.starts = np.searchsorted(before[order], np.arange(v + 1))  # token a's: successors[starts[a]:starts[a+1]]
         self.pairs = pairs
         self.pair_rank = np.empty(len(pairs), np.int64)
         self.pair_rank[order] = np.arange(len(pairs)) - self.starts[before[order]]
-        self.count = np.diff(self.starts)  # s(a): the distinct ids that follow token a
-        self.max_rank = int(self.count.max(initial=0)) + v - 1
+        # each token's successors' places by frequency, ascending, as keys a * span + place (sorted throughout),
+        # and the same less the successor's index among them: how many non-successors come before it
+        places = np.sort(self.place[after].reshape(-1) + before * self.span)  # sorted: a first, then the place
+        self.successor_places = places
+        self.gaps = places - (np.arange(len(places)) - self.starts[before])
 
     def _tokens(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The (B, P, 1) tokens at the P positions of windows `rows`, for (B, P, n) values."""
         return self.windows[np.asarray(rows, dtype=np.int64)][:, :shape[1], None]
 
     def encode(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """(B, P, n) ids at the positions of train windows `rows` -> their int64 ranks."""
+        """(B, P, n) ids at the positions of train windows `rows` -> their int64 ranks, below V."""
         ids = np.asarray(ids, dtype=np.int64)
         token = self._tokens(rows, ids.shape)
         key = token * self.vocab_size + ids
         at = np.minimum(np.searchsorted(self.pairs, key), max(len(self.pairs) - 1, 0))
         found = self.pairs[at] == key if len(self.pairs) else np.zeros(key.shape, bool)
-        return np.where(found, self.pair_rank[at] if len(self.pairs) else 0,
-                        self.count[token] + self.frequency_rank[ids])
+        place = self.place[ids]
+        ahead = np.searchsorted(self.successor_places, token * self.span + place) - self.starts[token]
+        return np.where(found, self.pair_rank[at] if len(self.pairs) else 0, self.count[token] + place - ahead)
 
     def decode(self, rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """The inverse of `encode`: (B, P, n) ranks -> int64 ids."""
+        """The inverse of `encode`: (B, P, n) ranks below V -> int64 ids."""
         ranks = np.asarray(ranks, dtype=np.int64)
         token = self._tokens(rows, ranks.shape)
-        count = self.count[token]
-        follower = self.successors[np.clip(self.starts[token] + ranks, 0, max(len(self.successors) - 1, 0))] \
+        count, start = self.count[token], self.starts[token]
+        follower = self.successors[np.clip(start + ranks, 0, max(len(self.successors) - 1, 0))] \
             if len(self.successors) else 0
-        return np.where(ranks < count, follower, self.by_frequency[np.clip(ranks - count, 0, self.vocab_size - 1)])
+        # the q-th id by frequency that does not follow the token: q plus the successors placed before it
+        q = np.maximum(ranks - count, 0)
+        place = q + np.searchsorted(self.gaps, token * self.span + q, side="right") - start
+        return np.where(ranks < count, follower, self.by_frequency[np.clip(place, 0, self.vocab_size - 1)])

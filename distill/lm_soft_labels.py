@@ -60,10 +60,7 @@ def dump_targets(teacher_path: str | Path, prepared_dir: str | Path, out_dir: st
     vocab = own.vocab_size  # the tokenizer's ids (a pretrained head may have padding rows past them)
     sparse.check_id_type(vocab, cfg.id_dtype)
     windows = read_windows(own.path, "train")
-    ranks = None
-    if cfg.targets == "sampled":
-        ranks = SuccessorRanks(windows, vocab)
-        sparse.check_rank_type(ranks.max_rank, cfg.id_dtype)
+    ranks = SuccessorRanks(windows, vocab) if cfg.targets == "sampled" else None  # ids stored as ranks below V
     width = sparse.per_position(cfg.targets, vocab, cfg.top_k, cfg.samples)
     if cfg.targets == "top_k" and cfg.top_k >= vocab:
         raise UserError(f"soft_labels.top_k = {cfg.top_k} is not allowed: the vocabulary has {vocab} ids; use a "

@@ -55,16 +55,6 @@ def check_id_type(vocab_size: int, id_dtype: str) -> None:
                         f"holds ({limit:,}); set soft_labels.id_dtype: uint32")
 
 
-def check_rank_type(max_rank: int, id_dtype: str) -> None:
-    """Refuse sampled targets whose ranks (distill/id_ranks.py: below twice the vocabulary) do not fit
-    the stored id type, by name."""
-    limit = ID_TYPES[id_dtype][2]
-    if max_rank >= limit:
-        raise UserError(f"sampled targets are stored as ranks up to {max_rank:,} here (the vocabulary plus the most "
-                        f"ids that follow one token), more than soft_labels.id_dtype {id_dtype} holds ({limit:,}); "
-                        "set soft_labels.id_dtype: uint32")
-
-
 def per_position(targets: str, vocab_size: int, k: int, samples: int) -> int:
     """Values stored per position: V (dense), k (top_k) or n (sampled)."""
     return {"dense": vocab_size, "top_k": k, "sampled": samples}[targets]
