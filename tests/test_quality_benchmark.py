@@ -102,7 +102,8 @@ def test_the_lm_benchmark_aggregates_each_variant_over_the_seeds_it_ran_and_chec
     table = markdown(agg, [0, 1])
     assert "| student | 1,000 | 7.100 ± 0.141 | 2.200 ± 0.141 |" in table
     assert "80.0% ± 0.0% in bits per token, 75.0% ± 0.0% in bits per byte" in table
-    assert "| sampled-14, every draw's id delta-coded (the default) | 0, 1 | 15.5 ± 0.0 |" in table
+    assert ("| sampled-14, every draw's rank among what follows its token, delta-coded (the default) | 0, 1 | "
+            "15.5 ± 0.0 |") in table
     assert "| forward_kl (the default loss; the dense variant) | 0, 1 | 7.050 ± 0.141 |" in table  # the same targets
     assert "| jsd | 0 | 7.000 ± 0.000 |" in table
     assert "| cross-2048 | 0, 1 | 6.600 ± 0.000 | 6.800 ± 0.000 | 2.300 ± 0.141 | 2.400 ± 0.141 | – | 50.0% ± 0.0% |" \
