@@ -135,6 +135,7 @@ class ClassificationTask:
         from distill import training
 
         job, out = self._job(params, "baseline", paths, world, run)
+        job = training.with_student_budget(job, paths.prepared)  # as many optimizer steps as the student
         result = training.train_on_labels(job, paths.prepared, out, params.resume,
                                           start=self._student_start(params, paths.prepared))
         self._log_training(run, result, paths.model)

@@ -203,7 +203,8 @@ class StudentConfig(ModelTrainConfig):
 
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
-    loss: Literal["kd", "dkd"] = Field("kd", description="kd = Hinton et al. 2015; dkd = Zhao et al. 2022")
+    loss: Literal["kd", "dkd", "mse"] = Field(
+        "kd", description="kd = Hinton et al. 2015; dkd = Zhao et al. 2022; mse = logit matching, Ba and Caruana 2014")
     dkd_target_weight: float = Field(1.0, ge=0, description="dkd: weight of the target-class term (TCKD)")
     dkd_nontarget_weight: float = Field(8.0, ge=0, description="dkd: weight of the non-target term (NCKD)")
     shuffle_buffer: int = Field(

@@ -1,4 +1,4 @@
-"""Distillation losses: pure functions of logits and labels (Hinton KD, decoupled KD).
+"""Distillation losses: pure functions of logits and labels (Hinton KD, decoupled KD, logit matching).
 
 The models know nothing of these; the training loop passes teacher logits read
 from the soft-label Parquet. `Distillation` holds a student's loss settings;
@@ -7,7 +7,7 @@ add up to the whole batch's.
 
 Losses are a registry: `register_loss(name)` adds one, `get_loss(name)` finds it. A loss is
 called as `loss(student_logits, teacher, labels, temperature, alpha, **options)` and returns
-its parts, "loss" the total. This module registers `kd` and `dkd`; distill.lm_losses registers
+its parts, "loss" the total. This module registers `kd`, `dkd` and `mse`; distill.lm_losses registers
 the language model's `forward_kl`, `reverse_kl`, `jsd`, `skew_kl` and `tvd` (this module never
 imports it, so a classifier's code does not include the language model's).
 """
@@ -132,6 +132,34 @@ def dkd_loss(
     kd = target_weight * tckd + nontarget_weight * nckd
     ce = cross_entropy(student_logits, labels)
     return {"loss": total(kd, ce, temperature, alpha), "kd": kd, "tckd": tckd, "nckd": nckd, "ce": ce}
+
+
+@register_loss("mse")
+def logit_mse_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """Logit matching: the squared difference of the student's and the teacher's logits, as Ba
+    and Caruana (2014) and Tang et al. (2019, BERT into a BiLSTM on augmented text) train.
+
+        loss = alpha * mean_j (z_s,j - z_t,j)^2 + (1 - alpha) * CE(z_s, y)
+
+    Unlike the KL at a temperature, it keeps how far apart the teacher puts the classes when its
+    softmax saturates (two classes: a margin of 6 and one of 12 give probabilities 0.998 and
+    0.999994, and near-equal KL targets). The mean runs over rows and classes. "kd" is the
+    mean of the squares at temperature T, so that total's T^2 * kd is the plain mean whatever
+    T: the temperature does not change this loss.
+
+    Returns:
+        {"loss": the total, "kd": the mean squared difference of z / T, "ce": the cross-entropy}.
+    """
+    t = temperature
+    kd = F.mse_loss(student_logits / t, teacher_logits.float() / t)
+    ce = cross_entropy(student_logits, labels)
+    return {"loss": total(kd, ce, temperature, alpha), "kd": kd, "ce": ce}
 
 
 def _binary_kl(teacher_scaled: torch.Tensor, student_scaled: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:

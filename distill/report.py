@@ -329,7 +329,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 </body></html>
 """
 
-NOTE = ("Student cells are green where the student beats the baseline (same architecture, seed and budget, "
+NOTE = ("Student cells are green where the student beats the baseline (same architecture, seed and optimizer steps, "
         "trained on the labels alone), red where it does worse, unmarked where they differ by less than matters "
         "(0.1 point of a rate, a quarter of a latency, 5 % of anything else; test accuracy only where McNemar's "
         "exact test on the paired test rows gives p < 0.05). Intervals: Wilson, 95 %. The reference (text only) is "

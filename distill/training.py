@@ -191,6 +191,22 @@ def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
     return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
 
+def student_steps(cfg: ModelTrainConfig, meta: data.PreparedMeta) -> int:
+    """The distilled student's optimizer steps under `cfg`: its planned epochs over the rows it
+    reads, train and transfer (the rows soft_labels labels)."""
+    per_epoch = -(-(meta.splits["train"] + meta.splits.get("transfer", 0)) // cfg.batch_size)
+    return planned_epochs(cfg, per_epoch) * per_epoch
+
+
+def with_student_budget(job: TrainJob, prepared_dir: str | Path) -> TrainJob:
+    """The baseline's job: the student's config with `min_steps` raised to the student's steps.
+    The baseline reads train alone and the student train and the transfer rows, so at the same
+    epochs it would take a fraction of the student's optimizer steps; it takes more epochs."""
+    meta = data.read_meta(prepared_dir)
+    return replace(job, cfg=job.cfg.model_copy(update={"min_steps": max(job.cfg.min_steps,
+                                                                        student_steps(job.cfg, meta))}))
+
+
 def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_logits: torch.Tensor | None,
                 distillation: Distillation | None) -> dict[str, torch.Tensor]:
     """Cross-entropy alone, or the distillation loss's parts (the teacher run online when the rows carry no logits)."""
@@ -254,7 +270,8 @@ def train_on_labels(job: TrainJob, prepared_dir: str | Path, out: Outputs, resum
                     start: Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None = None) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
-    The baseline is called with the student's config: same architecture, seed and budget.
+    The baseline is called with the student's config: same architecture and seed, and the
+    student's budget in optimizer steps (`with_student_budget`).
     `start`: makes the model to train and its model_args from the prepared data's meta (a
     pretrained teacher, distill.pretrained); None = the config's arch, untrained.
     """

@@ -1,6 +1,6 @@
 """DVC stage `train_baseline`: the student trained on the labels only, for comparison.
 
-Same architecture, seed and budget as the distilled student; it reads every `student.*` key
+Same architecture, seed and optimizer steps as the distilled student; it reads every `student.*` key
 except the task's distillation ones (the task's `distillation_keys`). Distributed training as
 in train_teacher.
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import REPO
 from distill import lm_losses, sparse
 from distill.errors import UserError
-from distill.losses import LOSSES, Distillation, cross_entropy, dkd_loss, get_loss, kd_loss, register_loss
+from distill.losses import (LOSSES, Distillation, cross_entropy, dkd_loss, get_loss, kd_loss, logit_mse_loss,
+                            register_loss)
 
 
 def two_class_case():
@@ -150,13 +151,31 @@ def test_dkd_is_zero_when_the_student_copies_the_teacher():
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_logit_mse_matches_hand_computed_value_and_ignores_the_temperature():
+    student, teacher, labels = two_class_case()  # logits (0, 0) against (ln 3, 0)
+    mse = math.log(3.0) ** 2 / 2  # the mean over the two classes of the squared differences
+    for t in (1.0, 2.0, 4.0):
+        out = logit_mse_loss(student, teacher, labels, temperature=t, alpha=0.25)
+        assert out["kd"].item() == pytest.approx(mse / t**2, abs=1e-6)
+        assert out["loss"].item() == pytest.approx(0.25 * mse + 0.75 * -math.log(0.5), abs=1e-6)
+
+
+def test_logit_mse_tells_a_saturated_teacher_apart_where_the_kl_barely_does():
+    student = torch.tensor([[3.0, 0.0]])
+    near, far = torch.tensor([[6.0, 0.0]]), torch.tensor([[12.0, 0.0]])
+    mse = [logit_mse_loss(student, z, torch.tensor([0]), 1.0, 1.0)["loss"].item() for z in (near, far)]
+    kl = [kd_loss(student, z, torch.tensor([0]), 1.0, 1.0)["loss"].item() for z in (near, far)]
+    assert mse == pytest.approx([4.5, 40.5])  # (3^2 + 0) / 2 and (9^2 + 0) / 2
+    assert kl[1] / kl[0] < 1.5  # twice the margin: 9 times the squared error, not half again the KL
+
+
 def test_kd_dkd_and_the_language_models_divergences_are_registered_by_name():
-    assert get_loss("kd") is kd_loss and get_loss("dkd") is dkd_loss
+    assert get_loss("kd") is kd_loss and get_loss("dkd") is dkd_loss and get_loss("mse") is logit_mse_loss
     assert get_loss("forward_kl") is lm_losses.forward_kl_loss and get_loss("tvd") is lm_losses.tvd_loss
 
 
 def test_an_unknown_loss_is_refused_in_one_sentence_naming_the_known_ones():
-    with pytest.raises(UserError, match=r"^loss hinton is not known: use one of dkd, forward_kl, jsd, kd, reverse_kl, skew_kl, tvd$"):
+    with pytest.raises(UserError, match=r"^loss hinton is not known: use one of dkd, forward_kl, jsd, kd, mse, reverse_kl, skew_kl, tvd$"):
         get_loss("hinton")
 
 

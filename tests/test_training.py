@@ -56,6 +56,27 @@ def test_a_small_data_set_gets_at_least_min_steps_and_patience_stops_early():
     assert training.planned_epochs(_config(epochs=5), steps_per_epoch=1) == 5
 
 
+def test_the_baseline_takes_as_many_optimizer_steps_as_the_student(tmp_path):
+    # 600 synthetic rows, 60 of them val and 120 test: 420 train; 2,000 transfer rows the student reads too
+    out = tmp_path / "prepared"
+    meta = data.prepare(DataConfig(source="synthetic", num_samples=600, transfer_size=2000,
+                                   synthetic={"n_features": 20, "n_classes": 4, "hidden": 16}), out)
+    rows = meta.splits["train"] + meta.splits["transfer"]
+    student_steps = 4 * -(-rows // 32)  # CFG: 4 epochs of batches of 32 over train and transfer
+    assert training.student_steps(CFG, meta) == student_steps
+    job = training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), out)
+    assert job.cfg.min_steps == student_steps and job.cfg.epochs == CFG.epochs
+    result = training.train_on_labels(job, out, training.Outputs(tmp_path / "b.pt", tmp_path / "b.csv"))
+    per_epoch = -(-meta.splits["train"] // 32)
+    assert len(result["history"]) == -(-student_steps // per_epoch)  # more epochs over train alone
+    # no transfer rows: the student reads train alone, and the baseline keeps its epochs
+    bare = data.prepare(DataConfig(source="synthetic", num_samples=600, transfer_size=0,
+                                   synthetic={"n_features": 20, "n_classes": 4, "hidden": 16}), tmp_path / "bare")
+    assert training.student_steps(CFG, bare) == 4 * -(-bare.splits["train"] // 32)
+    assert training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), tmp_path / "bare").cfg.min_steps \
+        == max(CFG.min_steps, training.student_steps(CFG, bare))
+
+
 def test_patience_ends_training_after_epochs_without_a_better_checkpoint(prepared, tmp_path):
     from distill.rows import InMemoryRows
 
