@@ -46,9 +46,9 @@ class ClassificationTask:
     report_plots: ClassVar[dict[str, dict]] = {"predictions": {"template": "confusion", "x": "actual", "y": "student"},
                                                "figures": {}}
     pipeline_plots: ClassVar[list[dict]] = [
-        {"Validation accuracy by epoch": {
+        {"Validation accuracy by optimizer step": {
             "template": "by_model",  # .dvc/plots/by_model.json: a colour per model, a dash per git revision
-            "x": "epoch", "y": {f"reports/curves/{role}.csv": "val_accuracy" for role in ("teacher", "student", "baseline")}}},
+            "x": "step", "y": {f"reports/curves/{role}.csv": "val_accuracy" for role in ("teacher", "student", "baseline")}}},
         {"Reliability diagram (test)": {
             "x": "confidence", "y": {f"reports/reliability/{role}.csv": "accuracy"
                                      for role in ("teacher", "student", "baseline")}}}]
@@ -135,9 +135,8 @@ class ClassificationTask:
         from distill import training
 
         job, out = self._job(params, "baseline", paths, world, run)
-        job = training.with_student_budget(job, paths.prepared)  # as many optimizer steps as the student
         result = training.train_on_labels(job, paths.prepared, out, params.resume,
-                                          start=self._student_start(params, paths.prepared))
+                                          start=self._student_start(params, paths.prepared), student_budget=True)
         self._log_training(run, result, paths.model)
         return result
 
@@ -206,7 +205,7 @@ class ClassificationTask:
         flattened (student_vs_baseline.p_value, test_split.majority_rate...); the report files as artifacts."""
         for role, model_run in result.run_ids.items():
             config = dict(result.configs.get(role, {}))
-            if role == "baseline":  # trained with the student's config, but no distillation key applies to it
+            if role == "baseline":  # the student's config (min_steps: the student's steps), no distillation key
                 config = {k: v for k, v in config.items() if k not in self.distillation_keys}
             run.log_child(f"evaluate {role}", {"role": role} | config, result.metrics[role],
                           {"distill.model_role": role, "distill.model_run_id": model_run})

@@ -149,9 +149,10 @@ def logit_mse_loss(
 
     Unlike the KL at a temperature, it keeps how far apart the teacher puts the classes when its
     softmax saturates (two classes: a margin of 6 and one of 12 give probabilities 0.998 and
-    0.999994, and near-equal KL targets). The mean runs over rows and classes. "kd" is the
-    mean of the squares at temperature T, so that total's T^2 * kd is the plain mean whatever
-    T: the temperature does not change this loss.
+    0.999994, and near-equal KL targets). The mean runs over rows and classes (Tang et al. sum
+    over the classes: C times this, the same up to alpha's scale). "kd" is the mean of the
+    squares at temperature T, so that total's T^2 * kd is the plain mean whatever T: the
+    temperature does not change this loss (the logged kd does, as 1 / T^2).
 
     Returns:
         {"loss": the total, "kd": the mean squared difference of z / T, "ce": the cross-entropy}.

@@ -152,7 +152,7 @@ class ClassifierTrainee:
         if self.job.world.distributed:  # each rank holds its shares of the global batches' means: add them up
             train = _sum_over_ranks(train)
         row = _epoch_row(step // self.eval_every, train, model, self.val_x, self.val_y,
-                         self.job.distillation is not None)
+                         self.job.distillation is not None) | {"step": step}  # the models' common axis
         log.info("%s epoch %d/%d loss %.4f val_accuracy %.4f", self.name, row["epoch"], self.epochs,
                  row["train_loss"], row["val_accuracy"])
         timing = {"epoch_seconds": self._timing.seconds, "data_wait_fraction": self._timing.data_wait_fraction}
@@ -198,13 +198,18 @@ def student_steps(cfg: ModelTrainConfig, meta: data.PreparedMeta) -> int:
     return planned_epochs(cfg, per_epoch) * per_epoch
 
 
-def with_student_budget(job: TrainJob, prepared_dir: str | Path) -> TrainJob:
+def with_student_budget(job: TrainJob, meta: data.PreparedMeta) -> TrainJob:
     """The baseline's job: the student's config with `min_steps` raised to the student's steps.
     The baseline reads train alone and the student train and the transfer rows, so at the same
-    epochs it would take a fraction of the student's optimizer steps; it takes more epochs."""
-    meta = data.read_meta(prepared_dir)
-    return replace(job, cfg=job.cfg.model_copy(update={"min_steps": max(job.cfg.min_steps,
-                                                                        student_steps(job.cfg, meta))}))
+    epochs it would take a fraction of the student's optimizer steps; it takes more epochs, and
+    a `patience` of the student's epochs becomes as many optimizer steps of its own."""
+    cfg = job.cfg
+    own = -(-meta.splits["train"] // cfg.batch_size)
+    student = -(-(meta.splits["train"] + meta.splits.get("transfer", 0)) // cfg.batch_size)
+    update: dict = {"min_steps": max(cfg.min_steps, student_steps(cfg, meta))}
+    if cfg.patience:
+        update["patience"] = -(-cfg.patience * student // own)
+    return replace(job, cfg=cfg.model_copy(update=update))
 
 
 def _loss_parts(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -267,15 +272,18 @@ def _epoch_row(
 
 
 def train_on_labels(job: TrainJob, prepared_dir: str | Path, out: Outputs, resume: ResumeConfig | None = None,
-                    start: Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None = None) -> dict:
+                    start: Callable[[data.PreparedMeta], tuple[nn.Module, dict]] | None = None,
+                    student_budget: bool = False) -> dict:
     """Stage steps train_teacher and train_baseline: hard labels only, best checkpoint on val.
 
-    The baseline is called with the student's config: same architecture and seed, and the
-    student's budget in optimizer steps (`with_student_budget`).
+    The baseline is called with the student's config and `student_budget`: same architecture and
+    seed, and the student's budget in optimizer steps (`with_student_budget`).
     `start`: makes the model to train and its model_args from the prepared data's meta (a
     pretrained teacher, distill.pretrained); None = the config's arch, untrained.
     """
     meta = data.read_meta(prepared_dir)
+    if student_budget:
+        job = with_student_budget(job, meta)
     train, val = data.read_split(prepared_dir, "train"), data.read_split(prepared_dir, "val")
     return _train_and_save(job, meta, InMemoryRows(train.x, train.y), (val.x, val.y), out, resume, start=start)
 
@@ -289,7 +297,7 @@ def use_as_is(model: nn.Module, args: dict, job: TrainJob, prepared_dir: str | P
     val = data.read_split(prepared_dir, "val")
     logits = predict_logits(model, torch.from_numpy(val.x), pad_id=(meta.tokens or {}).get("pad_id"))
     y = torch.from_numpy(val.y)
-    row = {"epoch": 0, "train_loss": float("nan"), "val_loss": float(cross_entropy(logits, y)),
+    row = {"epoch": 0, "step": 0, "train_loss": float("nan"), "val_loss": float(cross_entropy(logits, y)),
            "val_accuracy": float((logits.argmax(1) == y).float().mean())}
     log.info("%s: brought trained, nothing to train; val_accuracy %.4f", job.name, row["val_accuracy"])
     if job.on_epoch:

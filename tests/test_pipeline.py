@@ -42,7 +42,7 @@ def test_the_built_pipeline_has_every_output_and_metrics_that_show_learning(buil
     plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=project, env=subprocess_env(),
                                       capture_output=True, text=True, check=True).stdout)["data"]
     assert not [name for name in plots if name.startswith(("reports/train/", "reports/curves/"))]
-    (curves,) = plots["Validation accuracy by epoch"]
+    (curves,) = plots["Validation accuracy by optimizer step"]
     assert curves["content"]["encoding"]["color"]["field"] == "filename"
     assert {row["filename"] for row in curves["content"]["data"]["values"]} == {"teacher.csv", "student.csv",
                                                                                  "baseline.csv"}
@@ -56,7 +56,7 @@ def test_plots_and_metrics_diff_against_head_work_in_a_fresh_clone_without_a_dvc
     assert result.returncode == 0 and "failed to load" not in result.stderr, result.stderr
     shown = json.loads(result.stdout)
     assert not shown.get("errors"), shown.get("errors")
-    (curves,) = shown["data"]["Validation accuracy by epoch"]
+    (curves,) = shown["data"]["Validation accuracy by optimizer step"]
     assert {row["filename"] for row in curves["content"]["data"]["values"]} == {"teacher.csv", "student.csv",
                                                                                  "baseline.csv"}
     assert {"reports/predictions.csv", "reports/figures/training.png"} <= set(shown["data"])

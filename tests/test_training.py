@@ -64,16 +64,21 @@ def test_the_baseline_takes_as_many_optimizer_steps_as_the_student(tmp_path):
     rows = meta.splits["train"] + meta.splits["transfer"]
     student_steps = 4 * -(-rows // 32)  # CFG: 4 epochs of batches of 32 over train and transfer
     assert training.student_steps(CFG, meta) == student_steps
-    job = training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), out)
+    job = training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), meta)
     assert job.cfg.min_steps == student_steps and job.cfg.epochs == CFG.epochs
-    result = training.train_on_labels(job, out, training.Outputs(tmp_path / "b.pt", tmp_path / "b.csv"))
+    result = training.train_on_labels(training.TrainJob(CFG, 0, "baseline"), out,
+                                      training.Outputs(tmp_path / "b.pt", tmp_path / "b.csv"), student_budget=True)
     per_epoch = -(-meta.splits["train"] // 32)
-    assert len(result["history"]) == -(-student_steps // per_epoch)  # more epochs over train alone
+    epochs = -(-student_steps // per_epoch)  # more epochs over train alone
+    assert [r["step"] for r in result["history"]] == [per_epoch * (e + 1) for e in range(epochs)]
+    # a patience of 2 of the student's epochs: as many optimizer steps of the baseline's
+    patient = training.with_student_budget(training.TrainJob(CFG.model_copy(update={"patience": 2}), 0, "b"), meta)
+    assert patient.cfg.patience == -(-2 * (student_steps // 4) // per_epoch)
     # no transfer rows: the student reads train alone, and the baseline keeps its epochs
     bare = data.prepare(DataConfig(source="synthetic", num_samples=600, transfer_size=0,
                                    synthetic={"n_features": 20, "n_classes": 4, "hidden": 16}), tmp_path / "bare")
     assert training.student_steps(CFG, bare) == 4 * -(-bare.splits["train"] // 32)
-    assert training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), tmp_path / "bare").cfg.min_steps \
+    assert training.with_student_budget(training.TrainJob(CFG, 0, "baseline"), bare).cfg.min_steps \
         == max(CFG.min_steps, training.student_steps(CFG, bare))
 
 
