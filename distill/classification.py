@@ -152,7 +152,8 @@ class ClassificationTask:
         (the student, which the registry serves) the model is also logged as an MLflow model
         (torch.export, about 3 s; on text with the tokenizer, `text`); the teacher and the baseline
         are compared by their metrics and keep only the checkpoint."""
-        run.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")})
+        steps = result["history"][-1].get("step", 0) if result["history"] else 0  # the baseline's: the student's
+        run.log_metrics({k: result[k] for k in ("best_val_accuracy", "best_epoch", "parameters")} | {"steps": steps})
         run.log_artifact(str(checkpoint), "checkpoint")
         if mlflow_model:
             run.log_model(result["model"], result["example"], str(checkpoint), text=text)

@@ -82,6 +82,10 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     assert [m.step for m in history] == list(range(1, 5))  # teacher.epochs = 4
     assert {"train_kd", "train_ce", "train_loss", "val_accuracy"} <= set(student.data.metrics)
     assert len(client.get_metric_history(student.info.run_id, "train_kd")) == 3
+    # the baseline's budget is the student's optimizer steps (up to its last whole epoch), shown beside it
+    baseline = first["train_baseline"]
+    per_epoch = client.get_metric_history(baseline.info.run_id, "step")[0].value
+    assert 0 < student.data.metrics["steps"] <= baseline.data.metrics["steps"] < student.data.metrics["steps"] + per_epoch
 
     # lineage: the student names the teacher run that made its soft labels, and the dataset
     teacher_id = first["train_teacher"].info.run_id
