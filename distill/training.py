@@ -191,10 +191,15 @@ def planned_epochs(cfg: ModelTrainConfig, steps_per_epoch: int) -> int:
     return max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
 
 
+def _student_batches(cfg: ModelTrainConfig, meta: data.PreparedMeta) -> int:
+    """The distilled student's batches an epoch: over the rows it reads, train and transfer (the
+    rows soft_labels labels)."""
+    return -(-(meta.splits["train"] + meta.splits.get("transfer", 0)) // cfg.batch_size)
+
+
 def student_steps(cfg: ModelTrainConfig, meta: data.PreparedMeta) -> int:
-    """The distilled student's optimizer steps under `cfg`: its planned epochs over the rows it
-    reads, train and transfer (the rows soft_labels labels)."""
-    per_epoch = -(-(meta.splits["train"] + meta.splits.get("transfer", 0)) // cfg.batch_size)
+    """The distilled student's optimizer steps under `cfg`: its planned epochs of `_student_batches`."""
+    per_epoch = _student_batches(cfg, meta)
     return planned_epochs(cfg, per_epoch) * per_epoch
 
 
@@ -205,10 +210,9 @@ def with_student_budget(job: TrainJob, meta: data.PreparedMeta) -> TrainJob:
     a `patience` of the student's epochs becomes as many optimizer steps of its own."""
     cfg = job.cfg
     own = -(-meta.splits["train"] // cfg.batch_size)
-    student = -(-(meta.splits["train"] + meta.splits.get("transfer", 0)) // cfg.batch_size)
     update: dict = {"min_steps": max(cfg.min_steps, student_steps(cfg, meta))}
     if cfg.patience:
-        update["patience"] = -(-cfg.patience * student // own)
+        update["patience"] = -(-cfg.patience * _student_batches(cfg, meta) // own)
     return replace(job, cfg=cfg.model_copy(update=update))
 
 
