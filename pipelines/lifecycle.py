@@ -40,8 +40,9 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 POLL_S = 2.0  # how often a waiting run looks at a busy lock again
 SAY_EVERY_S = 60.0  # a run waiting for a busy project says so this often
 STOP_WAIT_S = 3.0  # how long stopped processes get to end their runs before they are killed
-# the running stage, the command's own lines, its handler, params.yaml as changed by the run, whether it is stopping
-_now: dict = {"stage": None, "extra": [], "handler": None, "params": None, "stopping": False}
+# the running stage, the command's own lines, what it does first when stopped, its handler, params.yaml as
+# changed by the run, whether it is stopping
+_now: dict = {"stage": None, "extra": [], "first": [], "handler": None, "params": None, "stopping": False}
 
 
 def home() -> Path:
@@ -89,6 +90,12 @@ def on_interrupt(say: Callable[[], str]) -> None:
     _now["extra"].append(say)
 
 
+def on_stop(action: Callable[[], None]) -> None:
+    """Run `action()` when the command is stopped, before its processes are (a sweep on a local Dask
+    cluster: the nannies are told not to start their workers again)."""
+    _now["first"].append(action)
+
+
 def params_changed(change: tuple[Path, str, str] | None) -> None:
     """Tell an interrupt that this run changed params.yaml (`--set`): (path, before, after); it puts
     `before` back, unless the file no longer reads `after` (the user edited it meanwhile). None: no
@@ -117,7 +124,7 @@ def command(root: Path, temporary_server: bool = True, signals: bool = True) -> 
         prefect_server.stop_temporary()
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _now.update(stage=None, extra=[], handler=None, params=None, stopping=False)
+        _now.update(stage=None, extra=[], first=[], handler=None, params=None, stopping=False)
 
 
 def _stop(signum, frame) -> None:
@@ -129,6 +136,9 @@ def _stop(signum, frame) -> None:
     for fd in list(tools.STREAMS):  # a stage's last lines must not block on our reading loop, stopped here
         with contextlib.suppress(OSError):
             os.close(fd)
+    for action in _now["first"]:
+        with contextlib.suppress(Exception):
+            action()
     stopped = stop_children()
     cancel_flow_runs({os.getpid(), *stopped}, f"interrupted by {signal.Signals(signum).name}")
     lines = [f"interrupted ({signal.Signals(signum).name}): every process this command started was stopped; "
@@ -161,16 +171,17 @@ def _workspace() -> str:
 def stop_children() -> set[int]:
     """SIGTERM to every process this one started (not the temporary Prefect server: the runs are
     still to be closed on it), SIGKILL to those still there after STOP_WAIT_S; then again for any
-    started meanwhile (a sweep thread between two commands). Their pids."""
+    started meanwhile (a sweep thread between two commands); multiprocessing's resource trackers last.
+    Their pids. Only for a command about to exit: this process no longer speaks to its own tracker."""
     import psutil
 
     server, stopped = prefect_server.temporary_pid(), set()
     for _ in range(4):
-        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in {server, *stopped}]
-        # multiprocessing's resource tracker (Dask workers') goes last: killed while its users live,
-        # it is relaunched by them and prints tracebacks about what it no longer knows
-        users = [p for p in children if not _is_resource_tracker(p)]
-        children = users or children
+        # multiprocessing's resource trackers (Dask workers') are not among them: stopped while their users
+        # live, one is relaunched by the first semaphore a user lets go, and prints tracebacks about the
+        # semaphores it never saw
+        children = [p for p in psutil.Process().children(recursive=True)
+                    if p.pid not in {server, *stopped} and not _is_resource_tracker(p)]
         if not children:
             break
         for child in children:  # the first time politely; a process started since (a Dask nanny's new
@@ -181,7 +192,25 @@ def stop_children() -> set[int]:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         stopped |= {child.pid for child in children}
-    return stopped
+    return stopped | _stop_resource_trackers(server)
+
+
+def _stop_resource_trackers(server: int | None) -> set[int]:
+    """Kill the resource trackers this process started, once their users are gone. From then on this
+    process (about to exit) no longer speaks to its own tracker: a semaphore it lets go meanwhile (a
+    Dask nanny closing) would otherwise relaunch it."""
+    import psutil
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    tracker._send = lambda *args, **kwargs: None
+    tracker.ensure_running = lambda: None
+    trackers = [p for p in psutil.Process().children(recursive=True) if p.pid != server and _is_resource_tracker(p)]
+    for process in trackers:  # a tracker ignores SIGINT and SIGTERM
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(trackers, timeout=1.0)
+    return {process.pid for process in trackers}
 
 
 def _is_resource_tracker(process) -> bool:

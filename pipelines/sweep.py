@@ -163,6 +163,14 @@ def _loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _no_worker_restarts() -> None:
+    """A stopped sweep's local Dask nannies (in this process) do not start again the workers it stops."""
+    from distributed import Nanny
+
+    for nanny in list(Nanny._instances):
+        nanny.close_gracefully(reason="the sweep was stopped")
+
+
 def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool = False, address: str | None = None,
               prefix: str | None = None, repo_dir: str | None = None) -> dict:
     """The grid over `axes`, every point checked first, then sweep_flow on the chosen task runner:
@@ -179,6 +187,8 @@ def run_sweep(axes: dict[str, list[str]], workers: int | None = None, dask: bool
     if address and not _loopback(address) and _loopback(prefect_server.configured_url()):
         raise UserError(f"{address}: Dask workers on other machines cannot reach a Prefect server on 127.0.0.1; "
                         "set PREFECT_API_URL to a server they can reach (docs/scaling-out.md)")
+    if dask and not address:
+        lifecycle.on_stop(_no_worker_restarts)
     return sweep_flow.with_options(task_runner=task_runner(workers, dask, address))(
         points=points, prefix=prefix or experiments.default_prefix(root), repo_dir=str(root))
 

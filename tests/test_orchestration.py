@@ -394,3 +394,43 @@ def test_without_a_server_a_temporary_one_works_on_a_database_of_its_own(project
     assert (project / ".prefect" / "temporary.db").is_file()
     assert not (project / ".prefect" / "prefect.db").exists()  # the project server's database is not touched
     assert "Error logging to API" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_once_its_resource_tracker_is_stopped_a_command_never_relaunches_it():
+    """An interrupt kills multiprocessing's resource tracker last; a semaphore this process lets go
+    afterwards (a Dask nanny closing) must not relaunch it, or the new tracker prints a traceback
+    for each semaphore it never saw."""
+    script = """
+import gc, multiprocessing, psutil
+from pipelines import lifecycle
+ctx = multiprocessing.get_context("spawn")
+locks = [ctx.Lock() for _ in range(3)]  # registered with the tracker, which starts
+assert any(lifecycle._is_resource_tracker(p) for p in psutil.Process().children())
+lifecycle._stop_resource_trackers(None)
+del locks
+gc.collect()  # each lock unregisters itself
+ctx.Lock()
+print("trackers left:", sum(lifecycle._is_resource_tracker(p) for p in psutil.Process().children()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "trackers left: 0", done.stdout
+    assert "relaunching" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_stopped_dask_sweep_tells_its_nannies_not_to_start_their_workers_again():
+    from distributed import LocalCluster
+
+    from pipelines.sweep import _no_worker_restarts
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        nanny = next(iter(cluster.workers.values()))
+        worker = nanny.process.process.pid
+        _no_worker_restarts()
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while nanny.process is not None and nanny.process.process is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a restart would have started a new process by now
+        assert nanny.process is None or nanny.process.process is None or nanny.process.process.pid == worker
