@@ -52,9 +52,11 @@ lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
 test: install
 	pytest -m "not slow"
 
-## test-slow: only the slow end-to-end tests (torchrun, Dask, PostgreSQL, DVC remote, ...)
+## test-slow: only the slow end-to-end tests (torchrun, Dask, PostgreSQL, DVC remote, ...): two files at a
+## time (most of their time is process start-up and waiting), then the ones that time a stop, alone
 test-slow: install
-	pytest -m slow
+	pytest -m "slow and not timed" -n 2 --dist loadfile
+	pytest -m "slow and timed"
 
 ## test-all: every test, the slow end-to-end ones included
 test-all: install

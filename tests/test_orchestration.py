@@ -284,6 +284,7 @@ def long_training(project: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_one_signal_stops_distill_run_within_seconds_and_leaves_nothing_running(project, sig, code):
     long_training(project)
@@ -306,6 +307,7 @@ def test_one_signal_stops_distill_run_within_seconds_and_leaves_nothing_running(
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 @pytest.mark.parametrize("runner", [["-j", "2"], ["--dask"]], ids=["threads", "dask"])
 def test_one_ctrl_c_stops_a_parallel_sweep_and_summarises_the_points_that_finished(project, runner):
     write_params(project / "params.yaml", tiny_params(**{"tracking.enabled": True}))
@@ -349,6 +351,7 @@ def project_server(project):
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_ctrl_c_stops_distill_serve_with_its_schedule_paused(project, project_server):
     env, url = project_server
     proc = subprocess.Popen([str(BIN / "distill"), "serve", "--cron", "0 3 * * *", "--name", "nightly-test"],
