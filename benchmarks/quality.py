@@ -162,7 +162,9 @@ def run_experiment(name: str, overrides: dict[str, str], seed: int) -> dict:
     cmd = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name]
     for a in args:
         cmd += ["-S", a]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # DVC's own words on why, not only its exit code
+        raise SystemExit(f"{' '.join(cmd[1:])} exited {done.returncode}:\n{done.stderr.strip()[-4000:]}")
     return experiments.metrics(ROOT, experiments.exp_rev(ROOT, name))
 
 
