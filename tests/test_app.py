@@ -137,6 +137,7 @@ def test_run_applies_overrides_runs_the_flow_and_prints_the_comparison(built_pro
         assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.timed
 def test_a_typo_in_set_is_one_line_and_exit_2_before_any_flow_starts(project):
     started = time.monotonic()
     result = subprocess.run([str(BIN / "distill"), "run", "--set", "student.temprature=2"], cwd=project,

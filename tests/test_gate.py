@@ -83,6 +83,7 @@ def busy_processes(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
+@pytest.mark.timed
 def test_latency_beside_two_cpu_bound_processes_stays_near_the_idle_figure():
     # the MNIST-1D student: 8,218 parameters, 40 features, 10 classes
     model = build_model({"arch": "cnn1d", "num_features": 40, "num_classes": 10, "hidden": [32], "dropout": 0.0,

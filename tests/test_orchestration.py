@@ -116,6 +116,7 @@ def dvc_status(project: Path) -> str:
 
 # ---- 7. what a run is doing is visible -----------------------------------------------------------
 
+@pytest.mark.timed
 def test_a_busy_project_is_refused_at_once_naming_the_run_that_holds_it(project):
     with lifecycle.exclusive_run(project):
         started = time.monotonic()

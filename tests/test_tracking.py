@@ -151,6 +151,7 @@ def test_mlflow_records_grouped_runs_histories_lineage_models_and_the_gated_regi
     assert str(client.get_model_version_by_alias("tiny-student", "champion").version) == "2"
 
 
+@pytest.mark.timed
 def test_an_unreachable_tracking_server_is_a_clear_error_within_seconds(project):
     write_params(project / "params.yaml", tiny_params(**{"tracking.enabled": True, "tracking.on_error": "fail"}))
     with socket.socket() as s:
