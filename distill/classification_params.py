@@ -189,12 +189,20 @@ class TeacherConfig(ModelTrainConfig):
         None, ge=0, description="pretrained: fine-tune only the top N transformer layers (and the head); "
         "null = every layer, embeddings included"
     )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="pretrained: layer-wise learning-rate decay: the head learns at lr, the top "
+        "layer at lr x layer_decay, each layer below at the one above's x layer_decay, the embeddings last; "
+        "null = one lr for every layer"
+    )
 
     @model_validator(mode="after")
     def _model_for_source(self) -> TeacherConfig:
         if self.source != "train" and Path(self.model) == Path(RAW_DIR):
             raise ValueError(f"teacher.model is required when teacher.source is '{self.source}': set it to your "
                              + ("model folder (or minilm)" if self.source == "pretrained" else "checkpoint file"))
+        if self.layer_decay is not None and self.source != "pretrained":
+            raise ValueError(f"teacher.layer_decay is for teacher.source: pretrained (a transformer's layers); "
+                             f"the source is '{self.source}': set it to null")
         return self
 
 

@@ -71,6 +71,7 @@ class Run:
     precision: str = "fp32"
     on_score: Callable[[dict[str, float]], None] | None = None  # each val row (the tracker)
     resume: Resume | None = None  # every `resume.every` steps
+    layer_decay: float | None = None  # the model's param_groups(lr, layer_decay) get their own lrs (pretrained)
 
 
 @dataclass
@@ -91,7 +92,8 @@ def fit(model: nn.Module, trainee: Trainee, run: Run) -> Best:
     model.to(device).train()
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.distributed else model
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    groups = model.param_groups(run.lr, run.layer_decay) if run.layer_decay else model.parameters()
+    opt = torch.optim.AdamW(groups, lr=run.lr, weight_decay=run.weight_decay)
     sched = trainee.schedule(opt)
     scaler = devices.grad_scaler(device, run.precision)
     best, sums = Best(model), {}

@@ -64,6 +64,22 @@ class TransformerClassifier(nn.Module):
         config = AutoConfig.for_model(config.pop("model_type"), **config)
         return TransformerClassifier(AutoModel.from_config(config), args["num_classes"], args["pad_id"])
 
+    def param_groups(self, lr: float, decay: float) -> list[dict]:
+        """AdamW's parameter groups under layer-wise learning-rate decay: the head (and whatever of the
+        encoder sits above its layers) at `lr`, its top layer at lr x decay, each layer below at the one
+        above's x decay, the embeddings at the bottom's x decay. Frozen parameters are left out."""
+        layers = list(_layer_list(self.encoder))
+        depth = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
+        top = len(layers) + 1
+        groups: dict[int, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                d = depth.get(id(p), 0 if "embed" in name else top)
+                groups.setdefault(d, []).append(p)
+        log.info("teacher: layer-wise lr decay %g: the head at %.3g, the top layer at %.3g, the embeddings at %.3g",
+                 decay, lr, lr * decay, lr * decay ** top)
+        return [{"params": ps, "lr": lr * decay ** (top - d)} for d, ps in sorted(groups.items())]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = padding_mask(ids, self.pad_id)
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (N, L, H)

@@ -102,7 +102,8 @@ def fit_classifier(model: nn.Module, job: TrainJob, train: Rows, val: tuple[np.n
     trainee = ClassifierTrainee(job, batches, val)
     if resume is not None:  # saved every few epochs: the loop counts steps
         resume = replace(resume, every=resume.every * trainee.eval_every)
-    best = loop.fit(model, trainee, loop.Run(cfg.lr, cfg.weight_decay, job.world, job.precision, job.on_epoch, resume))
+    best = loop.fit(model, trainee, loop.Run(cfg.lr, cfg.weight_decay, job.world, job.precision, job.on_epoch, resume,
+                                             getattr(cfg, "layer_decay", None)))
     return TrainResult(best.model, best.row.get("epoch", 0), best.row.get("val_accuracy", -1.0),
                        best.row.get("val_loss", float("inf")), best.history, trainee.timings)
 
@@ -180,7 +181,8 @@ class ClassifierTrainee:
 def lr_schedule(opt: torch.optim.Optimizer, cfg: ModelTrainConfig, total: int):
     """One-cycle (the default), or with `cfg.warmup_fraction` linear warm-up then linear decay to 0."""
     if cfg.warmup_fraction is None:
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+        # each parameter group peaks at its own lr (cfg.lr, or less under layer-wise decay)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
     warm = max(1, round(cfg.warmup_fraction * total))
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm)))

@@ -126,6 +126,35 @@ def test_a_pretrained_folder_gets_a_head_and_can_be_frozen_below_the_top(tmp_pat
     assert torch.allclose(rebuilt.eval()(ids), model.eval()(ids), atol=1e-5)
 
 
+def test_layer_wise_decay_gives_each_layer_its_own_lr_under_either_schedule(tmp_path, bert):
+    from distill.training import lr_schedule
+
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    model, _ = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
+    groups = model.param_groups(1e-3, 0.5)  # 2 layers: embeddings, layer 0, layer 1, the head
+    assert [g["lr"] for g in groups] == pytest.approx([1.25e-4, 2.5e-4, 5e-4, 1e-3])
+    names = {id(p): n for n, p in model.named_parameters()}
+    where = [{names[id(p)].split(".")[1 if "encoder.layer" not in names[id(p)] else 3] for p in g["params"]}
+             for g in groups]
+    assert where == [{"embeddings"}, {"0"}, {"1"}, {"weight", "bias"}]  # the head's weight and bias last
+    learning = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(learning)  # every parameter that learns, once
+    teacher = Params.model_validate({"teacher": {"source": "pretrained", "model": str(bert)}}).teacher
+    for warmup in (None, 0.1):  # one-cycle, and warm-up then linear decay: every group keeps its share
+        opt = torch.optim.AdamW(model.param_groups(1e-3, 0.5), lr=1e-3)
+        sched = lr_schedule(opt, teacher.model_copy(update={"lr": 1e-3, "warmup_fraction": warmup}), 10)
+        for _ in range(4):
+            opt.step()
+            sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs == pytest.approx([lrs[-1] / 8, lrs[-1] / 4, lrs[-1] / 2, lrs[-1]]) and lrs[-1] > 0
+
+    frozen, _ = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24, trainable_layers=1)
+    assert [g["lr"] for g in frozen.param_groups(1e-3, 0.5)] == pytest.approx([5e-4, 1e-3])  # layer 1, the head
+    with pytest.raises(ValueError, match="layer_decay is for teacher.source: pretrained"):
+        Params.model_validate({"teacher": {"source": "train", "layer_decay": 0.9}})
+
+
 def test_bad_pretrained_folders_are_refused_in_one_sentence(tmp_path, bert):
     meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
     empty = tmp_path / "empty"
