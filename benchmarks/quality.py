@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from distill.evaluation import gap_closed  # noqa: E402
 from distill.task import ROLES  # noqa: E402
 from pipelines import experiments  # noqa: E402
-from pipelines.tools import BIN  # noqa: E402
+from pipelines.tools import BIN, tool_env  # noqa: E402
 
 
 # Overrides of the committed params.yaml, as `dvc exp run -S` takes them.
@@ -162,7 +162,8 @@ def run_experiment(name: str, overrides: dict[str, str], seed: int) -> dict:
     cmd = [str(BIN / "dvc"), "exp", "run", "--temp", "--name", name]
     for a in args:
         cmd += ["-S", a]
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # this interpreter's bin first on PATH: the stages' `python -m stages.X` is the one with the packages
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=tool_env())
     if done.returncode != 0:  # DVC's own words on why, not only its exit code
         raise SystemExit(f"{' '.join(cmd[1:])} exited {done.returncode}:\n{done.stderr.strip()[-4000:]}")
     return experiments.metrics(ROOT, experiments.exp_rev(ROOT, name))
