@@ -65,20 +65,22 @@ class TransformerClassifier(nn.Module):
         return TransformerClassifier(AutoModel.from_config(config), args["num_classes"], args["pad_id"])
 
     def param_groups(self, lr: float, decay: float) -> list[dict]:
-        """AdamW's parameter groups under layer-wise learning-rate decay: the head (and whatever of the
-        encoder sits above its layers) at `lr`, its top layer at lr x decay, each layer below at the one
-        above's x decay, the embeddings at the bottom's x decay. Frozen parameters are left out."""
-        layers = list(_layer_list(self.encoder))
+        """AdamW's parameter groups under layer-wise learning-rate decay: the head at `lr`, the encoder's
+        top layer at lr x decay, each layer below at the one above's x decay, and whatever of the encoder
+        is outside its layers (the embeddings; a relative-position table, say) at the bottom layer's x
+        decay. Frozen parameters are left out."""
+        layers = list(_layer_list(self.encoder, "teacher.layer_decay"))
         depth = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
         top = len(layers) + 1
         groups: dict[int, list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                d = depth.get(id(p), 0 if "embed" in name else top)
+                d = top if name.startswith("head.") else depth.get(id(p), 0)
                 groups.setdefault(d, []).append(p)
-        log.info("teacher: layer-wise lr decay %g: the head at %.3g, the top layer at %.3g, the embeddings at %.3g",
-                 decay, lr, lr * decay, lr * decay ** top)
-        return [{"params": ps, "lr": lr * decay ** (top - d)} for d, ps in sorted(groups.items())]
+        rates = [(d, lr * decay ** (top - d)) for d in sorted(groups)]
+        log.info("teacher: layer-wise lr decay %g: %s", decay, ", ".join(
+            f"{'the head' if d == top else 'the embeddings' if d == 0 else f'layer {d}'} {r:.3g}" for d, r in rates))
+        return [{"params": groups[d], "lr": r} for d, r in rates]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = padding_mask(ids, self.pad_id)
@@ -151,14 +153,16 @@ def freeze_below(model: TransformerClassifier, trainable: int) -> None:
              learning)
 
 
-def _layer_list(encoder: nn.Module) -> nn.ModuleList:
-    """The encoder's stack of transformer layers (the ModuleList as long as config.num_hidden_layers)."""
+def _layer_list(encoder: nn.Module, key: str = "teacher.trainable_layers") -> nn.ModuleList:
+    """The encoder's stack of transformer layers (the ModuleList as long as config.num_hidden_layers);
+    `key`, the setting that needs them, is named in the refusal of an encoder without such a stack
+    (ALBERT, whose layers share their weights, say)."""
     count = encoder.config.num_hidden_layers
     for module in encoder.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
-    raise UserError(f"teacher: cannot find the {count} layers of this {type(encoder).__name__}; "
-                    "set teacher.trainable_layers: null to fine-tune every layer")
+    raise UserError(f"{key} needs the teacher's {count} layers apart, and this {type(encoder).__name__} has no "
+                    f"stack of {count} (its layers may share weights): set {key}: null")
 
 
 # ---------------------------------------------------------------- a checkpoint teacher

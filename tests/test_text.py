@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from distill import data, pretrained, sources, text
+from distill import data, pretrained, sources, text, training
 from distill.classification_params import DataConfig, Params, TextConfig
 from distill.errors import UserError
 from distill.models import TextCNN, predict_logits
+from distill.rows import InMemoryRows
 from tiny_text import make_bert_folder, make_reviews
 
 
@@ -127,8 +128,6 @@ def test_a_pretrained_folder_gets_a_head_and_can_be_frozen_below_the_top(tmp_pat
 
 
 def test_layer_wise_decay_gives_each_layer_its_own_lr_under_either_schedule(tmp_path, bert):
-    from distill.training import lr_schedule
-
     meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
     model, _ = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
     groups = model.param_groups(1e-3, 0.5)  # 2 layers: embeddings, layer 0, layer 1, the head
@@ -142,7 +141,7 @@ def test_layer_wise_decay_gives_each_layer_its_own_lr_under_either_schedule(tmp_
     teacher = Params.model_validate({"teacher": {"source": "pretrained", "model": str(bert)}}).teacher
     for warmup in (None, 0.1):  # one-cycle, and warm-up then linear decay: every group keeps its share
         opt = torch.optim.AdamW(model.param_groups(1e-3, 0.5), lr=1e-3)
-        sched = lr_schedule(opt, teacher.model_copy(update={"lr": 1e-3, "warmup_fraction": warmup}), 10)
+        sched = training.lr_schedule(opt, teacher.model_copy(update={"lr": 1e-3, "warmup_fraction": warmup}), 10)
         for _ in range(4):
             opt.step()
             sched.step()
@@ -153,6 +152,29 @@ def test_layer_wise_decay_gives_each_layer_its_own_lr_under_either_schedule(tmp_
     assert [g["lr"] for g in frozen.param_groups(1e-3, 0.5)] == pytest.approx([5e-4, 1e-3])  # layer 1, the head
     with pytest.raises(ValueError, match="layer_decay is for teacher.source: pretrained"):
         Params.model_validate({"teacher": {"source": "train", "layer_decay": 0.9}})
+    shared, _ = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
+    shared.encoder.config.num_hidden_layers = 3  # no stack of 3 layers: as ALBERT, whose layers share weights
+    with pytest.raises(UserError, match="layer_decay needs the teacher's 3 layers apart.*layer_decay: null"):
+        shared.param_groups(1e-3, 0.5)
+
+
+def test_the_teacher_trains_with_the_groups_of_its_layer_decay(tmp_path, bert, monkeypatch):
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    model, _ = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24)
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append([g["lr"] for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    teacher = Params.model_validate({"teacher": {"source": "pretrained", "model": str(bert), "layer_decay": 0.5,
+                                                 "lr": 1e-3, "epochs": 1, "batch_size": 64}}).teacher
+    train, val = (data.read_split(tmp_path / "prepared", s) for s in ("train", "val"))
+    training.fit_classifier(model, training.TrainJob(teacher, 0, "teacher"), InMemoryRows(train.x, train.y),
+                            (val.x, val.y))
+    assert made == [pytest.approx([1.25e-4, 2.5e-4, 5e-4, 1e-3])]
 
 
 def test_bad_pretrained_folders_are_refused_in_one_sentence(tmp_path, bert):
