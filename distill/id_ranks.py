@@ -30,7 +30,7 @@ class SuccessorRanks:
     def __init__(self, windows: np.ndarray, vocab_size: int):
         windows = np.asarray(windows, dtype=np.int64)
         self.windows, self.vocab_size = windows, vocab_size
-        v = self.span = vocab_size
+        v = vocab_size
         occurs = np.bincount(windows.reshape(-1), minlength=v)[:v]
         self.by_frequency = np.lexsort((np.arange(v), -occurs))  # place -> id over the whole vocabulary
         self.place = np.empty(v, np.int64)  # id -> its place by frequency
@@ -44,9 +44,9 @@ class SuccessorRanks:
         self.pairs = pairs
         self.pair_rank = np.empty(len(pairs), np.int64)
         self.pair_rank[order] = np.arange(len(pairs)) - self.starts[before[order]]
-        # each token's successors' places by frequency, ascending, as keys a * span + place (sorted throughout),
+        # each token's successors' places by frequency, ascending, as keys a * V + place (sorted throughout),
         # and the same less the successor's index among them: how many non-successors come before it
-        places = np.sort(self.place[after].reshape(-1) + before * self.span)  # sorted: a first, then the place
+        places = np.sort(self.place[after].reshape(-1) + before * v)  # sorted: a first, then the place
         self.successor_places = places
         self.gaps = places - (np.arange(len(places)) - self.starts[before])
 
@@ -62,7 +62,7 @@ class SuccessorRanks:
         at = np.minimum(np.searchsorted(self.pairs, key), max(len(self.pairs) - 1, 0))
         found = self.pairs[at] == key if len(self.pairs) else np.zeros(key.shape, bool)
         place = self.place[ids]
-        ahead = np.searchsorted(self.successor_places, token * self.span + place) - self.starts[token]
+        ahead = np.searchsorted(self.successor_places, token * self.vocab_size + place) - self.starts[token]
         return np.where(found, self.pair_rank[at] if len(self.pairs) else 0, self.count[token] + place - ahead)
 
     def decode(self, rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
@@ -74,5 +74,5 @@ class SuccessorRanks:
             if len(self.successors) else 0
         # the q-th id by frequency that does not follow the token: q plus the successors placed before it
         q = np.maximum(ranks - count, 0)
-        place = q + np.searchsorted(self.gaps, token * self.span + q, side="right") - start
+        place = q + np.searchsorted(self.gaps, token * self.vocab_size + q, side="right") - start
         return np.where(ranks < count, follower, self.by_frequency[np.clip(place, 0, self.vocab_size - 1)])
