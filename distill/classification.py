@@ -104,7 +104,7 @@ class ClassificationTask:
                     raise UserError(f"teacher.source pretrained reads text; data.source '{params.data.source}' is "
                                     "not text (set data.text_column, or use teacher.source: train)")
                 return pretrained.load_pretrained(teacher.model, meta.num_classes, meta.tokens, meta.num_features,
-                                                  teacher.trainable_layers)
+                                                  teacher.trainable_layers, teacher.pooling)
 
             start = from_folder if teacher.source == "pretrained" else None
             result = training.train_on_labels(job, paths.prepared, out, params.resume, start=start)

@@ -194,6 +194,10 @@ class TeacherConfig(ModelTrainConfig):
         "layer at lr x layer_decay, each layer below at the one above's x layer_decay, the embeddings last; "
         "null = one lr for every layer"
     )
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="pretrained: a text's vector for the head: mean = the mean of its token vectors "
+        "(as sentence-transformers models were trained), cls = the first token's ([CLS], as BERT was)"
+    )
 
     @model_validator(mode="after")
     def _model_for_source(self) -> TeacherConfig:
@@ -203,6 +207,9 @@ class TeacherConfig(ModelTrainConfig):
         if self.layer_decay is not None and self.source != "pretrained":
             raise ValueError(f"teacher.layer_decay is for teacher.source: pretrained (a transformer's layers); "
                              f"the source is '{self.source}': set it to null")
+        if self.pooling != "mean" and self.source != "pretrained":
+            raise ValueError(f"teacher.pooling is for teacher.source: pretrained (a transformer's token vectors); "
+                             f"the source is '{self.source}': leave it at mean")
         return self
 
 

@@ -3,7 +3,8 @@ with a classification head (`teacher.source: pretrained`), or the user's own tra
 used as it is (`teacher.source: checkpoint`).
 
 `TransformerClassifier` is an encoder (any `transformers.AutoModel`: BERT, MiniLM, ...)
-whose last hidden states are averaged over the real tokens and fed to a linear head. Its
+whose last hidden states are pooled (averaged over the real tokens, or the first token's taken:
+`teacher.pooling`) and fed to a linear head. Its
 checkpoint stores the encoder's config with the weights, so it rebuilds without the
 original folder (`models.build_model`, arch `transformer`, which this module registers
 with `torchscript`: importing it is what lets a checkpoint of either load). Loading is
@@ -41,17 +42,23 @@ TRANSFORMER = "transformer"  # a Hugging Face encoder with a head; made by teach
 TORCHSCRIPT = "torchscript"  # a user's TorchScript teacher, its bytes in model_args["script"]
 
 
-class TransformerClassifier(nn.Module):
-    """A Hugging Face encoder, mean pooling over the real tokens, dropout, a linear head."""
+POOLINGS = ("mean", "cls")  # how a text's token vectors become one: their mean, or the first token's ([CLS])
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int):
+
+class TransformerClassifier(nn.Module):
+    """A Hugging Face encoder, pooling (the mean over the real tokens, or the first token's vector),
+    dropout, a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int, pooling: str = "mean"):
         super().__init__()
-        self.encoder, self.pad_id = encoder, pad_id
+        if pooling not in POOLINGS:
+            raise UserError(f"teacher.pooling = {pooling!r} is not allowed: use one of {', '.join(POOLINGS)}")
+        self.encoder, self.pad_id, self.pooling = encoder, pad_id, pooling
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
         self.head = nn.Linear(hidden, num_classes)
         for name, p in self.encoder.named_parameters():
-            if name.startswith("pooler."):  # the [CLS] pooler is not used: mean pooling is
+            if name.startswith("pooler."):  # the encoder's own pooler (BERT's tanh over [CLS]) is not used
                 p.requires_grad_(False)
 
     @staticmethod
@@ -62,7 +69,8 @@ class TransformerClassifier(nn.Module):
 
         config = dict(args["config"])
         config = AutoConfig.for_model(config.pop("model_type"), **config)
-        return TransformerClassifier(AutoModel.from_config(config), args["num_classes"], args["pad_id"])
+        return TransformerClassifier(AutoModel.from_config(config), args["num_classes"], args["pad_id"],
+                                     args.get("pooling", "mean"))  # checkpoints before teacher.pooling: mean
 
     def param_groups(self, lr: float, decay: float) -> list[dict]:
         """AdamW's parameter groups under layer-wise learning-rate decay: the head at `lr`, the encoder's
@@ -85,8 +93,11 @@ class TransformerClassifier(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mask = padding_mask(ids, self.pad_id)
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (N, L, H)
-        weights = mask.unsqueeze(2).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # the tokenizer's first token: [CLS] for BERT-like encoders
+        else:
+            weights = mask.unsqueeze(2).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(self.dropout(pooled))  # (N, H) -> (N, C)
 
 
@@ -102,11 +113,11 @@ def load_encoder(folder: Path, part: str = "model"):
 
 
 def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
-                    trainable_layers: int | None = None) -> tuple[nn.Module, dict]:
+                    trainable_layers: int | None = None, pooling: str = "mean") -> tuple[nn.Module, dict]:
     """The folder's encoder with a new head for `num_classes`, and its model_args. Refuses a folder
     without config or weights, a tokenizer other than the one that made the data, and a folder
     that is already a classifier of another number of labels. `trainable_layers`: only the top N
-    layers (and the head) learn; embeddings and lower layers are frozen."""
+    layers (and the head) learn; embeddings and lower layers are frozen. `pooling`: mean or cls (POOLINGS)."""
     folder = text.model_folder(name, "teacher.model")
     if text.tokenizer_sha256(folder) != tokens["tokenizer_sha256"]:
         raise UserError(f"{folder}: its tokenizer (sha256 {text.tokenizer_sha256(folder)[:12]}) is not the one that "
@@ -126,13 +137,13 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
     if positions is not None and max_length > positions:
         raise UserError(f"data.text.max_length = {max_length} is not allowed: {folder} reads at most {positions} "
                         "tokens; use a smaller max_length")
-    model = TransformerClassifier(encoder, num_classes, tokens["pad_id"])
+    model = TransformerClassifier(encoder, num_classes, tokens["pad_id"], pooling)
     if trainable_layers is not None:
         freeze_below(model, trainable_layers)
     config = encoder.config.to_dict()
     config.pop("architectures", None)
     args = {"arch": TRANSFORMER, "num_features": max_length, "num_classes": num_classes, "config": config,
-            "pad_id": tokens["pad_id"], "vocab_size": tokens["vocab_size"]}
+            "pad_id": tokens["pad_id"], "vocab_size": tokens["vocab_size"], "pooling": pooling}
     check_model(model, max_length, num_classes, str(folder), tokens)
     return model, args
 

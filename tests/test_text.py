@@ -11,7 +11,7 @@ import torch
 from distill import data, pretrained, sources, text, training
 from distill.classification_params import DataConfig, Params, TextConfig
 from distill.errors import UserError
-from distill.models import TextCNN, predict_logits
+from distill.models import TextCNN, padding_mask, predict_logits
 from distill.rows import InMemoryRows
 from tiny_text import make_bert_folder, make_reviews
 
@@ -125,6 +125,28 @@ def test_a_pretrained_folder_gets_a_head_and_can_be_frozen_below_the_top(tmp_pat
     rebuilt.load_state_dict(model.state_dict())
     ids = torch.from_numpy(data.read_split(tmp_path / "prepared", "val").x[:5])
     assert torch.allclose(rebuilt.eval()(ids), model.eval()(ids), atol=1e-5)
+
+
+def test_cls_pooling_feeds_the_head_the_first_token_and_is_rebuilt_from_the_checkpoint(tmp_path, bert):
+    from distill.checkpoint import build_model
+
+    meta = data.prepare(text_data(tmp_path, bert), tmp_path / "prepared")
+    ids = torch.from_numpy(data.read_split(tmp_path / "prepared", "val").x[:6])
+    model, args = pretrained.load_pretrained(str(bert), 2, meta.tokens, 24, pooling="cls")
+    model.eval()
+    short, mask = padding_mask(ids, meta.tokens["pad_id"])
+    hidden = model.encoder(input_ids=short, attention_mask=mask.long()).last_hidden_state
+    assert torch.allclose(model(ids), model.head(hidden[:, 0]), atol=1e-6)  # [CLS]'s vector, not the mean
+    mean = (hidden * mask.unsqueeze(2)).sum(1) / mask.sum(1, keepdim=True)
+    assert not torch.allclose(model(ids), model.head(mean), atol=1e-3)
+    assert args["pooling"] == "cls"
+    rebuilt = build_model(args)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.pooling == "cls" and torch.allclose(rebuilt.eval()(ids), model(ids), atol=1e-5)
+    assert build_model({k: v for k, v in args.items() if k != "pooling"}).pooling == "mean"  # older checkpoints
+    assert Params.model_validate({"teacher": {"source": "pretrained", "model": str(bert)}}).teacher.pooling == "mean"
+    with pytest.raises(ValueError, match="teacher.pooling is for teacher.source: pretrained"):
+        Params.model_validate({"teacher": {"source": "train", "pooling": "cls"}})
 
 
 def test_layer_wise_decay_gives_each_layer_its_own_lr_under_either_schedule(tmp_path, bert):
