@@ -45,6 +45,10 @@ class TextConfig(Section):
     mask_prob: float = Field(0.1, ge=0, lt=1, description="augment: each word replaced by the mask token")
     ngram_prob: float = Field(0.25, ge=0, le=1, description="augment: the copy cut to a random n-gram of its words")
     ngram_max: int = Field(5, ge=1, description="augment: the longest n-gram kept (n drawn from 1..ngram_max)")
+    splice_prob: float = Field(
+        0.0, ge=0, le=1, description="augment: the copy is instead the start of its text joined to the end of "
+        "another train text, each cut at a random word (neither masked nor cut to an n-gram)"
+    )
 
 
 class DataConfig(Section):

@@ -10,7 +10,10 @@ student read the same ids. Models trim each batch to its longest row (dynamic pa
 Task-Specific Knowledge from BERT into Simple Neural Networks", Tang et al. 2019, §3.3):
 each copy of a train text has every word replaced by the mask token with probability
 `mask_prob`, and with probability `ngram_prob` is cut to a random n-gram of its words
-(n from 1 to `ngram_max`). Seeded: the same seed gives the same copies.
+(n from 1 to `ngram_max`). With probability `splice_prob` a copy is instead the start of its
+text joined to the end of another train text, each cut at a random word: a new text whose
+halves may disagree, which only the teacher can label (0 draws nothing, and the copies are as
+without it). Seeded: the same seed gives the same copies.
 """
 
 from __future__ import annotations
@@ -236,6 +239,11 @@ def augment(texts: np.ndarray, copies: int, cfg: TextConfig, mask_token: str | N
     out = []
     for i in order:
         words = str(texts[i]).split()
+        if cfg.splice_prob > 0 and rng.random() < cfg.splice_prob:
+            other = str(texts[rng.integers(len(texts))]).split()
+            if len(words) > 1 and len(other) > 1:
+                out.append(" ".join(words[:rng.integers(1, len(words))] + other[rng.integers(1, len(other)):]))
+                continue
         masked = rng.random(len(words)) < cfg.mask_prob
         words = [mask_token if m else w for w, m in zip(words, masked)]
         if len(words) > 1 and rng.random() < cfg.ngram_prob:

@@ -91,6 +91,27 @@ def test_augmentation_is_deterministic_by_seed_and_masks_and_cuts():
     assert len(text.augment(texts, 4, cfg, "[MASK]", np.random.default_rng(1), limit=30)) == 30
 
 
+def test_a_spliced_copy_joins_the_start_of_its_text_to_the_end_of_another():
+    texts = np.asarray(["a b c d e f", "u v w x y z"], dtype=object)
+    plain = TextConfig(mask_prob=0.3, ngram_prob=0.5)
+    copies = text.augment(texts, 200, plain.model_copy(update={"splice_prob": 0.5}), "[MASK]",
+                          np.random.default_rng(3))
+    spliced = [t for t in copies if set(t.split()) & set("abcdef") and set(t.split()) & set("uvwxyz")]
+    assert 0.15 < len(spliced) / len(copies) < 0.35  # half spliced, half of those with the other text
+    for t in spliced:
+        first, second = ("abcdef", "uvwxyz") if t.split()[0] in "abcdef" else ("uvwxyz", "abcdef")
+        words = t.split()
+        cut = next(i for i, w in enumerate(words) if w in second)
+        assert "".join(words[:cut]) == first[:cut] and 0 < cut < 6  # its own start, cut at a word
+        assert "".join(words[cut:]) == second[6 - len(words[cut:]):] and len(words[cut:]) < 6  # the other's end
+        assert "[MASK]" not in t
+    same = [t for t in copies if t not in spliced]
+    assert any("[MASK]" in t for t in same)  # the rest masked and cut as before
+    before = text.augment(texts, 20, plain, "[MASK]", np.random.default_rng(4))
+    assert list(text.augment(texts, 20, plain.model_copy(update={"splice_prob": 0.0}), "[MASK]",
+                             np.random.default_rng(4))) == list(before)  # 0: the copies as without the key
+
+
 def test_textcnn_ignores_padding_beyond_the_text():
     torch.manual_seed(0)
     model = TextCNN(3, vocab_size=50, pad_id=0, embedding_dim=8, channels=[4, 4], kernel_sizes=[2, 3],
