@@ -3,7 +3,7 @@ with a classification head (`teacher.source: pretrained`), or the user's own tra
 used as it is (`teacher.source: checkpoint`).
 
 `TransformerClassifier` is an encoder (any `transformers.AutoModel`: BERT, MiniLM, ...)
-whose last hidden states are pooled (averaged over the real tokens, or the first token's taken:
+whose last hidden states are pooled (the mean over the real tokens, or the first token's vector:
 `teacher.pooling`) and fed to a linear head. Its
 checkpoint stores the encoder's config with the weights, so it rebuilds without the
 original folder (`models.build_model`, arch `transformer`, which this module registers
@@ -42,17 +42,12 @@ TRANSFORMER = "transformer"  # a Hugging Face encoder with a head; made by teach
 TORCHSCRIPT = "torchscript"  # a user's TorchScript teacher, its bytes in model_args["script"]
 
 
-POOLINGS = ("mean", "cls")  # how a text's token vectors become one: their mean, or the first token's ([CLS])
-
-
 class TransformerClassifier(nn.Module):
     """A Hugging Face encoder, pooling (the mean over the real tokens, or the first token's vector),
     dropout, a linear head."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int, pooling: str = "mean"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise UserError(f"teacher.pooling = {pooling!r} is not allowed: use one of {', '.join(POOLINGS)}")
         self.encoder, self.pad_id, self.pooling = encoder, pad_id, pooling
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
@@ -117,7 +112,7 @@ def load_pretrained(name: str, num_classes: int, tokens: dict, max_length: int,
     """The folder's encoder with a new head for `num_classes`, and its model_args. Refuses a folder
     without config or weights, a tokenizer other than the one that made the data, and a folder
     that is already a classifier of another number of labels. `trainable_layers`: only the top N
-    layers (and the head) learn; embeddings and lower layers are frozen. `pooling`: mean or cls (POOLINGS)."""
+    layers (and the head) learn; embeddings and lower layers are frozen. `pooling`: mean or cls (teacher.pooling)."""
     folder = text.model_folder(name, "teacher.model")
     if text.tokenizer_sha256(folder) != tokens["tokenizer_sha256"]:
         raise UserError(f"{folder}: its tokenizer (sha256 {text.tokenizer_sha256(folder)[:12]}) is not the one that "
