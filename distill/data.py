@@ -156,8 +156,8 @@ def split_raw(raw: RawData, cfg: DataConfig,
         if cfg.is_text:
             x_transfer = texts.augment(splits["train"][0], cfg.augment_copies, cfg.text, mask_token, rng,
                                        limit=synthetic)
-            log.info("augmented %d transfer texts from %d train texts (data.augment: mask_ngram)", synthetic,
-                     len(train_idx))
+            log.info("augmented %d transfer texts from %d train texts (data.augment: mask_ngram%s)", synthetic,
+                     len(train_idx), f", about {cfg.text.splice_prob:.0%} spliced" if cfg.text.splice_prob else "")
         else:
             x_transfer = munge(splits["train"][0], synthetic, rng)
             log.info("synthesised %d transfer rows from %d train rows (data.augment: munge)", synthetic,
